@@ -1,0 +1,263 @@
+"""Every setting a recipe has, as dataclasses, and how they are filled in.
+
+Precedence, lowest first: the dataclass defaults here < the recipe's DEFAULTS <
+a YAML/JSON file given with --config < flags on the command line.
+Training settings are transformers' own TrainingArguments, under their usual names
+(--learning_rate, --max_steps, --output_dir, ...); adapter settings use PEFT's names
+(--r, --lora_alpha, --init_r, --target_r, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainingArguments
+
+from harness.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(
+        default="stories260k",
+        metadata=_help(
+            "Hub id (e.g. Qwen/Qwen2-7B-Instruct), a local folder, or an offline model name: "
+            "stories260k, tiny-qwen2, tiny-llama, tiny-opt."
+        ),
+    )
+    quantization: str = field(
+        default="none",
+        metadata=_help("none | 4bit | 8bit. 4bit (NF4) cuts a 7B model's weights from ~15 GB to ~5.5 GB."),
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("nf4 | fp4. NF4 suits normally distributed weights."))
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata=_help("Quantize the quantization constants too: saves ~0.4 bit/param.")
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "auto | bfloat16 | float16 | float32. auto: bf16 on GPUs that support it, fp16 on older ones "
+            "(T4, V100), float32 on CPU. Also sets the 4-bit compute dtype and mixed precision."
+        ),
+    )
+    device_map: str | None = field(
+        default=None,
+        metadata=_help(
+            "Leave unset to keep the whole model on one device (cuda:0 or cpu). 'auto' spreads it over "
+            "all GPUs, which AdaLoRA's orthogonal regularisation does not support."
+        ),
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata=_help("sdpa | eager | flash_attention_2. Unset: transformers' default.")
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=_help("Run Python code shipped with the model repo. Only for repos you trust."),
+    )
+
+
+@dataclass
+class DataArguments:
+    data_file: str = field(
+        default="data/imdb_samples_2000.csv",
+        metadata=_help("CSV, JSON or JSONL file. Relative paths are tried from the current folder, then the repo."),
+    )
+    task: str = field(
+        default="classification",
+        metadata=_help(
+            "classification: text + label columns, the model learns to answer with the label. "
+            "instruction: Alpaca-style instruction/input/output or chat 'messages' records."
+        ),
+    )
+    text_column: str = field(default="text", metadata=_help("Column holding the text to classify."))
+    label_column: str = field(default="label", metadata=_help("Column holding the label."))
+    labels: str = field(
+        default="positive,negative",
+        metadata=_help("Comma-separated label set; a row with any other label is an error."),
+    )
+    instruction: str = field(
+        default="Determine the sentiment of the following movie review (positive or negative).",
+        metadata=_help("Instruction placed before the text in classification prompts."),
+    )
+    prompt_format: str = field(
+        default="human_assistant",
+        metadata=_help(
+            "human_assistant: 'Human: ...\\nAssistant: <answer>' as plain text. "
+            "chat_template: the tokenizer's own chat template."
+        ),
+    )
+    max_samples: int | None = field(
+        default=None, metadata=_help("Use only the first N rows of the file (before the split).")
+    )
+    validation_split: float = field(
+        default=0.1, metadata=_help("Fraction of rows held out for evaluation (never trained on).")
+    )
+    split_seed: int = field(
+        default=42, metadata=_help("Seed of the train/validation split; fixed so every run sees the same split.")
+    )
+    max_seq_length: int = field(
+        default=512,
+        metadata=_help("Longest tokenized example. Longer inputs lose the end of their text, never the answer."),
+    )
+    eval_max_samples: int | None = field(
+        default=None, metadata=_help("Score at most N validation examples for task metrics (None: all).")
+    )
+
+
+@dataclass
+class MethodArguments:
+    method: str = field(
+        default="lora",
+        metadata=_help(
+            "full | lora | dora | rslora | loftq | adalora | ia3 | prompt_tuning | prefix_tuning | p_tuning"
+        ),
+    )
+    target_modules: str = field(
+        default="all-linear",
+        metadata=_help(
+            "Preset (all-linear: every linear layer but the output head; attention: q,k,v,o; qv: q,v; "
+            "all7: q,k,v,o,gate,up,down) or a comma-separated list of module names."
+        ),
+    )
+    r: int = field(default=8, metadata=_help("LoRA rank. Trainable params grow linearly with it."))
+    lora_alpha: int = field(default=16, metadata=_help("LoRA scaling numerator: the update is scaled by alpha / r."))
+    lora_dropout: float = field(default=0.05, metadata=_help("Dropout on the LoRA input."))
+    init_r: int = field(default=12, metadata=_help("AdaLoRA: starting rank of every module."))
+    target_r: int = field(default=4, metadata=_help("AdaLoRA: average rank left after pruning."))
+    tinit: int | None = field(
+        default=None, metadata=_help("AdaLoRA: warm-up steps before pruning (unset: 20%% of total steps).")
+    )
+    tfinal: int | None = field(
+        default=None, metadata=_help("AdaLoRA: final steps with ranks frozen (unset: 60%% of total steps).")
+    )
+    deltaT: int | None = field(
+        default=None, metadata=_help("AdaLoRA: steps between reallocations (unset: 5%% of total steps, at least 1).")
+    )
+    beta1: float = field(default=0.85, metadata=_help("AdaLoRA: EMA factor of the sensitivity."))
+    beta2: float = field(default=0.85, metadata=_help("AdaLoRA: EMA factor of the uncertainty."))
+    orth_reg_weight: float = field(default=0.5, metadata=_help("AdaLoRA: weight of the orthogonality penalty."))
+    num_virtual_tokens: int = field(default=20, metadata=_help("Prompt/prefix/P-tuning: number of virtual tokens."))
+    encoder_hidden_size: int = field(default=128, metadata=_help("P-tuning: hidden size of the prompt encoder."))
+    loftq_bits: int = field(default=4, metadata=_help("LoftQ: bits of the quantization LoftQ initialises against."))
+
+
+@dataclass
+class RecipeArguments:
+    """Settings of the run itself rather than of the model, data or method."""
+
+    recipe: str = field(default="custom", metadata=_help("Name recorded in result.json (set by the recipe)."))
+    resume: bool = field(
+        default=True, metadata=_help("Resume from the last checkpoint in output_dir when there is one.")
+    )
+    budget_seconds: float | None = field(
+        default=None, metadata=_help("Stop training after this many seconds of training (eval excluded).")
+    )
+    budget_tokens: int | None = field(
+        default=None, metadata=_help("Stop training after this many non-padding input tokens.")
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, RecipeArguments, TrainingArguments)
+
+
+@dataclass
+class RunConfig:
+    model: ModelArguments
+    data: DataArguments
+    method: MethodArguments
+    run: RecipeArguments
+    train: TrainingArguments
+    argv: list[str] = field(default_factory=list)  # the command-line arguments these came from
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, flat, JSON-safe: what result.json records as the run's config."""
+        out: dict[str, Any] = {}
+        for part in (self.model, self.data, self.method, self.run):
+            out.update(dataclasses.asdict(part))
+        train = {f.name: getattr(self.train, f.name) for f in dataclasses.fields(self.train) if f.init}
+        out.update({k: v for k, v in train.items() if not k.startswith("_") and k not in _NOISY_TRAINING_FIELDS})
+        return json.loads(json.dumps(out, default=str))
+
+
+# Fields that only describe the local machine or are deprecated aliases: recording them adds noise.
+_NOISY_TRAINING_FIELDS = {"logging_dir", "hub_token", "push_to_hub_token", "local_rank"}
+
+# Settings every recipe starts from; a recipe's DEFAULTS override them.
+BASE_TRAINING_DEFAULTS: dict[str, Any] = {
+    "report_to": "none",
+    "logging_steps": 10,
+    "eval_strategy": "steps",
+    "eval_steps": 50,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 2,  # best + last: a Kaggle disk fills up fast with 7B checkpoints
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "eval_loss",
+    "remove_unused_columns": False,
+    "per_device_eval_batch_size": 4,
+}
+
+
+def parse_args(defaults: dict[str, Any], argv: list[str] | None = None) -> RunConfig:
+    """Parse the command line (and --config file) on top of a recipe's defaults."""
+    from trl import TrlParser
+
+    parser = TrlParser(ARGUMENT_CLASSES)
+    parser.error = _short_error  # argparse's default prints the ~150-line usage before the message
+    unknown = parser.set_defaults_with_config(**{**BASE_TRAINING_DEFAULTS, **defaults})
+    if unknown:
+        raise UserError(f"recipe defaults name unknown settings: {unknown[::2]}")  # a bug in the recipe
+    args = list(argv) if argv is not None else sys.argv[1:]
+    _check_config_file(args)
+    try:
+        *parts, unknown_args = parser.parse_args_and_config(args=args, return_remaining_strings=True)
+    except ValueError as exc:
+        raise UserError(f"{exc} (see --help for every setting)") from None
+    if unknown_args:
+        raise UserError(f"unknown setting(s): {' '.join(unknown_args)} (see --help for every setting)")
+    model, data, method, run, train = parts
+    # Throughput counts the non-padding tokens trained on; the Trainer counts them when asked to.
+    train = dataclasses.replace(train, include_num_input_tokens_seen="non_padding")
+    return RunConfig(model, data, method, run, train, args)
+
+
+def _short_error(message: str):
+    raise UserError(f"{message} (see --help for every setting)")
+
+
+def _check_config_file(args: list[str]) -> None:
+    if "--config" not in args:
+        return
+    i = args.index("--config")
+    if i + 1 >= len(args):
+        raise UserError("--config needs a path to a YAML or JSON file")
+    path = Path(args[i + 1])
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping of setting: value")
+
+
+def find_file(path: str) -> Path | None:
+    """A data/config path as given, or relative to the repo root (so recipes run from any folder)."""
+    candidate = Path(path).expanduser()
+    if candidate.exists():
+        return candidate
+    in_repo = REPO_ROOT / path
+    return in_repo if in_repo.exists() else None

@@ -1,0 +1,355 @@
+"""Reading data files, laying out prompts, and tokenizing with the loss only on the answer.
+
+Every example becomes prompt tokens followed by answer tokens; labels are -100 on the prompt
+(and, after collation, on padding), so the model is trained only to produce the answer.
+When an example is too long, the free text inside the prompt (a review, an instruction's
+input) loses its end; the instruction and the answer are never cut.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.config import DataArguments, find_file
+from harness.errors import UserError
+
+IGNORE_INDEX = -100  # what torch's cross-entropy skips
+
+# Stanford Alpaca's prompt, for base models without a chat template. With an input, the input
+# is the part that may be cut to fit.
+ALPACA_HEAD = (
+    "Below is an instruction that describes a task{context}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n"
+)
+ALPACA_CONTEXT = ", paired with an input that provides further context"
+ALPACA_INPUT = "### Input:\n"
+ALPACA_RESPONSE = "### Response:\n"
+
+
+# ---------------------------------------------------------------------------- reading
+
+def read_table(path: str) -> list[dict[str, Any]]:
+    """Rows of a CSV, JSON (array of objects) or JSONL file."""
+    found = find_file(path)
+    if found is None or not found.is_file():
+        raise UserError(f"data file {path} not found; pass --data_file with a CSV, JSON or JSONL file")
+    suffix = found.suffix.lower()
+    try:
+        if suffix == ".csv":
+            import pandas as pd
+
+            # keep_default_na=False: a review that says "NA" stays text, not a missing value
+            frame = pd.read_csv(found, dtype=str, keep_default_na=False, encoding="utf-8")
+            rows = frame.to_dict(orient="records")
+        elif suffix == ".jsonl":
+            with found.open(encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        elif suffix == ".json":
+            rows = json.loads(found.read_text(encoding="utf-8"))
+            if isinstance(rows, dict) and len(rows) == 1:  # {"train": [...]}
+                rows = next(iter(rows.values()))
+        else:
+            raise UserError(f"data file {found}: unknown format {suffix!r}; use .csv, .json or .jsonl")
+    except UserError:
+        raise
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"data file {found} could not be read ({first_line}); check it is valid {suffix[1:]}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"data file {found} must hold a list of records (objects with named fields)")
+    if not rows:
+        raise UserError(f"data file {found} holds no rows")
+    return rows
+
+
+# ---------------------------------------------------------------------------- examples
+
+@dataclass
+class Example:
+    """One example before tokenization: head + body + tail is the prompt, body may be cut."""
+
+    head: str
+    body: str
+    tail: str
+    answer: str
+    label: int | None = None  # index into the label set, classification only
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt(self) -> str:
+        return self.head + self.body + self.tail
+
+
+def load_records(args: DataArguments) -> list[dict[str, Any]]:
+    """The rows the run will use, checked against the task's needs, in file order."""
+    rows = read_table(args.data_file)
+    if args.max_samples is not None:
+        if args.max_samples < 1:
+            raise UserError(f"--max_samples must be at least 1, got {args.max_samples}")
+        rows = rows[: args.max_samples]
+    if args.task == "classification":
+        rows = _check_classification_rows(rows, args)
+    elif args.task == "instruction":
+        rows = _check_instruction_rows(rows, args)
+    else:
+        raise UserError(f"unknown --task {args.task!r}; use classification or instruction")
+    return rows
+
+
+def label_set(args: DataArguments) -> list[str]:
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if len(labels) < 2:
+        raise UserError(f"--labels needs at least two comma-separated labels, got {args.labels!r}")
+    return labels
+
+
+def _check_classification_rows(rows: list[dict], args: DataArguments) -> list[dict]:
+    missing = [c for c in (args.text_column, args.label_column) if c not in rows[0]]
+    if missing:
+        raise UserError(
+            f"data file {args.data_file} has no column {', '.join(map(repr, missing))} "
+            f"(it has {', '.join(map(repr, rows[0]))}); pass --text_column / --label_column"
+        )
+    known = label_set(args)
+    kept = []
+    for number, row in enumerate(rows, start=1):
+        label = str(row.get(args.label_column, "")).strip()
+        if label not in known:
+            raise UserError(
+                f"data file {args.data_file}, row {number}: label {label!r} is not one of {', '.join(known)}; "
+                "fix the row or pass --labels with the full label set"
+            )
+        text = row.get(args.text_column)
+        if isinstance(text, str) and text.strip():
+            kept.append(row)
+    if not kept:
+        raise UserError(f"data file {args.data_file}: no row has text in column {args.text_column!r}")
+    return kept
+
+
+def _check_instruction_rows(rows: list[dict], args: DataArguments) -> list[dict]:
+    first = rows[0]
+    if "messages" in first:
+        kept = [r for r in rows if _valid_messages(r.get("messages"))]
+    elif "instruction" in first and "output" in first:
+        kept = [r for r in rows if str(r.get("instruction", "")).strip() and str(r.get("output", "")).strip()]
+    else:
+        raise UserError(
+            f"data file {args.data_file} needs instruction/output columns (Alpaca style) or a 'messages' "
+            f"column (chat style); it has {', '.join(map(repr, first))}"
+        )
+    if not kept:
+        raise UserError(f"data file {args.data_file}: no usable rows (empty instructions/outputs or messages)")
+    return kept
+
+
+def _valid_messages(messages: Any) -> bool:
+    return (
+        isinstance(messages, list)
+        and len(messages) >= 2
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+        and messages[-1]["role"] == "assistant"
+    )
+
+
+def split_records(rows: list[dict], args: DataArguments) -> tuple[list[dict], list[dict]]:
+    """A fixed-seed train/validation split, the same one datasets' train_test_split makes."""
+    if not 0 <= args.validation_split < 1:
+        raise UserError(f"--validation_split must be in [0, 1), got {args.validation_split}")
+    n_eval = math.ceil(args.validation_split * len(rows))
+    if n_eval == 0:
+        return rows, []
+    if n_eval >= len(rows):
+        raise UserError(
+            f"only {len(rows)} rows: --validation_split {args.validation_split} leaves nothing to train on"
+        )
+    from datasets import Dataset
+
+    # Indices, not the rows: the split is then independent of the columns' types.
+    split = Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(test_size=n_eval, seed=args.split_seed)
+    return [rows[i] for i in split["train"]["i"]], [rows[i] for i in split["test"]["i"]]
+
+
+# ---------------------------------------------------------------------------- prompt layout
+
+def build_examples(rows: list[dict], args: DataArguments, tokenizer) -> list[Example]:
+    if args.task == "classification":
+        labels = label_set(args)
+        return [_classification_example(row, args, labels, tokenizer) for row in rows]
+    return [_instruction_example(row, args, tokenizer) for row in rows]
+
+
+def _classification_example(row: dict, args: DataArguments, labels: list[str], tokenizer) -> Example:
+    label = str(row[args.label_column]).strip()
+    text = str(row[args.text_column])
+    if args.prompt_format == "human_assistant":
+        # The original Kaggle script's layout; the answer's leading space belongs to the answer so
+        # that the prompt's tokens are a prefix of the whole example's tokens.
+        candidates = [f" {option}" for option in labels]
+        return Example(f"Human: {args.instruction}\n", text, "\nAssistant:", f" {label}", labels.index(label),
+                       {"candidates": candidates})
+    if args.prompt_format == "chat_template":
+        def user_turn(body: str) -> list[dict]:
+            return [{"role": "user", "content": f"{args.instruction}\n{body}"}]
+
+        head, tail = _chat_prompt_around(tokenizer, user_turn)
+        prompt = head + text + tail
+        candidates = [_chat_answer(tokenizer, prompt, option, user_turn(text)) for option in labels]
+        return Example(head, text, tail, candidates[labels.index(label)], labels.index(label),
+                       {"candidates": candidates})
+    raise UserError(f"unknown --prompt_format {args.prompt_format!r}; use human_assistant or chat_template")
+
+
+def _instruction_example(row: dict, args: DataArguments, tokenizer) -> Example:
+    if "messages" in row:
+        messages = row["messages"]
+        prompt = _render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
+        return Example(prompt, "", "", _chat_answer(tokenizer, prompt, messages[-1]["content"], messages[:-1]))
+    instruction = str(row["instruction"]).strip()
+    given = str(row.get("input") or "").strip()
+    output = str(row["output"]).strip()
+    if args.prompt_format == "chat_template" and getattr(tokenizer, "chat_template", None):
+        def user_turn(body: str) -> list[dict]:
+            return [{"role": "user", "content": f"{instruction}\n\n{body}" if body else instruction}]
+
+        if given:
+            head, tail = _chat_prompt_around(tokenizer, user_turn)
+        else:
+            head, tail = _render_chat(tokenizer, user_turn(""), add_generation_prompt=True), ""
+        return Example(head, given, tail, _chat_answer(tokenizer, head + given + tail, output, user_turn(given)))
+    # Plain Alpaca layout: for base models without a chat template.
+    if given:
+        head = ALPACA_HEAD.format(context=ALPACA_CONTEXT, instruction=instruction) + ALPACA_INPUT
+        return Example(head, given, "\n\n" + ALPACA_RESPONSE, output)
+    return Example(ALPACA_HEAD.format(context="", instruction=instruction) + ALPACA_RESPONSE, "", "", output)
+
+
+_BODY_MARK = "\u2063BODY\u2063"  # invisible separator: never appears in real data
+
+
+def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "this tokenizer has no chat template; use --prompt_format human_assistant (classification) "
+            "or data without 'messages'"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _chat_prompt_around(tokenizer, make_messages) -> tuple[str, str]:
+    """The chat-template text before and after the user's free text, so that text can be cut alone."""
+    rendered = _render_chat(tokenizer, make_messages(_BODY_MARK), add_generation_prompt=True)
+    head, _, tail = rendered.partition(_BODY_MARK)
+    return head, tail
+
+
+def _chat_answer(tokenizer, prompt: str, answer: str, history: list[dict] | None = None) -> str:
+    """The answer as the chat template writes it after the prompt (end-of-turn tokens included)."""
+    if history is None:
+        return answer
+    full = _render_chat(tokenizer, history + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+    return full[len(prompt):] if full.startswith(prompt) else answer
+
+
+# ---------------------------------------------------------------------------- tokenization
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+    body_cut: bool
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    # verbose=False: a long review is tokenized whole before it is cut; the length warning is noise
+    return tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
+
+
+def answer_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    """Tokens of `answer` as they come out when tokenized after `prompt` (merges across the seam)."""
+    prompt_ids = _ids(tokenizer, prompt, True)
+    full_ids = _ids(tokenizer, prompt + answer, True)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return full_ids[len(prompt_ids):]
+    return _ids(tokenizer, answer, False)
+
+
+def encode(tokenizer, example: Example, max_len: int, add_eos: bool = True) -> Encoded:
+    """Prompt + answer tokens, labels masked on the prompt, the body cut to fit max_len."""
+    prompt_ids = _ids(tokenizer, example.prompt, True)
+    target = answer_ids(tokenizer, example.prompt, example.answer)
+    if add_eos and tokenizer.eos_token_id is not None and (not target or target[-1] != tokenizer.eos_token_id):
+        target = target + [tokenizer.eos_token_id]
+    body, cut = example.body, False
+    overflow = len(prompt_ids) + len(target) - max_len
+    while overflow > 0 and body:
+        # Keep as many body tokens as fit; re-tokenize, since cutting can change merges at the seams.
+        offsets = tokenizer(body, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+        keep = len(offsets) - overflow
+        body = body[: offsets[keep - 1][1]] if keep > 0 else ""
+        cut = True
+        prompt_ids = _ids(tokenizer, example.head + body + example.tail, True)
+        overflow = len(prompt_ids) + len(target) - max_len
+    if overflow > 0:
+        if example.body or len(prompt_ids) >= max_len:
+            raise UserError(
+                f"--max_seq_length {max_len} is too short: the prompt without any text and the answer "
+                f"need {len(prompt_ids) + len(target)} tokens"
+            )
+        target = target[: max_len - len(prompt_ids)]  # an instruction answer longer than the window
+    return Encoded(prompt_ids + target, [IGNORE_INDEX] * len(prompt_ids) + target, len(prompt_ids), cut)
+
+
+@dataclass
+class PreparedData:
+    train: Any  # datasets.Dataset with input_ids, attention_mask, labels
+    eval: Any | None
+    eval_examples: list[Example]
+    eval_prompts: list[list[int]]  # truncated prompt ids of eval examples, for task scoring
+    stats: dict[str, Any]
+
+
+def prepare(rows_train: list[dict], rows_eval: list[dict], args: DataArguments, tokenizer) -> PreparedData:
+    from datasets import Dataset
+
+    def to_dataset(examples: list[Example]) -> tuple[Any, list[Encoded]]:
+        encoded = [encode(tokenizer, ex, args.max_seq_length) for ex in examples]
+        ds = Dataset.from_dict(
+            {
+                "input_ids": [e.input_ids for e in encoded],
+                "attention_mask": [[1] * len(e.input_ids) for e in encoded],
+                "labels": [e.labels for e in encoded],
+            }
+        )
+        return ds, encoded
+
+    train_examples = build_examples(rows_train, args, tokenizer)
+    eval_examples = build_examples(rows_eval, args, tokenizer) if rows_eval else []
+    train_ds, train_enc = to_dataset(train_examples)
+    eval_ds, eval_enc = to_dataset(eval_examples) if eval_examples else (None, [])
+    lengths = [len(e.input_ids) for e in train_enc]
+    stats = {
+        "train_examples": len(train_enc),
+        "eval_examples": len(eval_enc),
+        "train_tokens_per_epoch": sum(lengths),
+        "train_answer_tokens_per_epoch": sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in train_enc),
+        "max_example_tokens": max(lengths),
+        "mean_example_tokens": round(sum(lengths) / len(lengths), 1),
+        "examples_cut_to_fit": sum(e.body_cut for e in train_enc + eval_enc),
+    }
+    eval_prompts = [e.input_ids[: e.prompt_len] for e in eval_enc]
+    return PreparedData(train_ds, eval_ds, eval_examples, eval_prompts, stats)
+
+
+def data_identity(path: str) -> dict[str, Any]:
+    """Name and content hash of the data file, for result.json provenance."""
+    import hashlib
+
+    found = find_file(path)
+    digest = hashlib.sha256(Path(found).read_bytes()).hexdigest() if found else None
+    return {"data_file": path, "data_sha256": digest}

@@ -1,0 +1,176 @@
+"""Measuring a run (peak memory, time) and recording it with its provenance.
+
+Memory is reported with the kind of measurement it is, never as 0 for "not measured":
+  cuda_reserved  - peak bytes reserved by PyTorch's CUDA allocator, minus the baseline after CUDA init
+  cuda_allocated - peak bytes held by live tensors
+  nvml_used      - peak device memory seen by the driver (all of this process's allocations), sampled
+  cpu_rss        - peak resident set size of this process (when there is no GPU)
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.config import REPO_ROOT
+
+MB = 1024 * 1024
+
+
+class NvmlPeakSampler:
+    """Samples the device's used memory in a thread; NVML also sees memory PyTorch doesn't allocate."""
+
+    def __init__(self, device_index: int, interval_s: float = 0.05):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        self._interval = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+            self.peak_bytes = max(self.peak_bytes, used)
+            self._stop.wait(self._interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self._nvml.nvmlShutdown()
+        return self.peak_bytes
+
+
+class PeakMemory:
+    """Start before the model is loaded; `read()` gives every peak that could be measured here."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        self.baseline_reserved = 0
+        self.nvml: NvmlPeakSampler | None = None
+        if self.cuda:
+            torch.cuda.init()
+            torch.cuda.reset_peak_memory_stats()
+            torch.zeros(1, device="cuda")  # create the context so the baseline includes it
+            self.baseline_reserved = torch.cuda.memory_reserved()
+            try:
+                self.nvml = NvmlPeakSampler(torch.cuda.current_device())
+            except Exception:  # NVML missing (e.g. some containers): the CUDA figures still stand
+                self.nvml = None
+
+    def read(self) -> dict[str, Any]:
+        memory: dict[str, Any] = {"cpu_rss_mb": round(peak_rss_mb(), 1)}
+        if self.cuda:
+            memory["cuda_reserved_mb"] = round((torch.cuda.max_memory_reserved() - self.baseline_reserved) / MB, 1)
+            memory["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / MB, 1)
+            if self.nvml is not None:
+                memory["nvml_used_mb"] = round(self.nvml.stop() / MB, 1)
+                self.nvml = None
+            memory["peak_memory_mb"] = memory["cuda_reserved_mb"]
+            memory["peak_memory_kind"] = "cuda_reserved"
+        else:
+            memory["peak_memory_mb"] = memory["cpu_rss_mb"]
+            memory["peak_memory_kind"] = "cpu_rss"
+        return memory
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Linux reports ru_maxrss in KiB, macOS in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MB if sys.platform == "darwin" else peak / 1024
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    return f"cpu {cpu_model()} ({os.cpu_count()} cores)"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "unsloth"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    if torch.cuda.is_available():
+        found["cuda"] = torch.version.cuda or "unknown"
+    return found
+
+
+def git_state() -> dict[str, Any]:
+    """Commit and whether the working tree differs from it; None where this isn't a git checkout."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if commit else None}
+
+
+def command_line(recipe: str, argv: list[str]) -> str:
+    """The command that repeats this run, from the repo root (interpreter shown as 'python')."""
+    script = Path("recipes") / f"{recipe}.py"
+    if (REPO_ROOT / script).is_file():
+        return shlex.join(["python", str(script), *argv])
+    return shlex.join(["python", *sys.argv])
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to other users
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Stopwatch:
+    """Monotonic wall time since creation."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

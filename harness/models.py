@@ -1,0 +1,166 @@
+"""Loading the base model and tokenizer: where from, in which dtype, quantized or not, on which device."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from harness.config import ModelArguments
+from harness.errors import UserError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_model(name: str) -> str:
+    """An offline model name, a local folder, or (left as is) a Hub id."""
+    from harness.offline_models import resolve_offline_model
+
+    offline = resolve_offline_model(name)
+    if offline is not None:
+        return str(offline)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {name} has no config.json; point --model at a transformers model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model folder {name} not found; use a Hub id, a local folder or --model stories260k")
+    return name
+
+
+def _hub_error(name: str, exc: Exception) -> UserError:
+    return UserError(
+        f"cannot load model {name!r}: it is not an offline model or local folder, and the Hugging Face Hub "
+        f"could not provide it ({type(exc).__name__}); check the id and your network, or use "
+        "--model stories260k (offline) or a local folder"
+    )
+
+
+def compute_dtype(requested: str) -> torch.dtype:
+    """auto: bf16 where the GPU supports it, fp16 on older GPUs (T4, V100), fp32 on CPU."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise UserError(f"unknown --dtype {requested!r}; use auto, {', '.join(DTYPES)}")
+        return DTYPES[requested]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(args: ModelArguments):
+    from transformers import AutoTokenizer
+
+    source = resolve_model(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if Path(source).is_dir():
+            raise UserError(f"cannot load the tokenizer in {source}: {str(exc).splitlines()[0]}") from None
+        raise _hub_error(args.model, exc) from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of the loss by label -100, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def check_quantization(args: ModelArguments) -> None:
+    """Refuse 4/8-bit where bitsandbytes cannot run, before anything is loaded."""
+    if args.quantization == "none":
+        return
+    if args.quantization not in ("4bit", "8bit"):
+        raise UserError(f"unknown --quantization {args.quantization!r}; use none, 4bit or 8bit")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # a broken CUDA setup raises all sorts of errors on import
+        raise UserError(
+            f"--quantization {args.quantization} needs bitsandbytes, which cannot be used here "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "install it with pip install bitsandbytes or use --quantization none"
+        ) from None
+    if not torch.cuda.is_available() and torch.backends.mps.is_available():
+        raise UserError("bitsandbytes does not support Apple GPUs; use --quantization none")
+
+
+def device_map_for(args: ModelArguments, method: str):
+    """One device unless the user asked otherwise: AdaLoRA's orthogonal regularisation sums tensors
+    from every layer, which fails when layers sit on different GPUs."""
+    if args.device_map is not None:
+        if method == "adalora" and torch.cuda.device_count() > 1 and args.device_map == "auto":
+            print(
+                "warning: --device_map auto spreads the model over GPUs; AdaLoRA's orthogonal "
+                "regularisation may fail with tensors on different devices (your choice is kept)",
+                file=sys.stderr,
+            )
+        return args.device_map
+    if torch.cuda.is_available():
+        if torch.cuda.device_count() > 1:
+            print(f"Keeping the whole model on cuda:{torch.cuda.current_device()} (single device); "
+                  "pass --device_map auto to spread it over GPUs.")
+        return {"": torch.cuda.current_device()}
+    return {"": "cpu"}
+
+
+def load_model(args: ModelArguments, method: str, gradient_checkpointing: bool):
+    """The base model, quantized if asked, ready for an adapter (or for full fine-tuning)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(args.dtype)
+    quantization_config = None
+    if args.quantization == "4bit":
+        quantization_config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif args.quantization == "8bit":
+        quantization_config = BitsAndBytesConfig(load_in_8bit=True)
+    source = resolve_model(args.model)
+    kwargs = {}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=dtype,
+            quantization_config=quantization_config,
+            device_map=device_map_for(args, method),
+            trust_remote_code=args.trust_remote_code,
+            use_safetensors=True,  # never unpickle .bin weights
+            **kwargs,
+        )
+    except OSError as exc:
+        if Path(source).is_dir():
+            raise UserError(f"cannot load the model in {source}: {str(exc).splitlines()[0]}") from None
+        raise _hub_error(args.model, exc) from None
+    if quantization_config is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        _keep_cpu_4bit_trainable(model)
+    return model
+
+
+def _keep_cpu_4bit_trainable(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference on the first no-grad
+    forward (evaluation), after which every training step fails with an in-place error on a leaf
+    view. Turning the fast path off keeps evaluation and training interleavable. CUDA is unaffected."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total). PEFT counts 4-bit weights as the parameters they stand for, not packed bytes."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,163 @@
+"""The Trainer the recipes use, and the callbacks that make it do what the recipes promise."""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from harness.data import IGNORE_INDEX
+from harness.evaluation import answer_token_accuracy, keep_argmax
+from harness.methods import (
+    is_adalora,
+    load_adalora_allocator,
+    load_adalora_checkpoint,
+    save_adalora_allocator,
+)
+
+
+class AdaLoraAllocation(TrainerCallback):
+    """Runs AdaLoRA's rank allocation after every optimizer step.
+
+    Neither transformers nor PEFT calls update_and_allocate, so without this the ranks never
+    change. It must run in on_optimizer_step: by on_step_end the gradients it scores are zeroed.
+    """
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        tuner = self.peft_model.base_model
+        if not tuner.rankallocator.ipt:
+            # Resumed without saved importance scores: score this step's gradients first, or the
+            # final allocation (which scores nothing itself) has nothing to rank.
+            tuner.rankallocator.update_ipt(tuner.model)
+        # state.global_step still counts the steps before this one, as PEFT's schedule expects
+        tuner.update_and_allocate(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if checkpoint.is_dir():
+            save_adalora_allocator(self.peft_model, checkpoint)
+
+
+class TrainClock(TrainerCallback):
+    """Pure training time (optimizer steps only: no evaluation, no checkpoint saving) and the
+    non-padding tokens trained on in this session, plus the step/time/token budgets."""
+
+    def __init__(self, budget_seconds: float | None = None, budget_tokens: int | None = None):
+        self.budget_seconds = budget_seconds
+        self.budget_tokens = budget_tokens
+        self.seconds = 0.0
+        self.tokens_at_start = 0
+        self.tokens = 0
+        self.stopped_by: str | None = None
+        self._step_start: float | None = None
+
+    @staticmethod
+    def _sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # CUDA work is asynchronous: wait for it before reading the clock
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens_at_start = state.num_input_tokens_seen
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        if self._step_start is not None:
+            self.seconds += time.perf_counter() - self._step_start
+            self._step_start = None
+        self.tokens = state.num_input_tokens_seen - self.tokens_at_start
+        if self.budget_seconds is not None and self.seconds >= self.budget_seconds:
+            self.stopped_by = "budget_seconds"
+        elif self.budget_tokens is not None and self.tokens >= self.budget_tokens:
+            self.stopped_by = "budget_tokens"
+        if self.stopped_by:
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stopped_by is None:
+            self.stopped_by = "max_steps" if args.max_steps > 0 else "epochs"
+
+
+class RecipeTrainer(Trainer):
+    """A Trainer whose evaluation also reports the task's own score (e.g. sentiment accuracy),
+    so it is logged next to eval_loss and can select the best checkpoint."""
+
+    def __init__(self, *args, task_scorer: Callable[[Any], dict] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task_scorer = task_scorer
+        self.last_task_metrics: dict[str, Any] = {}
+
+    # AdaLoRA checkpoints are saved pruned to their kept ranks; the Trainer's own loading cannot put
+    # them back into the full-size model that is training (see methods.load_adalora_checkpoint).
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if is_adalora(self.model):
+            load_adalora_checkpoint(self.model, resume_from_checkpoint)
+            load_adalora_allocator(self.model, resume_from_checkpoint)
+            return None
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        if is_adalora(self.model):
+            return load_adalora_checkpoint(self.model, self.state.best_model_checkpoint)
+        return super()._load_best_model()
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        with language_model_loss_only(self.model):
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.task_scorer is not None:
+            self.last_task_metrics = self.task_scorer(self.model)
+            numeric = {
+                f"{metric_key_prefix}_{k}": v
+                for k, v in self.last_task_metrics.items()
+                if isinstance(v, float)
+            }
+            self.log(numeric)
+            metrics.update(numeric)
+        return metrics
+
+
+@contextlib.contextmanager
+def language_model_loss_only(model):
+    """PEFT's AdaLoRA adds its orthogonality penalty to the loss in eval mode too, which makes
+    eval_loss incomparable with other methods and jump when the adapter is resized on reload.
+    Evaluation measures the language-model loss alone."""
+    if not is_adalora(model):
+        yield
+        return
+    config = model.peft_config[model.active_adapter]
+    weight, config.orth_reg_weight = config.orth_reg_weight, 0.0
+    try:
+        yield
+    finally:
+        config.orth_reg_weight = weight
+
+
+def build_trainer(model, tokenizer, training_args, data, task_scorer=None, callbacks=()) -> RecipeTrainer:
+    collator = DataCollatorForSeq2Seq(
+        tokenizer,
+        padding=True,  # dynamic: pad each batch to its longest example, not to max_seq_length
+        label_pad_token_id=IGNORE_INDEX,
+        pad_to_multiple_of=8 if torch.cuda.is_available() else None,  # tensor-core friendly shapes
+    )
+    return RecipeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=answer_token_accuracy if data.eval is not None else None,
+        preprocess_logits_for_metrics=keep_argmax if data.eval is not None else None,
+        task_scorer=task_scorer,
+        callbacks=list(callbacks),
+    )

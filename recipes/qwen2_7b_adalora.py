@@ -1,0 +1,79 @@
+"""AdaLoRA on a 4-bit Qwen2-7B-Instruct: sentiment classification of IMDB reviews on one 16 GB GPU.
+
+AdaLoRA starts every adapted layer at rank `init_r` and, while training, moves rank to the
+layers where it matters most, ending at an average of `target_r`. The base model is loaded in
+4-bit NF4 (QLoRA-style), so a 7B model trains on a free Kaggle/Colab T4.
+
+What it does
+  - Qwen/Qwen2-7B-Instruct in 4-bit NF4 with double quantization; fp16 compute on T4/V100,
+    bf16 where supported; gradient checkpointing; paged 8-bit AdamW.
+  - AdaLoRA on all seven projections (q,k,v,o,gate,up,down): init_r 12 -> target_r 4,
+    tinit/tfinal/deltaT = 20% / 60% / 5% of the real number of optimizer steps.
+  - Data: the first 1000 rows of data/imdb_samples_2000.csv as "Human: ... / Assistant: <label>",
+    90/10 train/validation split (seed 42). Loss on the answer tokens only; dynamic padding;
+    a review too long for the context is cut, never the instruction or the answer.
+  - Every 50 steps: eval loss, answer-token accuracy, and sentiment accuracy / macro-F1 by label
+    likelihood. Keeps the best checkpoint (eval loss) and resumes from the last one when rerun.
+  - Writes to output_dir: the PEFT adapter, the tokenizer, adalora_ranks.json (final rank of every
+    module) and result.json (memory, time, throughput, parameters, scores, provenance).
+
+Trade-offs
+  - AdaLoRA costs a little more per step than LoRA (importance scores every step) and needs a
+    known total step count; its orthogonal regulariser needs the model on one GPU (kept so).
+  - 4-bit weights cut memory ~4x versus fp16 at a small quality cost; the adapter stays 16/32-bit.
+
+Run it
+  python recipes/qwen2_7b_adalora.py                              # GPU + Hugging Face Hub
+  python recipes/qwen2_7b_adalora.py --model stories260k          # offline, CPU, minutes
+  python recipes/qwen2_7b_adalora.py --target_r 8 --init_r 24 --learning_rate 2e-4
+  python recipes/qwen2_7b_adalora.py --config my_settings.yaml    # any setting below, as YAML/JSON
+  python recipes/qwen2_7b_adalora.py --help                       # every setting
+
+Then load the adapter:
+  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "outputs/qwen2_7b_adalora")
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
+
+from harness.recipe import run_recipe  # noqa: E402
+
+DEFAULTS = dict(
+    # Model: 4-bit NF4 + double quantization: the 7B weights take ~5.5 GB instead of ~15 GB.
+    model="Qwen/Qwen2-7B-Instruct",
+    quantization="4bit",
+    # Data: the original script's first 1000 labelled reviews and its prompt layout.
+    task="classification",
+    data_file="data/imdb_samples_2000.csv",
+    max_samples=1000,
+    labels="positive,negative",
+    prompt_format="human_assistant",
+    validation_split=0.1,
+    max_seq_length=512,
+    # Method: AdaLoRA, rank budget 12 -> 4 per module on average.
+    method="adalora",
+    target_modules="all7",
+    init_r=12,
+    target_r=4,
+    beta1=0.85,
+    beta2=0.85,
+    lora_alpha=32,
+    lora_dropout=0.1,
+    orth_reg_weight=0.5,
+    # Training: effective batch 8 in micro-batches of 1 keeps activations small on a T4.
+    output_dir="outputs/qwen2_7b_adalora",
+    learning_rate=1e-4,
+    per_device_train_batch_size=1,
+    gradient_accumulation_steps=8,
+    num_train_epochs=3,
+    optim="paged_adamw_8bit",  # optimizer state in 8 bits, paged to CPU RAM under memory spikes
+    activation_checkpointing=True,  # (a.k.a. gradient checkpointing) recompute activations in backward: much less memory, ~30% slower
+    eval_steps=50,
+    save_steps=50,
+    metric_for_best_model="eval_loss",
+    seed=42,
+)
+
+if __name__ == "__main__":
+    run_recipe("qwen2_7b_adalora", DEFAULTS)

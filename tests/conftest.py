@@ -1,0 +1,39 @@
+"""Shared test setup: offline, CPU, the repo importable, tiny models built once per session."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Set before transformers/huggingface_hub are imported anywhere: they read it at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("FT_COOKBOOK_CACHE", tempfile.mkdtemp(prefix="ft-cookbook-test-models-"))
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def recipe_argv(tmp_path):
+    """Small, fast settings for running a recipe on a tiny model; extend with test-specific flags."""
+
+    def make(*extra: str, model: str = "tiny-qwen2", output_dir: Path | None = None) -> list[str]:
+        return [
+            "--model", model,
+            "--output_dir", str(output_dir or tmp_path / "run"),
+            "--max_samples", "40",
+            "--max_seq_length", "96",
+            "--num_train_epochs", "1",
+            "--gradient_accumulation_steps", "2",
+            "--eval_steps", "6",
+            "--save_steps", "6",
+            "--disable_tqdm", "true",
+            *extra,
+        ]
+
+    return make

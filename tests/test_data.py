@@ -1,0 +1,92 @@
+"""Prompt layout and tokenization: loss only on the answer, the text cut instead of the answer."""
+from __future__ import annotations
+
+import pytest
+from transformers import DataCollatorForSeq2Seq
+
+from harness.config import DataArguments
+from harness.data import IGNORE_INDEX, Example, build_examples, encode, split_records
+from harness.models import load_tokenizer
+from harness.config import ModelArguments
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen2", "stories260k"])
+def tokenizer(request):
+    return load_tokenizer(ModelArguments(model=request.param))
+
+
+def classification_example(tokenizer, text: str, label: str = "positive") -> Example:
+    args = DataArguments()
+    return build_examples([{"text": text, "label": label}], args, tokenizer)[0]
+
+
+def test_labels_mask_the_prompt_and_keep_the_answer(tokenizer):
+    example = classification_example(tokenizer, "A fine film with a great cast.")
+    encoded = encode(tokenizer, example, max_len=512)
+    answer = encoded.input_ids[encoded.prompt_len:]
+    assert encoded.labels[: encoded.prompt_len] == [IGNORE_INDEX] * encoded.prompt_len
+    assert encoded.labels[encoded.prompt_len:] == answer
+    assert answer[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "positive"
+    # The prompt's tokens are exactly the prompt alone, tokenized: no merge across the seam.
+    assert encoded.input_ids[: encoded.prompt_len] == tokenizer(example.prompt)["input_ids"]
+
+
+def test_padding_is_masked_by_the_collator(tokenizer):
+    short = encode(tokenizer, classification_example(tokenizer, "Bad."), 512)
+    long = encode(tokenizer, classification_example(tokenizer, "Bad. " * 20, "negative"), 512)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    batch = collator([
+        {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in (short, long)
+    ])
+    width = len(long.input_ids)
+    assert batch["input_ids"].shape == (2, width)  # padded to the longest in the batch, not to max_len
+    pad_positions = batch["attention_mask"][0] == 0
+    assert int(pad_positions.sum()) == width - len(short.input_ids)
+    assert (batch["labels"][0][pad_positions] == IGNORE_INDEX).all()
+    trained = batch["labels"] != IGNORE_INDEX
+    assert int(trained[0].sum()) == len(short.input_ids) - short.prompt_len
+
+
+def test_long_review_is_cut_never_the_instruction_or_answer(tokenizer):
+    review = "This movie was long and slow and the plot went nowhere at all. " * 80
+    example = classification_example(tokenizer, review, "negative")
+    encoded = encode(tokenizer, example, max_len=128)
+    assert encoded.body_cut
+    assert len(encoded.input_ids) <= 128
+    text = tokenizer.decode(encoded.input_ids, skip_special_tokens=True)
+    assert text.lstrip().startswith("Human: Determine the sentiment")
+    assert text.rstrip().endswith("Assistant: negative")
+    answer = encoded.input_ids[encoded.prompt_len:]
+    assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "negative"
+
+
+def test_prompt_too_long_for_any_text_is_refused(tokenizer):
+    from harness.errors import UserError
+
+    example = classification_example(tokenizer, "Some review.")
+    with pytest.raises(UserError, match="max_seq_length 8 is too short"):
+        encode(tokenizer, example, max_len=8)
+
+
+def test_split_is_fixed_and_disjoint():
+    rows = [{"text": str(i), "label": "positive"} for i in range(50)]
+    args = DataArguments(validation_split=0.1)
+    train_a, eval_a = split_records(rows, args)
+    train_b, eval_b = split_records(rows, args)
+    assert (len(train_a), len(eval_a)) == (45, 5)
+    assert eval_a == eval_b and train_a == train_b
+    assert not {r["text"] for r in train_a} & {r["text"] for r in eval_a}
+
+
+def test_chat_template_classification_cuts_inside_the_user_turn():
+    tokenizer = load_tokenizer(ModelArguments(model="tiny-qwen2"))
+    args = DataArguments(prompt_format="chat_template")
+    example = build_examples([{"text": "word " * 400, "label": "positive"}], args, tokenizer)[0]
+    encoded = encode(tokenizer, example, max_len=100)
+    text = tokenizer.decode(encoded.input_ids)
+    assert text.startswith("<|im_start|>system")
+    assert text.endswith("<|im_start|>assistant\npositive<|im_end|>\n<|endoftext|>") or text.endswith(
+        "<|im_start|>assistant\npositive<|im_end|>"
+    )
+    assert len(encoded.input_ids) <= 100
