@@ -48,12 +48,14 @@ def candidate_logprobs(model, tokenizer, prompts: list[list[int]], candidates: l
             ids[row, : len(p) + len(c)] = torch.tensor(p + c)
             attention[row, : len(p) + len(c)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-        logits = logits[:, -width:].float()  # drop virtual-token positions of prompt-learning methods
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logits = logits[:, -width:]  # drop virtual-token positions of prompt-learning methods
         for row, (p, c) in enumerate(batch):
-            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=logprobs.device)
+            # Only the few positions that predict the candidate go through float32 log-softmax: a 7B
+            # vocabulary over the whole batch would need gigabytes.
+            predicting = logits[row, len(p) - 1: len(p) + len(c) - 1].float()
+            logprobs = torch.log_softmax(predicting, dim=-1)
             targets = torch.tensor(c, device=logprobs.device)
-            scores.append(float(logprobs[row, positions, targets].sum()))
+            scores.append(float(logprobs.gather(1, targets[:, None]).sum()))
     return scores
 
 

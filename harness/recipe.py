@@ -39,12 +39,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     from transformers import set_seed
 
     from harness import data as data_mod
-    from harness.measure import PeakMemory, Stopwatch
+    from harness.measure import PeakMemory, Stopwatch, git_state
     from harness.methods import adalora_schedule, check_method, count_optimizer_steps
     from harness.models import check_quantization
 
     clock = Stopwatch()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    code_version = git_state()  # at the start: the code that runs, not what the tree holds at the end
 
     # 1. Everything that can be refused without loading a model.
     check_method(cfg.method, cfg.model.quantization)
@@ -78,7 +79,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         record["traceback_tail"] = "".join(traceback.format_exception(exc))[-4000:]
         raise
     finally:
-        record.update(_provenance(cfg, targs, started_at, clock.seconds(), memory))
+        record.update(_provenance(cfg, targs, started_at, clock.seconds(), memory, code_version))
         from harness.measure import write_json_atomic
 
         write_json_atomic(output_dir / RESULT_FILE, _ordered(record))
@@ -211,8 +212,8 @@ def _weights_bytes(output_dir: Path) -> int | None:
     return sum(f.stat().st_size for f in files) if files else None
 
 
-def _provenance(cfg: RunConfig, targs, started_at: str, total_seconds: float, memory) -> dict[str, Any]:
-    from harness.measure import command_line, device_name, git_state, versions
+def _provenance(cfg: RunConfig, targs, started_at: str, total_seconds: float, memory, code_version) -> dict[str, Any]:
+    from harness.measure import command_line, device_name, versions
 
     return {
         "recipe": cfg.run.recipe,
@@ -225,7 +226,7 @@ def _provenance(cfg: RunConfig, targs, started_at: str, total_seconds: float, me
         "seed": targs.seed,
         "started_at": started_at,
         "versions": versions(),
-        "git": git_state(),
+        "git": code_version,
         "command": command_line(cfg.run.recipe, cfg.argv),
         "config": cfg.to_dict(),
         "schema": RESULT_SCHEMA,
@@ -265,7 +266,8 @@ def claim_output_dir(cfg: RunConfig) -> Path:
                 f"{fingerprint['recipe']!r}; pass another --output_dir or delete that folder"
             )
         changed = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in fingerprint.items() if previous.get(k) != v]
-        if changed and cfg.run.resume:
+        resumable = any(output_dir.glob("checkpoint-*"))  # a run that never saved one can simply be redone
+        if changed and cfg.run.resume and resumable:
             raise UserError(
                 f"output_dir {output_dir} holds a run of this recipe with other settings ({'; '.join(changed)}); "
                 "pass another --output_dir, delete that folder, or --resume false to start over in it"

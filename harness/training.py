@@ -111,8 +111,14 @@ class RecipeTrainer(Trainer):
             return load_adalora_checkpoint(self.model, self.state.best_model_checkpoint)
         return super()._load_best_model()
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        accumulated = self.model.training and self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        factor = 1 / self.current_gradient_accumulation_steps if accumulated else 1
+        with orth_penalty_scaled(self.model, factor):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        with language_model_loss_only(self.model):
+        with orth_penalty_scaled(self.model, 0.0):
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self.task_scorer is not None:
             self.last_task_metrics = self.task_scorer(self.model)
@@ -127,15 +133,23 @@ class RecipeTrainer(Trainer):
 
 
 @contextlib.contextmanager
-def language_model_loss_only(model):
-    """PEFT's AdaLoRA adds its orthogonality penalty to the loss in eval mode too, which makes
-    eval_loss incomparable with other methods and jump when the adapter is resized on reload.
-    Evaluation measures the language-model loss alone."""
-    if not is_adalora(model):
+def orth_penalty_scaled(model, factor: float):
+    """Scale AdaLoRA's orthogonality penalty for the duration of a forward pass.
+
+    PEFT adds the penalty to the loss of every forward, in eval mode too. Two consequences:
+    - eval_loss would include it, so it is switched off (factor 0) for evaluation: eval_loss is
+      then the language-model loss, comparable across methods and across the adapter's resize.
+    - with gradient accumulation the Trainer normalises the language-model loss over the whole
+      accumulated batch (num_items_in_batch) and no longer divides each micro-batch's loss, so
+      the per-micro-batch penalty would count gradient_accumulation_steps times per optimizer
+      step; training scales it by 1 / accumulation steps to count it once, as configured.
+    """
+    if not is_adalora(model) or factor == 1:
         yield
         return
     config = model.peft_config[model.active_adapter]
-    weight, config.orth_reg_weight = config.orth_reg_weight, 0.0
+    weight = config.orth_reg_weight
+    config.orth_reg_weight = weight * factor
     try:
         yield
     finally:

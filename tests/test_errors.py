@@ -130,6 +130,11 @@ def test_output_dir_with_other_settings_is_refused(tmp_path, capsys, recipe_argv
 
     fingerprint = {key: None for key in FINGERPRINT_KEYS} | {"recipe": "qwen2_7b_adalora"}
     write(out / "recipe_run.json", json.dumps(fingerprint))
+    # No checkpoint yet (e.g. the run stopped at a typo in --model): nothing to resume, the dir is reused.
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        flagship.run_recipe("qwen2_7b_adalora", flagship.DEFAULTS, recipe_argv())
+    write(out / "recipe_run.json", json.dumps(fingerprint))
+    (out / "checkpoint-50").mkdir()
     message = one_line_error(capsys, recipe_argv())
     assert "holds a run of this recipe with other settings" in message
 

@@ -130,3 +130,37 @@ def test_rerun_resumes_from_the_last_checkpoint(recipe_argv, tmp_path):
     assert second["adalora"]["ranks"] == first["adalora"]["ranks"]
     assert second["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-4)
     assert second["tokens_trained"] < first["tokens_trained"]  # only steps 5-8 ran this time
+
+
+def test_orth_penalty_counts_once_per_optimizer_step(tmp_path):
+    """With gradient accumulation the Trainer sums micro-batch losses normalised over the whole batch;
+    AdaLoRA's per-forward penalty must then be scaled so it is counted once per optimizer step."""
+    from peft import get_peft_model
+
+    from harness import data as data_mod
+    from harness.config import parse_args
+    from harness.methods import adalora_schedule, peft_config
+    from harness.models import load_model, load_tokenizer
+    from harness.training import build_trainer, orth_penalty_scaled
+
+    cfg = parse_args(flagship.DEFAULTS, ["--model", "tiny-qwen2", "--quantization", "none", "--lora_dropout", "0",
+                                         "--max_samples", "12", "--max_seq_length", "64",
+                                         "--output_dir", str(tmp_path), "--gradient_accumulation_steps", "4",
+                                         "--eval_strategy", "no", "--load_best_model_at_end", "false"])
+    tokenizer = load_tokenizer(cfg.model)
+    rows = data_mod.load_records(cfg.data)
+    prepared = data_mod.prepare(rows, [], cfg.data, tokenizer)
+    model = load_model(cfg.model, "adalora", False)
+    model = get_peft_model(model, peft_config(cfg.method, model, adalora_schedule(cfg.method, 10)))
+    trainer = build_trainer(model, tokenizer, cfg.train, prepared)
+    batch = trainer.data_collator([prepared.train[i] for i in range(2)])
+    items = int((batch["labels"][:, 1:] != -100).sum())
+    model.train()
+    trainer.current_gradient_accumulation_steps = 4
+    with torch.no_grad():
+        in_training = trainer.compute_loss(model, batch, num_items_in_batch=items)
+        with orth_penalty_scaled(model, 0.0):
+            language_model_only = trainer.compute_loss(model, batch, num_items_in_batch=items)
+        full_penalty = model(**batch).loss - model.base_model.model(**batch).loss
+    assert full_penalty > 0.1  # the penalty is really there (A A^T far from I at init)
+    assert (in_training - language_model_only).item() == pytest.approx(full_penalty.item() / 4, rel=1e-4)

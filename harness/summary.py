@@ -1,0 +1,148 @@
+"""A markdown summary of one run's result.json, for results/.
+
+    python -m harness.summary outputs/qwen2_7b_adalora/result.json --out results/qwen2_7b_adalora_stories260k.md
+
+Every figure comes from the record; nothing is typed in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError, reported_as_one_line
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "not measured"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    from tabulate import tabulate
+
+    return tabulate([(k, _fmt(v)) for k, v in rows], headers=["", "value"], tablefmt="github")
+
+
+def _rank_pivot(ranks: dict[str, int]) -> str:
+    """Final AdaLoRA ranks as layer x projection."""
+    import pandas as pd
+
+    rows = []
+    for name, rank in ranks.items():
+        match = re.search(r"layers\.(\d+)\..*?([A-Za-z0-9_]+)$", name)
+        if match:
+            rows.append({"layer": int(match.group(1)), "module": match.group(2), "rank": rank})
+    if not rows:
+        return ""
+    frame = pd.DataFrame(rows).pivot(index="layer", columns="module", values="rank")
+    order = [m for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") if m in frame]
+    frame = frame[order + [m for m in frame.columns if m not in order]]
+    frame["layer total"] = frame.sum(axis=1)
+    return frame.to_markdown()
+
+
+def render(record: dict[str, Any]) -> str:
+    memory_label = {
+        "cuda_reserved": "peak GPU memory reserved above the post-init baseline (MB)",
+        "cpu_rss": "peak CPU resident memory of the process (MB)",
+    }.get(record.get("peak_memory_kind"), f"peak memory ({record.get('peak_memory_kind')}, MB)")
+    eval_scores = record.get("eval") or {}
+    lines = [
+        f"# {record.get('recipe')} on {record.get('model')}",
+        "",
+        f"Status: **{record.get('status')}**. Device: {record.get('device')}. "
+        f"Commit: `{(record.get('git') or {}).get('commit')}`"
+        + (" (with uncommitted changes)" if (record.get("git") or {}).get("dirty") else "")
+        + f". Started {record.get('started_at')}.",
+        "",
+        "Repeat it from the repository root with:",
+        "",
+        "```",
+        record.get("command", ""),
+        "```",
+        "",
+        "## Headline",
+        "",
+        _table([
+            ("method", record.get("method")),
+            ("quantization", record.get("quantization")),
+            (memory_label, record.get("peak_memory_mb")),
+            ("training seconds (optimizer steps only)", record.get("train_seconds")),
+            ("total seconds (load + train + eval + save)", record.get("total_seconds")),
+            ("optimizer steps", record.get("global_step")),
+            ("non-padding tokens trained on", record.get("tokens_trained")),
+            ("tokens / second", record.get("tokens_per_second")),
+            ("trainable parameters", record.get("trainable_params")),
+            ("total parameters", record.get("total_params")),
+            ("trainable %", record.get("trainable_percent")),
+            ("adapter file bytes", record.get("adapter_bytes")),
+            ("train loss (mean over the run)", record.get("train_loss")),
+            ("eval loss (restored best checkpoint)", record.get("eval_loss")),
+            *[(f"eval {k}", v) for k, v in eval_scores.items() if not isinstance(v, dict)],
+        ]),
+        "",
+    ]
+    distribution = eval_scores.get("predicted_distribution")
+    if distribution:
+        lines += [f"Predicted labels on the validation split: {json.dumps(distribution)}.", ""]
+    evals = [h for h in record.get("log_history", []) if "eval_loss" in h]
+    if evals:
+        from tabulate import tabulate
+
+        keys = [k for k in ("eval_loss", "eval_answer_token_accuracy", "eval_accuracy", "eval_macro_f1") if k in evals[0]]
+        lines += [
+            "## Evaluations during training",
+            "",
+            tabulate([[h.get("step")] + [_fmt(h.get(k)) for k in keys] for h in evals],
+                     headers=["step", *keys], tablefmt="github"),
+            "",
+        ]
+    adalora = record.get("adalora")
+    if adalora:
+        lines += [
+            "## AdaLoRA rank allocation",
+            "",
+            f"Schedule: {json.dumps(adalora['schedule'])}. Total rank {adalora['total_rank']} over "
+            f"{adalora['modules']} modules (started at {adalora['initial_budget']}, target "
+            f"{adalora['target_budget']}).",
+            "",
+            _rank_pivot(adalora["ranks"]),
+            "",
+        ]
+    versions = record.get("versions") or {}
+    lines += ["## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m harness.summary", description=__doc__.split("\n")[0])
+    parser.add_argument("result", help="a result.json written by a recipe")
+    parser.add_argument("--out", help="markdown file to write (default: print)")
+    args = parser.parse_args(argv)
+    with reported_as_one_line("summary"):
+        path = Path(args.result)
+        if not path.is_file():
+            raise UserError(f"{path} not found; pass the result.json of a run")
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise UserError(f"{path} is not valid JSON") from None
+        text = render(record)
+        if args.out:
+            from harness.measure import write_text_atomic
+
+            write_text_atomic(Path(args.out), text)
+        else:
+            print(text)
+
+
+if __name__ == "__main__":
+    main()
