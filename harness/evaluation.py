@@ -89,6 +89,7 @@ class ClassificationScorer:
             "accuracy": float((predicted == self.gold).mean()),
             "macro_f1": macro_f1(self.gold, predicted, len(self.labels)),
             "predicted_distribution": {label: int((predicted == i).sum()) for i, label in enumerate(self.labels)},
+            "gold_distribution": {label: int((self.gold == i).sum()) for i, label in enumerate(self.labels)},
             "examples": int(len(self.gold)),
         }
 

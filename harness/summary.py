@@ -49,6 +49,21 @@ def _rank_pivot(ranks: dict[str, int]) -> str:
     return frame.to_markdown()
 
 
+def _evaluation_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per evaluation: the Trainer logs eval_loss and the task scores as separate entries."""
+    rows: list[dict[str, Any]] = []
+    trained = False
+    for entry in history:
+        if "train_loss" in entry:  # the end-of-training summary entry
+            trained = True
+        elif "eval_loss" in entry:
+            when = f"{entry.get('step')} (final, best checkpoint restored)" if trained else entry.get("step")
+            rows.append({"when": when, **entry})
+        elif rows and any(k.startswith("eval_") for k in entry):
+            rows[-1].update(entry)
+    return rows
+
+
 def render(record: dict[str, Any]) -> str:
     memory_label = {
         "cuda_reserved": "peak GPU memory reserved above the post-init baseline (MB)",
@@ -92,16 +107,22 @@ def render(record: dict[str, Any]) -> str:
     ]
     distribution = eval_scores.get("predicted_distribution")
     if distribution:
-        lines += [f"Predicted labels on the validation split: {json.dumps(distribution)}.", ""]
-    evals = [h for h in record.get("log_history", []) if "eval_loss" in h]
+        lines += [f"Predicted labels on the validation split: {json.dumps(distribution)}."]
+        gold = eval_scores.get("gold_distribution")
+        if gold:
+            lines += [f"True labels: {json.dumps(gold)} (always answering the most common label scores "
+                      f"{max(gold.values()) / sum(gold.values()):.2f} accuracy)."]
+        lines += [""]
+    evals = _evaluation_rows(record.get("log_history", []))
     if evals:
         from tabulate import tabulate
 
-        keys = [k for k in ("eval_loss", "eval_answer_token_accuracy", "eval_accuracy", "eval_macro_f1") if k in evals[0]]
+        keys = [k for k in ("eval_loss", "eval_answer_token_accuracy", "eval_accuracy", "eval_macro_f1")
+                if any(k in row for row in evals)]
         lines += [
-            "## Evaluations during training",
+            "## Evaluations",
             "",
-            tabulate([[h.get("step")] + [_fmt(h.get(k)) for k in keys] for h in evals],
+            tabulate([[row["when"]] + [_fmt(row.get(k)) for k in keys] for row in evals],
                      headers=["step", *keys], tablefmt="github"),
             "",
         ]

@@ -164,3 +164,20 @@ def test_orth_penalty_counts_once_per_optimizer_step(tmp_path):
         full_penalty = model(**batch).loss - model.base_model.model(**batch).loss
     assert full_penalty > 0.1  # the penalty is really there (A A^T far from I at init)
     assert (in_training - language_model_only).item() == pytest.approx(full_penalty.item() / 4, rel=1e-4)
+
+
+def test_summary_renders_the_record_it_is_given(recipe_argv, tmp_path):
+    from harness import summary
+
+    run(recipe_argv("--max_steps", "4", "--load_best_model_at_end", "false"))
+    out = tmp_path / "summary.md"
+    summary.main([str(tmp_path / "run" / "result.json"), "--out", str(out)])
+    text = out.read_text()
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert record["command"] in text
+    assert f"{record['trainable_params']:,}" in text
+    assert "peak CPU resident memory of the process (MB)" in text
+    # The rank pivot: one row per layer, its totals add up to the recorded budget.
+    totals = [int(line.rsplit("|", 2)[-2]) for line in text.splitlines() if line.startswith("|") and "layers" not in line
+              and line.split("|")[1].strip().isdigit()]
+    assert sum(totals) == record["adalora"]["total_rank"]
