@@ -178,6 +178,8 @@ def test_summary_renders_the_record_it_is_given(recipe_argv, tmp_path):
     assert f"{record['trainable_params']:,}" in text
     assert "peak CPU resident memory of the process (MB)" in text
     # The rank pivot: one row per layer, its totals add up to the recorded budget.
-    totals = [int(line.rsplit("|", 2)[-2]) for line in text.splitlines() if line.startswith("|") and "layers" not in line
-              and line.split("|")[1].strip().isdigit()]
+    pivot = text.split("## AdaLoRA rank allocation", 1)[1].split("##", 1)[0]
+    totals = [int(line.rsplit("|", 2)[-2]) for line in pivot.splitlines()
+              if line.startswith("|") and line.split("|")[1].strip().isdigit()]
+    assert len(totals) == 2  # tiny-qwen2's two layers
     assert sum(totals) == record["adalora"]["total_rank"]
