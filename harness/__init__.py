@@ -11,4 +11,12 @@ One module per concern:
   evaluation  - answer-token accuracy and task scores (label likelihood classification)
   measure     - peak memory, timers, provenance, result.json
   recipe      - the end-to-end flow every recipe runs
+  backends    - where the trainable model comes from: transformers + PEFT, or Unsloth (GPU, optional)
+  adapters    - a trained adapter folder: checks, its run record, attaching it to a base model
+  infer, merge - `python -m` entry points: generation / chat with an adapter, merging it into the base
+  select      - picking the k most valuable instruction records (`python -m harness.select`)
+  curriculum  - easy / medium / hard buckets and stage-by-stage training from the previous adapter
+  generation  - answering prompts over a temperature x top_p grid, ROUGE-L
+  judge       - LLM judge (OpenAI-compatible endpoint or local model), its cache and score tables
+  select_train_judge - the select -> train -> decode -> judge flow of llama2_7b_lora_alpaca100.py
 """

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from harness.errors import UserError
+from harness.errors import UserError, raise_usage_error
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,6 +64,13 @@ class ModelArguments:
         default=False,
         metadata=_help("Run Python code shipped with the model repo. Only for repos you trust."),
     )
+    backend: str = field(
+        default="peft",
+        metadata=_help(
+            "peft: transformers + PEFT. unsloth: Unsloth's FastLanguageModel (NVIDIA GPU and "
+            "requirements-unsloth.txt; LoRA, rsLoRA, LoftQ). auto: unsloth where it can run, else peft."
+        ),
+    )
 
 
 @dataclass
@@ -92,8 +99,10 @@ class DataArguments:
     prompt_format: str = field(
         default="human_assistant",
         metadata=_help(
-            "human_assistant: 'Human: ...\\nAssistant: <answer>' as plain text. "
-            "chat_template: the tokenizer's own chat template."
+            "human_assistant: 'Human: ...\\nAssistant: <answer>' as plain text (instruction data keeps "
+            "the Alpaca layout). chat_template: the tokenizer's own chat template. alpaca: Stanford "
+            "Alpaca's '### Instruction / ### Input / ### Response' text. auto: the chat template when "
+            "the tokenizer has one, else alpaca."
         ),
     )
     max_samples: int | None = field(
@@ -104,6 +113,13 @@ class DataArguments:
     )
     split_seed: int = field(
         default=42, metadata=_help("Seed of the train/validation split; fixed so every run sees the same split.")
+    )
+    eval_file: str | None = field(
+        default=None,
+        metadata=_help(
+            "Evaluate on this file's records instead of a split of data_file (which then trains whole), "
+            "e.g. records held out before a data selection."
+        ),
     )
     max_seq_length: int = field(
         default=512,
@@ -165,6 +181,21 @@ class RecipeArguments:
     budget_tokens: int | None = field(
         default=None, metadata=_help("Stop training after this many non-padding input tokens.")
     )
+    memory_budget_gb: float | None = field(
+        default=None,
+        metadata=_help(
+            "Cap the memory this run may use, in GiB, e.g. 16 to emulate a T4 on a bigger GPU. CUDA: the "
+            "allocator's per-process memory fraction (the CUDA context and paged-optimizer memory are outside "
+            "it); going past it is an out-of-memory error. CPU: not enforced (harness.bench checks peak RSS)."
+        ),
+    )
+    init_adapter: str | None = field(
+        default=None,
+        metadata=_help(
+            "Start from the weights of a saved adapter folder (e.g. an earlier curriculum stage) instead of "
+            "a fresh adapter; it must have this run's method, rank and target modules."
+        ),
+    )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, RecipeArguments, TrainingArguments)
@@ -178,11 +209,12 @@ class RunConfig:
     run: RecipeArguments
     train: TrainingArguments
     argv: list[str] = field(default_factory=list)  # the command-line arguments these came from
+    extras: tuple = ()  # instances of a recipe's own argument classes (parse_args' extra_classes), in order
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, flat, JSON-safe: what result.json records as the run's config."""
         out: dict[str, Any] = {}
-        for part in (self.model, self.data, self.method, self.run):
+        for part in (self.model, self.data, self.method, self.run, *self.extras):
             out.update(dataclasses.asdict(part))
         train = {f.name: getattr(self.train, f.name) for f in dataclasses.fields(self.train) if f.init}
         out.update({k: v for k, v in train.items() if not k.startswith("_") and k not in _NOISY_TRAINING_FIELDS})
@@ -208,12 +240,16 @@ BASE_TRAINING_DEFAULTS: dict[str, Any] = {
 }
 
 
-def parse_args(defaults: dict[str, Any], argv: list[str] | None = None) -> RunConfig:
-    """Parse the command line (and --config file) on top of a recipe's defaults."""
+def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_classes: tuple[type, ...] = ()) -> RunConfig:
+    """Parse the command line (and --config file) on top of a recipe's defaults.
+
+    extra_classes: dataclasses of settings only some recipes have (e.g. a judge's), parsed with the
+    rest so that they too come from the CLI, a --config file or DEFAULTS; other recipes' --help
+    stays free of them."""
     from trl import TrlParser
 
-    parser = TrlParser(ARGUMENT_CLASSES)
-    parser.error = _short_error  # argparse's default prints the ~150-line usage before the message
+    parser = TrlParser((*ARGUMENT_CLASSES, *extra_classes))
+    parser.error = raise_usage_error  # argparse's default prints the ~150-line usage before the message
     unknown = parser.set_defaults_with_config(**{**BASE_TRAINING_DEFAULTS, **defaults})
     if unknown:
         raise UserError(f"recipe defaults name unknown settings: {unknown[::2]}")  # a bug in the recipe
@@ -225,14 +261,10 @@ def parse_args(defaults: dict[str, Any], argv: list[str] | None = None) -> RunCo
         raise UserError(f"{exc} (see --help for every setting)") from None
     if unknown_args:
         raise UserError(f"unknown setting(s): {' '.join(unknown_args)} (see --help for every setting)")
-    model, data, method, run, train = parts
+    model, data, method, run, train, *extras = parts
     # Throughput counts the non-padding tokens trained on; the Trainer counts them when asked to.
     train = dataclasses.replace(train, include_num_input_tokens_seen="non_padding")
-    return RunConfig(model, data, method, run, train, args)
-
-
-def _short_error(message: str):
-    raise UserError(f"{message} (see --help for every setting)")
+    return RunConfig(model, data, method, run, train, args, tuple(extras))
 
 
 def _check_config_file(args: list[str]) -> None:

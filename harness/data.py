@@ -3,10 +3,12 @@
 Every example becomes prompt tokens followed by answer tokens; labels are -100 on the prompt
 (and, after collation, on padding), so the model is trained only to produce the answer.
 When an example is too long, the free text inside the prompt (a review, an instruction's
-input) loses its end; the instruction and the answer are never cut.
+input) loses its end; the instruction and a classification label are never cut (an instruction's
+answer that alone overflows the window keeps its beginning).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from harness.config import DataArguments, find_file
 from harness.errors import UserError
 
 IGNORE_INDEX = -100  # what torch's cross-entropy skips
+PROMPT_FORMATS = ("human_assistant", "chat_template", "alpaca", "auto")
 
 # Stanford Alpaca's prompt, for base models without a chat template. With an input, the input
 # is the part that may be cut to fit.
@@ -157,7 +160,10 @@ def _valid_messages(messages: Any) -> bool:
 
 
 def split_records(rows: list[dict], args: DataArguments) -> tuple[list[dict], list[dict]]:
-    """A fixed-seed train/validation split, the same one datasets' train_test_split makes."""
+    """A fixed-seed train/validation split, the same one datasets' train_test_split makes.
+    With --eval_file, that file's records are the validation set and every row trains."""
+    if args.eval_file:
+        return rows, load_records(dataclasses.replace(args, data_file=args.eval_file, max_samples=None))
     if not 0 <= args.validation_split < 1:
         raise UserError(f"--validation_split must be in [0, 1), got {args.validation_split}")
     n_eval = math.ceil(args.validation_split * len(rows))
@@ -176,6 +182,19 @@ def split_records(rows: list[dict], args: DataArguments) -> tuple[list[dict], li
 
 # ---------------------------------------------------------------------------- prompt layout
 
+def prompt_layout(args: DataArguments, tokenizer) -> str:
+    """The layout prompts really get: chat_template, alpaca or human_assistant."""
+    if args.prompt_format not in PROMPT_FORMATS:
+        raise UserError(f"unknown --prompt_format {args.prompt_format!r}; use {', '.join(PROMPT_FORMATS)}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if args.prompt_format == "auto":
+        return "chat_template" if has_template else "alpaca"
+    if args.task == "instruction" and args.prompt_format != "alpaca":
+        # Instructions have always been Alpaca text unless a chat template is asked for and exists.
+        return "chat_template" if args.prompt_format == "chat_template" and has_template else "alpaca"
+    return args.prompt_format
+
+
 def build_examples(rows: list[dict], args: DataArguments, tokenizer) -> list[Example]:
     if args.task == "classification":
         labels = label_set(args)
@@ -186,13 +205,14 @@ def build_examples(rows: list[dict], args: DataArguments, tokenizer) -> list[Exa
 def _classification_example(row: dict, args: DataArguments, labels: list[str], tokenizer) -> Example:
     label = str(row[args.label_column]).strip()
     text = str(row[args.text_column])
-    if args.prompt_format == "human_assistant":
+    layout = prompt_layout(args, tokenizer)
+    if layout == "human_assistant":
         # The original Kaggle script's layout; the answer's leading space belongs to the answer so
         # that the prompt's tokens are a prefix of the whole example's tokens.
         candidates = [f" {option}" for option in labels]
         return Example(f"Human: {args.instruction}\n", text, "\nAssistant:", f" {label}", labels.index(label),
                        {"candidates": candidates})
-    if args.prompt_format == "chat_template":
+    if layout == "chat_template":
         def user_turn(body: str) -> list[dict]:
             return [{"role": "user", "content": f"{args.instruction}\n{body}"}]
 
@@ -201,7 +221,9 @@ def _classification_example(row: dict, args: DataArguments, labels: list[str], t
         candidates = [_chat_answer(tokenizer, prompt, option, user_turn(text)) for option in labels]
         return Example(head, text, tail, candidates[labels.index(label)], labels.index(label),
                        {"candidates": candidates})
-    raise UserError(f"unknown --prompt_format {args.prompt_format!r}; use human_assistant or chat_template")
+    # Alpaca: the instruction, the text as its input, the label as the response.
+    head = ALPACA_HEAD.format(context=ALPACA_CONTEXT, instruction=args.instruction) + ALPACA_INPUT
+    return Example(head, text, "\n\n" + ALPACA_RESPONSE, label, labels.index(label), {"candidates": list(labels)})
 
 
 def _instruction_example(row: dict, args: DataArguments, tokenizer) -> Example:
@@ -212,7 +234,7 @@ def _instruction_example(row: dict, args: DataArguments, tokenizer) -> Example:
     instruction = str(row["instruction"]).strip()
     given = str(row.get("input") or "").strip()
     output = str(row["output"]).strip()
-    if args.prompt_format == "chat_template" and getattr(tokenizer, "chat_template", None):
+    if prompt_layout(args, tokenizer) == "chat_template":
         def user_turn(body: str) -> list[dict]:
             return [{"role": "user", "content": f"{instruction}\n\n{body}" if body else instruction}]
 
@@ -228,14 +250,34 @@ def _instruction_example(row: dict, args: DataArguments, tokenizer) -> Example:
     return Example(ALPACA_HEAD.format(context="", instruction=instruction) + ALPACA_RESPONSE, "", "", output)
 
 
+def generation_prompt(messages: list[dict], args: DataArguments, tokenizer) -> str:
+    """The prompt for the model's next turn after `messages`, laid out as training laid out its prompts.
+
+    Classification takes the last message as the text to classify. With a chat template the whole
+    conversation is rendered; the text layouts (single-turn by design) repeat their layout per turn.
+    """
+    turns = [m for m in messages if m["role"] != "system"]
+    if args.task == "classification":
+        row = {args.text_column: turns[-1]["content"], args.label_column: label_set(args)[0]}
+        return build_examples([row], args, tokenizer)[0].prompt
+    if prompt_layout(args, tokenizer) == "chat_template":
+        return _render_chat(tokenizer, messages, add_generation_prompt=True)
+    parts = []
+    for user, assistant in zip(turns[:-1:2], turns[1::2]):
+        done = _instruction_example({"instruction": user["content"], "output": assistant["content"]}, args, tokenizer)
+        parts.append(done.prompt + done.answer + "\n\n")
+    parts.append(_instruction_example({"instruction": turns[-1]["content"], "output": "-"}, args, tokenizer).prompt)
+    return "".join(parts)
+
+
 _BODY_MARK = "\u2063BODY\u2063"  # invisible separator: never appears in real data
 
 
 def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
-            "this tokenizer has no chat template; use --prompt_format human_assistant (classification) "
-            "or data without 'messages'"
+            "this tokenizer has no chat template; use --prompt_format auto, alpaca or human_assistant "
+            "(classification), or data without 'messages'"
         )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -296,7 +338,9 @@ def encode(tokenizer, example: Example, max_len: int, add_eos: bool = True) -> E
         prompt_ids = _ids(tokenizer, example.head + body + example.tail, True)
         overflow = len(prompt_ids) + len(target) - max_len
     if overflow > 0:
-        if example.body or len(prompt_ids) >= max_len:
+        # A label cut short would teach a wrong label; a long instruction answer (with or without an
+        # input) is cut like any text, so one long record does not stop the whole run.
+        if example.label is not None or len(prompt_ids) >= max_len:
             raise UserError(
                 f"--max_seq_length {max_len} is too short: the prompt without any text and the answer "
                 f"need {len(prompt_ids) + len(target)} tokens"

@@ -1,6 +1,7 @@
 """Errors the user can fix, reported as one line instead of a traceback."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 
@@ -49,3 +50,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+def raise_usage_error(message: str):
+    """For argparse's `parser.error`: argparse prints its whole usage block before the message and
+    exits; a UserError becomes the usual one line under `reported_as_one_line`."""
+    raise UserError(f"{message} (see --help)")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, with bad flags reported as one line (parse inside `reported_as_one_line`)."""
+
+    def error(self, message):
+        raise_usage_error(message)

@@ -89,6 +89,35 @@ class PeakMemory:
         return memory
 
 
+def apply_memory_budget(budget_gb: float | None) -> dict[str, Any]:
+    """Cap this process's CUDA memory at budget_gb GiB (to emulate a smaller GPU); call before loading.
+
+    The cap is the caching allocator's per-process memory fraction: past it, an allocation raises
+    torch.OutOfMemoryError as it would on a GPU that size. The CUDA context and memory PyTorch does not
+    allocate (bitsandbytes' paged optimizer states) are outside it. On CPU nothing is enforced; the
+    returned record says so, and harness.bench compares the trial's peak RSS with the budget.
+    """
+    if budget_gb is None:
+        return {}
+    from harness.errors import UserError
+
+    if budget_gb <= 0:
+        raise UserError(f"--memory_budget_gb must be positive, got {budget_gb}")
+    record: dict[str, Any] = {"memory_budget_gb": budget_gb}
+    if not torch.cuda.is_available():
+        print(f"Memory budget {budget_gb:g} GiB: not enforced on CPU (compare peak_memory_mb after the run).")
+        return {**record, "memory_budget_enforced": "not_enforced_cpu"}
+    device = torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = budget_gb * 1024**3
+    if budget >= total:  # e.g. 16 on a 16 GB T4 (15.x GiB usable): the card itself is the limit
+        print(f"Memory budget {budget_gb:g} GiB >= this GPU's {total / 1024**3:.1f} GiB: no cap needed.")
+        return {**record, "memory_budget_enforced": "whole_device"}
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+    print(f"Memory budget: PyTorch may use {budget_gb:g} of this GPU's {total / 1024**3:.1f} GiB.")
+    return {**record, "memory_budget_enforced": "cuda_allocator"}
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS. Linux reports ru_maxrss in KiB, macOS in bytes."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -1,6 +1,7 @@
 """Fine-tuning methods: which PEFT config each one is, which modules it adapts, AdaLoRA's schedule."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ def peft_config(args: MethodArguments, model: torch.nn.Module, schedule: AdaLora
     import peft
 
     method = args.method
+    loaded_in_4bit = getattr(model, "is_loaded_in_4bit", False)
     if method == "full":
         return None
     if method in LORA_FAMILY:
@@ -133,8 +135,9 @@ def peft_config(args: MethodArguments, model: torch.nn.Module, schedule: AdaLora
             bias="none",
             use_dora=method == "dora",
             use_rslora=method == "rslora",
-            init_lora_weights="loftq" if method == "loftq" else True,
-            loftq_config=peft.LoftQConfig(loftq_bits=args.loftq_bits) if method == "loftq" else {},
+            # On a 16-bit base, LoftQ quantizes it itself; on a 4-bit one, initialise_loftq runs afterwards.
+            init_lora_weights="loftq" if method == "loftq" and not loaded_in_4bit else True,
+            loftq_config=peft.LoftQConfig(loftq_bits=args.loftq_bits) if method == "loftq" and not loaded_in_4bit else {},
         )
     if method == "adalora":
         assert schedule is not None, "AdaLoRA needs its schedule"
@@ -170,18 +173,86 @@ def peft_config(args: MethodArguments, model: torch.nn.Module, schedule: AdaLora
     raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def check_method(args: MethodArguments, quantization: str) -> None:
+def check_method(args: MethodArguments, quantization: str, gradient_checkpointing: bool = False) -> None:
     """Refuse impossible combinations before anything heavy is loaded."""
     if args.method not in METHODS:
         raise UserError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.method == "prefix_tuning" and gradient_checkpointing:
+        # The prefix is fed in as the key/value cache, which each layer extends in place; recomputing
+        # a layer in the backward pass would extend it again. PEFT refuses it too, less clearly.
+        raise UserError("prefix tuning cannot be combined with gradient checkpointing: pass --activation_checkpointing false")
     if args.method == "full" and quantization != "none":
         raise UserError("full fine-tuning cannot update quantized weights; use --quantization none or a LoRA method")
-    if args.method == "loftq" and quantization != "none":
-        raise UserError(
-            "LoftQ initialises LoRA against its own quantization of a 16-bit base: use --quantization none"
-        )
+    if args.method == "loftq":
+        if quantization == "8bit":
+            raise UserError(
+                "LoftQ works on a 4-bit base or a 16-bit one, not 8-bit: use --quantization 4bit, "
+                "or none (LoftQ then quantizes the base itself, --loftq_bits 4 or 8)"
+            )
+        if quantization == "4bit" and args.loftq_bits != 4:
+            raise UserError(f"on a 4-bit base LoftQ needs --loftq_bits 4 (got {args.loftq_bits}); or use --quantization none")
+        if quantization == "none" and importlib.util.find_spec("scipy") is None:
+            raise UserError("LoftQ on a 16-bit base needs scipy (PEFT requires it): pip install scipy, or use --quantization 4bit")
+        if not torch.cuda.is_available():
+            raise UserError(
+                "LoftQ needs an NVIDIA GPU: PEFT computes its initialisation with CUDA; run it on a GPU "
+                "machine, or use --method lora here"
+            )
     if args.method in LORA_FAMILY and args.r < 1:
         raise UserError(f"--r must be at least 1, got {args.r}")
+
+
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def check_init_adapter(path: str | None, method: str) -> None:
+    """Refuse an --init_adapter that cannot be used, before the model is loaded."""
+    if not path:
+        return
+    if method == "full":
+        raise UserError("--init_adapter starts an adapter from saved weights; full fine-tuning has no adapter")
+    if not (Path(path) / ADAPTER_WEIGHTS_FILE).is_file():
+        raise UserError(f"--init_adapter {path} holds no adapter ({ADAPTER_WEIGHTS_FILE}); pass the output_dir of a finished PEFT run")
+
+
+def load_adapter_weights(model, directory: str | Path) -> None:
+    """Warm start: copy a saved adapter's weights into this run's freshly built adapter.
+
+    The run keeps its own PEFT config; the saved adapter must have the same method, rank and
+    target modules, or nothing is loaded and the mismatch is reported."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    check_init_adapter(str(directory), "adapter")
+    if is_adalora(model):  # saved pruned to its kept ranks: put back at full size
+        load_adalora_checkpoint(model, directory)
+        return
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    try:
+        result = set_peft_model_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS_FILE)),
+                                           adapter_name=model.active_adapter)
+        problem = (
+            f"unexpected {result.unexpected_keys[0]}" if result.unexpected_keys
+            else next((f"missing {k}" for k in result.missing_keys if k in trainable), None)
+        )
+    except (RuntimeError, ValueError) as exc:  # size mismatches: another rank or model
+        problem = str(exc).strip().splitlines()[0][:300]
+    if problem:
+        raise UserError(
+            f"the adapter in {directory} does not fit this run's adapter ({problem}); use the --method, --r and "
+            "--target_modules it was trained with"
+        )
+
+
+def initialise_loftq(peft_model, model_source: str) -> None:
+    """LoftQ for a base already loaded in 4-bit: every LoRA pair starts at the best rank-r fit of its
+    layer's quantization error, from the 16-bit weights in the model's safetensors files (read one
+    layer at a time, so the 16-bit model never has to fit in memory)."""
+    from peft import replace_lora_weights_loftq
+
+    # A local folder is passed as is; for a Hub id PEFT finds the files from_pretrained cached.
+    replace_lora_weights_loftq(peft_model, model_path=model_source if Path(model_source).is_dir() else None)
 
 
 def final_adalora_ranks(model) -> dict[str, int]:

@@ -102,11 +102,15 @@ def device_map_for(args: ModelArguments, method: str):
     return {"": "cpu"}
 
 
-def load_model(args: ModelArguments, method: str, gradient_checkpointing: bool):
-    """The base model, quantized if asked, ready for an adapter (or for full fine-tuning)."""
+def load_model(args: ModelArguments, method: str, gradient_checkpointing: bool, for_training: bool = True):
+    """The base model, quantized if asked, ready for an adapter (or for full fine-tuning, or inference)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(args.dtype)
+    if method == "full" and args.dtype == "auto" and for_training:
+        # Trained weights stay float32 (mixed precision computes in 16-bit): Adam's updates of ~lr are
+        # below bf16's resolution for most weights and would be rounded away; fp16 weights cannot train.
+        dtype = torch.float32
     quantization_config = None
     if args.quantization == "4bit":
         quantization_config = BitsAndBytesConfig(
@@ -135,7 +139,7 @@ def load_model(args: ModelArguments, method: str, gradient_checkpointing: bool):
         if Path(source).is_dir():
             raise UserError(f"cannot load the model in {source}: {str(exc).splitlines()[0]}") from None
         raise _hub_error(args.model, exc) from None
-    if quantization_config is not None:
+    if quantization_config is not None and for_training:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

@@ -5,11 +5,13 @@ on top of them and runs `train`. All checks that need no model happen before any
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
-import sys
 import traceback
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ RESULT_SCHEMA = 1
 
 # The settings that decide what a checkpoint in output_dir contains: resuming with other values fails.
 FINGERPRINT_KEYS = (
-    "recipe", "model", "method", "quantization", "target_modules", "r", "init_r", "target_r",
+    "recipe", "model", "backend", "method", "quantization", "target_modules", "r", "init_r", "target_r",
     "num_virtual_tokens", "task", "data_file", "max_samples",
 )
 
@@ -39,16 +41,18 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     from transformers import set_seed
 
     from harness import data as data_mod
-    from harness.measure import PeakMemory, Stopwatch, git_state
-    from harness.methods import adalora_schedule, check_method, count_optimizer_steps
+    from harness.backends import check_backend, resolve_backend
+    from harness.measure import PeakMemory, apply_memory_budget
+    from harness.methods import adalora_schedule, check_init_adapter, check_method, count_optimizer_steps
     from harness.models import check_quantization
 
-    clock = Stopwatch()
-    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    code_version = git_state()  # at the start: the code that runs, not what the tree holds at the end
+    start = RunStart.now()
 
     # 1. Everything that can be refused without loading a model.
-    check_method(cfg.method, cfg.model.quantization)
+    cfg.model.backend = resolve_backend(cfg.model.backend, cfg.method.method)  # result.json says which ran
+    check_backend(cfg.model.backend, cfg.method.method, cfg.model.quantization)
+    check_method(cfg.method, cfg.model.quantization, cfg.train.activation_checkpointing)
+    check_init_adapter(cfg.run.init_adapter, cfg.method.method)
     check_quantization(cfg.model)
     rows = data_mod.load_records(cfg.data)
     train_rows, eval_rows = data_mod.split_records(rows, cfg.data)
@@ -63,10 +67,39 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     output_dir = claim_output_dir(cfg)
     set_seed(targs.seed)
 
+    memory_budget = apply_memory_budget(cfg.run.memory_budget_gb)  # before CUDA allocates anything
     memory = PeakMemory()
+    with recorded_run(output_dir / RESULT_FILE, cfg, start, memory, memory_budget) as record:
+        record.update(_train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir, memory))
+    print(f"\nResult written to {output_dir / RESULT_FILE}")
+    return record
+
+
+@dataclass
+class RunStart:
+    """Taken when a run starts: its clock, its UTC start time and the code it runs (git state now,
+    not what the tree holds when the run ends)."""
+
+    clock: Any
+    started_at: str
+    git: dict[str, Any]
+
+    @classmethod
+    def now(cls) -> "RunStart":
+        from harness.measure import Stopwatch, git_state
+
+        return cls(Stopwatch(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), git_state())
+
+
+@contextlib.contextmanager
+def recorded_run(path: Path, cfg: RunConfig, start: RunStart, memory=None, extra: dict[str, Any] | None = None):
+    """Yield the run's record to fill in; write it to `path` however the run ends: status ok, or
+    failed / oom / interrupted / refused with the error, always with its provenance."""
+    from harness.measure import write_json_atomic
+
     record: dict[str, Any] = {"status": "running"}
     try:
-        record = _train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir, memory)
+        yield record
         record["status"] = "ok"
     except BaseException as exc:
         record["status"] = (
@@ -79,13 +112,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         record["traceback_tail"] = "".join(traceback.format_exception(exc))[-4000:]
         raise
     finally:
-        record.update(_provenance(cfg, targs, started_at, clock.seconds(), memory, code_version))
-        from harness.measure import write_json_atomic
-
-        write_json_atomic(output_dir / RESULT_FILE, _ordered(record))
-        if record["status"] == "ok":
-            print(f"\nResult written to {output_dir / RESULT_FILE}")
-    return record
+        record.update(_provenance(cfg, start, memory))
+        record.update(extra or {})
+        write_json_atomic(path, _ordered(record))
 
 
 def _train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir, memory) -> dict[str, Any]:
@@ -95,8 +124,8 @@ def _train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir,
 
     from harness import data as data_mod
     from harness.evaluation import ClassificationScorer
-    from harness.methods import final_adalora_ranks, peft_config
-    from harness.models import load_model, load_tokenizer, parameter_counts
+    from harness.methods import final_adalora_ranks, initialise_loftq, load_adapter_weights, peft_config
+    from harness.models import load_model, load_tokenizer, parameter_counts, resolve_model
     from harness.training import AdaLoraAllocation, TrainClock, build_trainer
 
     tokenizer = load_tokenizer(cfg.model)
@@ -110,14 +139,28 @@ def _train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir,
     if not torch.cuda.is_available():
         targs = dataclasses.replace(targs, dataloader_pin_memory=False)  # pinning needs a GPU
 
-    model = load_model(cfg.model, cfg.method.method, targs.activation_checkpointing)
-    config = peft_config(cfg.method, model, schedule)
-    if config is not None:
-        model = get_peft_model(model, config)
+    if cfg.model.backend == "unsloth":
+        from harness.backends import unsloth_model
+
+        model = unsloth_model(cfg.model, cfg.method, cfg.data.max_seq_length, targs.activation_checkpointing, targs.seed)
+        # Unsloth checkpoints activations its own way (offloaded to CPU RAM); the Trainer must not redo it.
+        targs = dataclasses.replace(targs, activation_checkpointing=False)
+    else:
+        model = load_model(cfg.model, cfg.method.method, targs.activation_checkpointing)
+        config = peft_config(cfg.method, model, schedule)
+        if config is not None:
+            model = get_peft_model(model, config)
+        if cfg.method.method == "loftq" and cfg.model.quantization == "4bit":
+            initialise_loftq(model, resolve_model(cfg.model.model))
+    if cfg.run.init_adapter:
+        load_adapter_weights(model, cfg.run.init_adapter)
     trainable, total = parameter_counts(model)
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
     if schedule is not None:
         print(f"AdaLoRA schedule: {dataclasses.asdict(schedule)}")
+        # AdaLoRA may prune a module to rank 0; PEFT then warns on every save that the empty tensors
+        # look like unsharded DeepSpeed/FSDP weights. They are not, and the adapter reloads correctly.
+        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape.*")
 
     scorer = None
     if cfg.data.task == "classification" and prepared.eval_examples:
@@ -153,7 +196,7 @@ def _train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": round(100 * trainable / total, 6),
-        "adapter_bytes": _weights_bytes(output_dir),
+        **_saved_weights_bytes(output_dir),
         "train_loss": round(outcome.training_loss, 6) if outcome.global_step else None,
         "eval_loss": final_eval.get("eval_loss"),
         "eval": {
@@ -207,26 +250,32 @@ def _report_ranks(model, cfg, schedule, output_dir: Path, final_adalora_ranks) -
     return report
 
 
-def _weights_bytes(output_dir: Path) -> int | None:
-    files = list(output_dir.glob("adapter_model.safetensors")) or list(output_dir.glob("model*.safetensors"))
-    return sum(f.stat().st_size for f in files) if files else None
+def _saved_weights_bytes(output_dir: Path) -> dict[str, int]:
+    """Size of what was saved: the adapter, or after full fine-tuning the whole model (model_bytes;
+    there is no adapter then, so no adapter_bytes)."""
+    adapter = output_dir / "adapter_model.safetensors"
+    if adapter.is_file():
+        return {"adapter_bytes": adapter.stat().st_size}
+    shards = list(output_dir.glob("model*.safetensors"))
+    return {"model_bytes": sum(f.stat().st_size for f in shards)} if shards else {}
 
 
-def _provenance(cfg: RunConfig, targs, started_at: str, total_seconds: float, memory, code_version) -> dict[str, Any]:
-    from harness.measure import command_line, device_name, versions
+def _provenance(cfg: RunConfig, start: RunStart, memory=None) -> dict[str, Any]:
+    from harness.measure import command_line, device_name, peak_rss_mb, versions
 
     return {
         "recipe": cfg.run.recipe,
         "method": cfg.method.method,
+        "backend": cfg.model.backend,
         "model": cfg.model.model,
         "quantization": cfg.model.quantization,
         "device": device_name(),
-        **memory.read(),
-        "total_seconds": round(total_seconds, 3),
-        "seed": targs.seed,
-        "started_at": started_at,
+        **(memory.read() if memory is not None else {"process_peak_rss_mb": round(peak_rss_mb(), 1)}),
+        "total_seconds": round(start.clock.seconds(), 3),
+        "seed": cfg.train.seed,
+        "started_at": start.started_at,
         "versions": versions(),
-        "git": code_version,
+        "git": start.git,
         "command": command_line(cfg.run.recipe, cfg.argv),
         "config": cfg.to_dict(),
         "schema": RESULT_SCHEMA,
@@ -234,9 +283,9 @@ def _provenance(cfg: RunConfig, targs, started_at: str, total_seconds: float, me
 
 
 _FIRST_KEYS = (
-    "status", "recipe", "method", "model", "quantization", "device", "peak_memory_mb", "peak_memory_kind",
+    "status", "recipe", "method", "backend", "model", "quantization", "device", "peak_memory_mb", "peak_memory_kind",
     "train_seconds", "total_seconds", "tokens_per_second", "trainable_params", "total_params",
-    "adapter_bytes", "train_loss", "eval_loss", "eval", "adalora", "seed",
+    "adapter_bytes", "model_bytes", "train_loss", "eval_loss", "eval", "adalora", "seed",
 )
 
 

@@ -6,13 +6,12 @@ Every figure comes from the record; nothing is typed in.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError, reported_as_one_line
+from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -98,7 +97,8 @@ def render(record: dict[str, Any]) -> str:
             ("trainable parameters", record.get("trainable_params")),
             ("total parameters", record.get("total_params")),
             ("trainable %", record.get("trainable_percent")),
-            ("adapter file bytes", record.get("adapter_bytes")),
+            *([("saved model bytes (full fine-tuning)", record["model_bytes"])] if "model_bytes" in record
+              else [("adapter file bytes", record.get("adapter_bytes"))]),
             ("train loss (mean over the run)", record.get("train_loss")),
             ("eval loss (restored best checkpoint)", record.get("eval_loss")),
             *[(f"eval {k}", v) for k, v in eval_scores.items() if not isinstance(v, dict)],
@@ -144,11 +144,11 @@ def render(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m harness.summary", description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m harness.summary", description=__doc__.split("\n")[0])
     parser.add_argument("result", help="a result.json written by a recipe")
     parser.add_argument("--out", help="markdown file to write (default: print)")
-    args = parser.parse_args(argv)
     with reported_as_one_line("summary"):
+        args = parser.parse_args(argv)
         path = Path(args.result)
         if not path.is_file():
             raise UserError(f"{path} not found; pass the result.json of a run")

@@ -20,6 +20,9 @@ Run it
   python recipes/qwen2_7b_qlora.py                               # GPU + Hugging Face Hub
   python recipes/qwen2_7b_qlora.py --model stories260k           # offline, CPU
   python recipes/qwen2_7b_qlora.py --r 16 --lora_alpha 32         # any setting; --help lists them
+
+Then ask it (the prompt is laid out as in training, and the base is loaded in 4-bit as trained):
+  python -m harness.infer --adapter outputs/qwen2_7b_qlora --load-in-4bit --prompt "A gripping, beautifully shot film." --temperature 0 --max_new_tokens 3
 """
 import sys
 from pathlib import Path

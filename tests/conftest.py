@@ -37,3 +37,15 @@ def recipe_argv(tmp_path):
         ]
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test's tiny models on one CPU thread. They are no faster on two, and on a busy 2-core
+    machine two threads waiting on each other made every forward pass ~30x slower (measured)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,416 @@
+"""python -m harness.report: rebuild the benchmark tables and plots from results/runs.jsonl.
+
+  python -m harness.report                       # every sweep recorded in results/runs.jsonl
+  python -m harness.report --sweep stories260k   # one sweep
+
+For each sweep, results/<sweep>.md holds: the exact commands and the machine, the settings every
+trial shared, one comparison table (a row per recipe x rank x --set values, mean +- std over the
+seeds), a rank pivot per headline metric, the plots, and the trials that did not finish ok with
+their reason. Plots go next to it as results/<sweep>_*.png. Everything comes from the records
+(nothing from "now"), so rebuilding from the same runs.jsonl gives the same tables byte for byte.
+When a trial was run several times (--force, or a failure then a success), its latest record counts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.config import REPO_ROOT
+from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
+from harness.records import RUNS_FILE, read_records
+
+MIB = 1024 * 1024
+RANK_HEADER = "rank (r / target_r ← init_r)"
+NO_RANK = "no rank"
+
+# Comparison-table columns after the identifying ones, with their number format.
+METRIC_FORMATS: dict[str, str] = {
+    "peak memory (MiB)": "{:.1f}",
+    "CUDA reserved (MiB)": "{:.1f}",
+    "CUDA allocated (MiB)": "{:.1f}",
+    "NVML device peak (MiB)": "{:.1f}",
+    "trial process peak RSS (MiB)": "{:.1f}",
+    "train (s)": "{:.2f}",
+    "total (s)": "{:.2f}",
+    "trial wall (s)": "{:.1f}",
+    "tokens/s": "{:.1f}",
+    "MFU (%)": "{:.2f}",
+    "trainable params": "{:,.0f}",
+    "trainable (%)": "{:.4f}",
+    "adapter (MiB)": "{:.3f}",
+    "saved model (MiB)": "{:.1f}",
+    "train loss": "{:.4f}",
+    "eval loss": "{:.4f}",
+    "steps": "{:.0f}",
+}
+EVAL_FORMAT = "{:.3f}"
+PIVOT_METRICS = ("peak memory (MiB)", "train (s)", "tokens/s", "trainable params", "adapter (MiB)", "eval loss")
+SCORE_PREFERENCE = ("eval accuracy", "eval macro F1", "eval answer-token accuracy")
+
+# Settings that make trials comparable; the header shows their values (and flags any that differ).
+SHARED_SETTINGS = (
+    "max_steps", "budget_seconds", "budget_tokens", "memory_budget_gb", "num_train_epochs", "data_file",
+    "max_samples", "validation_split", "split_seed", "max_seq_length", "eval_max_samples", "data_seed",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "optim",
+    "quantization", "target_modules", "activation_checkpointing",
+)
+
+
+# ---------------------------------------------------------------------------- records -> rows
+
+def latest_per_trial(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    latest: dict[str, dict[str, Any]] = {}
+    for record in records:
+        latest.pop(record["trial_hash"], None)  # re-insert: order of the latest attempts
+        latest[record["trial_hash"]] = record
+    return list(latest.values())
+
+
+def rank_label(record: dict[str, Any]) -> str:
+    setting = record.get("rank_setting") or {}
+    if "target_r" in setting:
+        return f"target_r {setting['target_r']} ← init_r {setting['init_r']}"
+    if "r" in setting:
+        return f"r {setting['r']}"
+    return NO_RANK
+
+
+def axes_label(record: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (record.get("axes") or {}).items())
+
+
+def eval_name(key: str) -> str:
+    return "eval " + {"macro_f1": "macro F1", "answer_token_accuracy": "answer-token accuracy"}.get(
+        key, key.replace("_", " ")
+    )
+
+
+def trial_row(record: dict[str, Any]) -> dict[str, Any]:
+    from harness.flops import mfu_percent
+
+    result = record.get("result") or {}
+    adapter, model_bytes = result.get("adapter_bytes"), result.get("model_bytes")
+    row = {
+        "recipe": record["recipe"],
+        "method": record["method"],
+        RANK_HEADER: rank_label(record),
+        "settings": axes_label(record),
+        "seed": record["seed"],
+        "device": result.get("device"),
+        "_rank": record.get("rank") if record.get("rank") is not None else math.inf,
+        "peak memory (MiB)": result.get("peak_memory_mb"),
+        "memory kind": result.get("peak_memory_kind"),
+        "CUDA reserved (MiB)": result.get("cuda_reserved_mb"),
+        "CUDA allocated (MiB)": result.get("cuda_allocated_mb"),
+        "NVML device peak (MiB)": result.get("nvml_used_mb"),
+        "trial process peak RSS (MiB)": record.get("process_peak_rss_mb"),
+        "train (s)": result.get("train_seconds"),
+        "total (s)": result.get("total_seconds"),
+        "trial wall (s)": record.get("wall_seconds"),
+        "tokens/s": result.get("tokens_per_second"),
+        "MFU (%)": mfu_percent(result) if result else None,
+        "trainable params": result.get("trainable_params"),
+        "trainable (%)": result.get("trainable_percent"),
+        "adapter (MiB)": adapter / MIB if adapter is not None else None,
+        "saved model (MiB)": model_bytes / MIB if model_bytes is not None else None,  # full fine-tuning
+        "train loss": result.get("train_loss"),
+        "eval loss": result.get("eval_loss"),
+    }
+    for key, value in (result.get("eval") or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "examples":
+            row[eval_name(key)] = value
+    row["steps"] = result.get("global_step")
+    row["stopped by"] = result.get("stopped_by")
+    return row
+
+
+def _number_format(column: str) -> str:
+    return METRIC_FORMATS.get(column, EVAL_FORMAT)
+
+
+def _format_values(column: str, values: list[Any]) -> str:
+    """One cell: the value, or mean ± sample std over seeds when they differ; blank when not measured."""
+    present = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not present:
+        return ""
+    if not all(isinstance(v, (int, float)) for v in present):
+        return ", ".join(dict.fromkeys(str(v) for v in present))
+    fmt = _number_format(column)
+    if len(set(present)) == 1:
+        return fmt.format(present[0])
+    mean = sum(present) / len(present)
+    std = math.sqrt(sum((v - mean) ** 2 for v in present) / (len(present) - 1))
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+# ---------------------------------------------------------------------------- tables
+
+def comparison_table(rows: list[dict[str, Any]]):
+    """A row per recipe x rank x settings (seeds aggregated); columns nobody measured are dropped."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    keys = ["recipe", "method", RANK_HEADER, "settings"]
+    out = []
+    for _, group in frame.groupby(keys, sort=False, dropna=False):
+        cells = {k: group[k].iloc[0] for k in keys}
+        cells["seeds"] = ",".join(str(s) for s in group["seed"])
+        for column in frame.columns:
+            if column in keys or column in ("seed", "_rank"):
+                continue
+            cells[column] = _format_values(column, group[column].tolist())
+        out.append(cells)
+    table = pd.DataFrame(out)
+    if not (table["settings"] != "").any():
+        table = table.drop(columns="settings")
+    if table["device"].nunique() <= 1:
+        table = table.drop(columns="device")  # one device: the header names it
+    return table.loc[:, [c for c in table.columns if (table[c] != "").any()]]
+
+
+def pivot_table(rows: list[dict[str, Any]], metric: str):
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    if metric not in frame or frame[metric].isna().all():
+        return None
+    frame["rank"] = [NO_RANK if r == math.inf else f"rank {int(r)}" for r in frame["_rank"]]
+    order = sorted(frame["_rank"].unique())
+    columns = [NO_RANK if r == math.inf else f"rank {int(r)}" for r in order]
+    index = ["recipe"] + (["settings"] if (frame["settings"] != "").any() else [])
+    table = frame.pivot_table(index=index, columns="rank", values=metric, aggfunc="mean", sort=False)
+    table = table.reindex(columns=columns)
+    fmt = _number_format(metric)
+    formatted = table.apply(lambda col: [fmt.format(v) if v == v else "" for v in col])
+    return formatted.reset_index()
+
+
+def failures_table(records: list[dict[str, Any]]):
+    import pandas as pd
+
+    rows = [
+        {
+            "trial": r["trial_id"],
+            "status": r["status"],
+            "reason": " ".join(str(r.get("reason") or "").split()).replace("|", "\\|"),
+            "wall (s)": f"{r['wall_seconds']:.1f}" if r.get("wall_seconds") is not None else "",
+            "log": f"{r['trial_dir']}/trial.log" if r.get("trial_dir") else "",
+        }
+        for r in records
+    ]
+    return pd.DataFrame(rows)
+
+
+def score_column(rows: list[dict[str, Any]]) -> str | None:
+    present = {k for row in rows for k, v in row.items() if k.startswith("eval ") and v is not None}
+    for name in SCORE_PREFERENCE:
+        if name in present:
+            return name
+    scores = sorted(k for k in present if k != "eval loss")
+    return scores[0] if scores else ("eval loss" if "eval loss" in present else None)
+
+
+# ---------------------------------------------------------------------------- header
+
+def _distinct(values) -> list[str]:
+    return sorted({v for v in values if v not in (None, "")})
+
+
+def _model_note(model: str) -> str:
+    from harness.offline_models import OFFLINE_MODELS
+
+    description = OFFLINE_MODELS.get(model, "")
+    if description.startswith("Random-weight"):
+        return f"`{model}` (**random weights**: losses and scores only show that the pipeline runs)"
+    if model in OFFLINE_MODELS:
+        return f"`{model}` (real pretrained weights, offline)"
+    return f"`{model}`"
+
+
+def header(sweep: str, records: list[dict[str, Any]]) -> list[str]:
+    results = [r["result"] for r in records if r.get("result")]
+    ok = sum(r["status"] == "ok" for r in records)
+    started = min((r["started_at"] for r in records if r.get("started_at")), default="?")
+    finished = max((r["finished_at"] for r in records if r.get("finished_at")), default="?")
+    lines = [
+        f"# Benchmark sweep `{sweep}`",
+        "",
+        f"{ok} of {len(records)} trials ok; run between {started} and {finished} (UTC). "
+        "Rebuild this file with `python -m harness.report`.",
+        "",
+        "Made with (from the repository root):",
+        "",
+        "```",
+        *dict.fromkeys(r["bench_command"] for r in records),
+        "```",
+        "",
+    ]
+    devices = _distinct(r.get("device") for r in results)
+    kinds = _distinct(r.get("peak_memory_kind") for r in results)
+    device_line = f"- **Device**: {'; '.join(devices) or 'unknown (no trial got far enough to record it)'}"
+    if "cpu_rss" in kinds:
+        device_line += (
+            ". **CPU run**: memory is the trial process's peak resident set size (`cpu_rss`), not GPU memory; "
+            "MFU does not apply"
+        )
+    lines.append(device_line + ".")
+    models = _distinct(r.get("model") for r in records)
+    lines.append(f"- **Model**: {', '.join(_model_note(m) for m in models)}.")
+    commits = _distinct(
+        f"{(r.get('git') or {}).get('commit') or 'unknown'}"
+        + (" (with uncommitted changes)" if (r.get("git") or {}).get("dirty") else "")
+        for r in results
+    )
+    lines.append(f"- **Commit**: {'; '.join(commits) or 'unknown'}.")
+    versions = _distinct(", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items()) for r in results)
+    lines.append(f"- **Versions**: {'; '.join(versions) or 'unknown'}.")
+    shared = []
+    configs = [r.get("config") or {} for r in results]
+    for key in SHARED_SETTINGS:
+        if key == "num_train_epochs" and all((c.get("max_steps") or -1) > 0 for c in configs):
+            continue  # a step budget overrides the epochs: showing them would mislead
+        values = list(dict.fromkeys(json.dumps(c.get(key)) for c in configs if key in c))
+        if not values or values == ["null"]:
+            continue
+        shared.append(f"{key} {values[0]}" if len(values) == 1 else f"{key} **differs**: {' / '.join(values)}")
+    if shared:
+        lines.append(f"- **Settings every trial shared** (budgets first): {'; '.join(shared)}.")
+    threads = _distinct(str(r["cpu_threads"]) for r in records if r.get("cpu_threads"))
+    if threads:
+        lines.append(f"- **CPU threads per trial** (OMP_NUM_THREADS): {', '.join(threads)}.")
+    timeouts = _distinct(str((r.get("budgets") or {}).get("trial_timeout_s")) for r in records)
+    lines.append(f"- **Per-trial wall-clock limit**: {', '.join(timeouts)} s (a trial past it is recorded as timeout).")
+    memory_budgets = _distinct(str((r.get("budgets") or {}).get("memory_gb")) for r in records
+                               if (r.get("budgets") or {}).get("memory_gb"))
+    if memory_budgets:
+        enforced = _distinct(r.get("memory_budget_enforced") for r in results)
+        how = (
+            "enforced by the CUDA allocator's per-process memory fraction"
+            if enforced == ["cuda_allocator"]
+            else "not enforced on CPU: checked after each run against the trial's peak RSS"
+        )
+        lines.append(f"- **Memory budget**: {', '.join(memory_budgets)} GiB per trial, {how}.")
+    lines += [
+        "- **Rank mapping**: LoRA / DoRA / rsLoRA / LoftQ: r = rank; AdaLoRA: target_r = rank, init_r = 3 x rank "
+        "(the flagship's 12 -> 4); lora_alpha stays at the recipe's value; methods without a rank run once per seed.",
+        "",
+    ]
+    return lines
+
+
+COLUMN_NOTES = (
+    "Columns: *peak memory* is the recipe's own measurement of the kind named in *memory kind* "
+    "(`cuda_reserved`: PyTorch's peak reserved memory above the baseline after CUDA init; `cpu_rss`: the trial "
+    "process's peak RSS); *trial process peak RSS* is the same process measured from outside (`wait4`), from "
+    "start to exit; *train* is optimizer steps only (no evaluation, no saving), *total* the recipe's whole run "
+    "(load, train, evaluate, save), *trial wall* the process from start to exit (imports included); "
+    "*tokens/s* counts non-padding tokens trained on; *MFU* uses 4N FLOPs per token for adapters (6N with "
+    "activation checkpointing; full fine-tuning 6N / 8N) against the GPU's dense 16-bit peak; *adapter* is the "
+    "saved adapter file (*saved model* after full fine-tuning); scores are on the held-out split. A ± is the sample standard deviation over seeds."
+)
+
+
+# ---------------------------------------------------------------------------- the report
+
+def render(sweep: str, records: list[dict[str, Any]], plots: list[Path]) -> str:
+    trials = latest_per_trial(records)
+    ok_rows = [trial_row(r) for r in trials if r["status"] == "ok"]
+    ok_rows.sort(key=lambda row: (_first_seen(trials, row["recipe"]), row["settings"], row["_rank"], row["seed"]))
+    lines = header(sweep, trials)
+    lines += ["## Comparison", ""]
+    if ok_rows:
+        lines += [comparison_table(ok_rows).to_markdown(index=False, disable_numparse=True), "", COLUMN_NOTES, ""]
+        pivots = [m for m in (*PIVOT_METRICS, score_column(ok_rows)) if m]
+        lines += ["## By rank", ""]
+        for metric in dict.fromkeys(pivots):
+            table = pivot_table(ok_rows, metric)
+            if table is not None:
+                lines += [f"### {metric}", "", table.to_markdown(index=False, disable_numparse=True), ""]
+    else:
+        lines += ["No trial finished ok yet.", ""]
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{p.stem}]({p.name})" for p in plots]
+        lines.append("")
+    failed = [r for r in trials if r["status"] != "ok"]
+    lines += ["## Trials that did not finish ok", ""]
+    if failed:
+        lines += [failures_table(failed).to_markdown(index=False, disable_numparse=True), ""]
+    else:
+        lines += ["None.", ""]
+    return "\n".join(lines)
+
+
+def _first_seen(trials: list[dict[str, Any]], recipe: str) -> int:
+    return next(i for i, r in enumerate(trials) if r["recipe"] == recipe)
+
+
+def write_report(results_dir: Path, sweep: str, records: list[dict[str, Any]] | None = None) -> list[Path]:
+    """Write <results_dir>/<sweep>.md and its plots; returns the files written."""
+    results_dir = Path(results_dir)
+    if records is None:
+        records = read_records(results_dir / RUNS_FILE)
+    records = [r for r in records if r.get("sweep") == sweep]
+    if not records:
+        return []
+    from harness.measure import write_text_atomic
+    from harness.plots import write_plots
+
+    trials = latest_per_trial(records)
+    ok_rows = [trial_row(r) for r in trials if r["status"] == "ok"]
+    plots = write_plots(ok_rows, results_dir, sweep, score_column(ok_rows)) if ok_rows else []
+    path = results_dir / f"{sweep}.md"
+    write_text_atomic(path, render(sweep, records, plots))
+    return [path, *plots]
+
+
+SAMPLE_COLUMNS = ("recipe", RANK_HEADER, "peak memory (MiB)", "train (s)", "tokens/s", "trainable params",
+                  "adapter (MiB)", "eval loss")
+
+
+def sample_table(records: list[dict[str, Any]], sweep: str) -> str:
+    """The headline columns of a sweep's comparison table, e.g. for the README."""
+    rows = [trial_row(r) for r in latest_per_trial([r for r in records if r.get("sweep") == sweep])
+            if r["status"] == "ok"]
+    if not rows:
+        raise UserError(f"sweep {sweep} has no ok trial to show")
+    table = comparison_table(rows)
+    return table.loc[:, [c for c in SAMPLE_COLUMNS if c in table.columns]].to_markdown(index=False, tablefmt="github")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineArgumentParser(
+        prog="python -m harness.report",
+        description="Rebuild the benchmark tables (<results-dir>/<sweep>.md) and plots from <results-dir>/runs.jsonl.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--results-dir", default=str(REPO_ROOT / "results"), help="Folder holding runs.jsonl.")
+    parser.add_argument("--sweep", action="append", default=None, help="Only this sweep (repeatable). Unset: all.")
+    parser.add_argument("--sample", metavar="SWEEP", help="Print the headline columns of this sweep's table instead "
+                        "(the README's sample) and write nothing.")
+    with reported_as_one_line("report"):
+        args = parser.parse_args(argv)
+        results_dir = Path(args.results_dir).expanduser()
+        runs = results_dir / RUNS_FILE
+        if not runs.is_file():
+            raise UserError(f"no {RUNS_FILE} in {results_dir}; run python -m harness.bench first or pass --results-dir")
+        records = read_records(runs)
+        known = list(dict.fromkeys(r.get("sweep") for r in records if r.get("sweep")))
+        for sweep in (args.sweep or []) + ([args.sample] if args.sample else []):
+            if sweep not in known:
+                raise UserError(f"sweep {sweep!r} is not in {runs}; recorded sweeps: {', '.join(known) or 'none'}")
+        if args.sample:
+            print(sample_table(records, args.sample))
+            return 0
+        for sweep in args.sweep or known:
+            for path in write_report(results_dir, sweep, records):
+                print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The PEFT methods build what they claim: LoRA's parameter count matches its closed form, target
+presets pick the right layers on every architecture, DoRA/rsLoRA/IA3 differ from LoRA as documented,
+and scores stay aligned when prompt-learning methods prepend virtual tokens."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from harness.config import MethodArguments, ModelArguments
+from harness.errors import UserError
+from harness.methods import check_method, linear_module_names, peft_config, resolve_target_modules
+from harness.models import load_model, load_tokenizer, parameter_counts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one CPU thread (conftest.py)
+
+
+def base(name: str):
+    return load_model(ModelArguments(model=name), "lora", gradient_checkpointing=False)
+
+
+def adapted(name: str, **method):
+    from peft import get_peft_model
+
+    model = base(name)
+    return get_peft_model(model, peft_config(MethodArguments(**method), model))
+
+
+def linear_shapes(config, names: list[str]) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each named projection, from the architecture's config alone."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = hidden // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    ffn = getattr(config, "intermediate_size", None) or config.ffn_dim
+    shapes = {
+        "q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+        "o_proj": (hidden, hidden), "out_proj": (hidden, hidden),
+        "gate_proj": (hidden, ffn), "up_proj": (hidden, ffn), "down_proj": (ffn, hidden),
+        "fc1": (hidden, ffn), "fc2": (ffn, hidden),
+    }
+    return {n: shapes[n] for n in names}
+
+
+@pytest.mark.parametrize(
+    "model_name, target_modules, r, expected_names",
+    [
+        ("tiny-qwen2", "all-linear", 4,
+         ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+        ("tiny-opt", "qv", 16, ["q_proj", "v_proj"]),  # the OPT recipe's setting
+        ("tiny-llama", "attention", 8, ["q_proj", "k_proj", "v_proj", "o_proj"]),  # the Llama-2 recipes'
+    ],
+)
+def test_lora_trainable_parameters_equal_the_closed_form(model_name, target_modules, r, expected_names):
+    model = adapted(model_name, method="lora", r=r, target_modules=target_modules)
+    config = model.config
+    assert sorted(model.peft_config["default"].target_modules) == sorted(expected_names)
+    per_layer = sum(r * (d_in + d_out) for d_in, d_out in linear_shapes(config, expected_names).values())
+    trainable, _ = parameter_counts(model)
+    assert trainable == per_layer * config.num_hidden_layers
+    assert not any("lm_head" in name and "lora_" in name for name, _ in model.named_parameters())
+
+
+def test_target_presets_on_each_architecture():
+    opt, llama = base("tiny-opt"), base("tiny-llama")
+    assert resolve_target_modules("attention", opt) == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    assert resolve_target_modules("qv", opt) == ["q_proj", "v_proj"]
+    # Automatic discovery: every linear layer but the output head, whatever the architecture calls them.
+    assert resolve_target_modules("all-linear", opt) == ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"]
+    assert "lm_head" not in linear_module_names(llama)
+    assert sorted(resolve_target_modules("all-linear", llama)) == sorted(resolve_target_modules("all7", llama))
+    with pytest.raises(UserError, match="all7 needs o_proj, gate_proj, up_proj, down_proj"):
+        resolve_target_modules("all7", opt)
+    with pytest.raises(UserError, match="no linear layer named attn_q"):
+        resolve_target_modules("q_proj,attn_q", llama)
+
+
+def test_dora_adds_one_magnitude_per_output_feature():
+    names = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lora = adapted("tiny-llama", method="lora", r=8, target_modules="attention")
+    dora = adapted("tiny-llama", method="dora", r=8, target_modules="attention")
+    shapes = linear_shapes(lora.config, names).values()
+    magnitudes = sum(d_out for _, d_out in shapes) * lora.config.num_hidden_layers
+    assert parameter_counts(dora)[0] == parameter_counts(lora)[0] + magnitudes
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r():
+    lora = adapted("tiny-llama", method="lora", r=16, lora_alpha=32, target_modules="qv")
+    rslora = adapted("tiny-llama", method="rslora", r=16, lora_alpha=32, target_modules="qv")
+
+    def scaling(model):
+        return next(m.scaling["default"] for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "scaling"))
+
+    assert scaling(lora) == pytest.approx(32 / 16)
+    assert scaling(rslora) == pytest.approx(32 / math.sqrt(16))
+
+
+def test_ia3_learns_one_vector_per_adapted_layer():
+    model = adapted("tiny-opt", method="ia3")  # PEFT's OPT defaults: q_proj, k_proj and fc2 (feed-forward)
+    config = model.config
+    # Attention layers scale their outputs, the feed-forward layer its inputs.
+    expected = (config.hidden_size + config.hidden_size + config.ffn_dim) * config.num_hidden_layers
+    assert parameter_counts(model)[0] == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_loftq_is_refused_without_a_gpu():
+    with pytest.raises(UserError, match="LoftQ needs an NVIDIA GPU"):
+        check_method(MethodArguments(method="loftq"), "4bit")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scipy") is not None, reason="scipy is installed here")
+def test_loftq_on_a_16bit_base_names_its_missing_dependency():
+    with pytest.raises(UserError, match="needs scipy"):
+        check_method(MethodArguments(method="loftq"), "none")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PEFT computes LoftQ with CUDA")
+def test_loftq_starts_lora_at_the_quantization_error():
+    from peft import get_peft_model
+
+    from harness.methods import initialise_loftq
+    from harness.offline_models import resolve_offline_model
+
+    model = load_model(ModelArguments(model="tiny-llama", quantization="4bit"), "loftq", False)
+    model = get_peft_model(model, peft_config(MethodArguments(method="loftq", r=8, target_modules="attention"), model))
+    initialise_loftq(model, resolve_offline_model("tiny-llama"))
+    lora_b = [m.lora_B["default"].weight for m in model.modules() if hasattr(m, "lora_B") and "default" in m.lora_B]
+    assert len(lora_b) == 4 * model.config.num_hidden_layers
+    assert all(float(b.abs().sum()) > 0 for b in lora_b)  # plain LoRA starts every B at zero
+
+
+def test_loftq_refuses_an_8bit_base():
+    with pytest.raises(UserError, match="4-bit base or a 16-bit one"):
+        check_method(MethodArguments(method="loftq"), "8bit")
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning"])
+def test_label_scores_stay_aligned_with_virtual_tokens(method):
+    """Batched, padded scoring equals scoring each example alone, read at the real tokens' positions."""
+    from harness.evaluation import candidate_logprobs
+
+    torch.manual_seed(0)
+    model = adapted("tiny-opt", method=method, num_virtual_tokens=5).eval()
+    tokenizer = load_tokenizer(ModelArguments(model="tiny-opt"))
+    prompts = [tokenizer("A short review.")["input_ids"], tokenizer("A somewhat longer review of a film.")["input_ids"]]
+    candidates = [tokenizer(" positive", add_special_tokens=False)["input_ids"]] * 2
+    batched = candidate_logprobs(model, tokenizer, prompts, candidates, batch_size=2)
+    for prompt, candidate, score in zip(prompts, candidates, batched):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + candidate])).logits[0]
+        logits = logits[-len(prompt + candidate):]  # prompt/P-tuning put the virtual tokens first
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        expected = sum(float(logprobs[len(prompt) - 1 + i, token]) for i, token in enumerate(candidate))
+        assert score == pytest.approx(expected, abs=1e-4)
