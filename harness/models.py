@@ -1,6 +1,7 @@
 """Loading the base model and tokenizer: where from, in which dtype, quantized or not, on which device."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -37,6 +38,20 @@ def _hub_error(name: str, exc: Exception) -> UserError:
     )
 
 
+@contextlib.contextmanager
+def hub_warnings_silenced():
+    """huggingface_hub logs a warning for every failed request before raising; the raised error is
+    what gets reported (as one line), so its log lines are only noise above it."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    previous = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(previous)
+
+
 def compute_dtype(requested: str) -> torch.dtype:
     """auto: bf16 where the GPU supports it, fp16 on older GPUs (T4, V100), fp32 on CPU."""
     if requested != "auto":
@@ -53,7 +68,8 @@ def load_tokenizer(args: ModelArguments):
 
     source = resolve_model(args.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+        with hub_warnings_silenced():
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as exc:
         if Path(source).is_dir():
             raise UserError(f"cannot load the tokenizer in {source}: {str(exc).splitlines()[0]}") from None

@@ -175,13 +175,21 @@ def test_config_file_then_command_line_override(tmp_path):
     assert cfg.train.learning_rate == 5e-4 and cfg.data.max_samples == 10
 
 
-def test_cli_prints_one_line_not_a_traceback(tmp_path):
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--model", "tiny-qwen2", "--data_file", "missing.csv"], "qwen2_7b_adalora: data file missing.csv not found"),
+        # A Hub id that is not cached, with no Hub to fetch it from.
+        (["--model", "some-org/not-cached"], "qwen2_7b_adalora: cannot load model 'some-org/not-cached'"),
+    ],
+)
+def test_cli_prints_one_line_not_a_traceback(flags, expected, tmp_path):
     """The real script, as a user runs it."""
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "recipes" / "qwen2_7b_adalora.py"),
-         "--model", "tiny-qwen2", "--data_file", str(tmp_path / "missing.csv"), "--output_dir", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        [sys.executable, str(REPO_ROOT / "recipes" / "qwen2_7b_adalora.py"), *flags, "--output_dir", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("qwen2_7b_adalora: data file")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
