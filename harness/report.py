@@ -379,7 +379,7 @@ def sample_table(records: list[dict[str, Any]], sweep: str) -> str:
     if not rows:
         raise UserError(f"sweep {sweep} has no ok trial to show")
     table = comparison_table(rows)
-    return table.loc[:, [c for c in SAMPLE_COLUMNS if c in table.columns]].to_markdown(index=False, tablefmt="github")
+    return table.loc[:, [c for c in SAMPLE_COLUMNS if c in table.columns]].to_markdown(index=False, disable_numparse=True)
 
 
 def main(argv: list[str] | None = None) -> int:
