@@ -44,6 +44,7 @@ from typing import Any
 
 from harness.config import REPO_ROOT
 from harness.errors import EXIT_INTERRUPTED, EXIT_OOM, OneLineArgumentParser, UserError, reported_as_one_line
+from harness.measure import peak_rss_mb
 from harness.records import RUNS_FILE, append_record, read_records
 
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -513,7 +514,7 @@ def run_trial(trial: Trial, trial_dir: Path, timeout_s: float, echo: bool, cpu_t
         "interrupted": interrupted,
         "wall_seconds": round(time.monotonic() - started, 3),
         # ru_maxrss of this child alone (KiB on Linux): its whole life, model load and evaluation included
-        "process_peak_rss_mb": round(usage.ru_maxrss / (1 if sys.platform != "darwin" else 1024) / 1024, 1),
+        "process_peak_rss_mb": round(peak_rss_mb(usage), 1),
         "started_at": started_at,
         "finished_at": _now(),
         "result": _read_result(run_dir / "result.json"),

@@ -195,6 +195,15 @@ def prompt_layout(args: DataArguments, tokenizer) -> str:
     return args.prompt_format
 
 
+# Text layouts have no end-of-turn token: generation stops where the model starts the next turn itself.
+_LAYOUT_STOP_STRINGS = {"alpaca": ["### Instruction:"], "human_assistant": ["\nHuman:"]}
+
+
+def stop_strings(args: DataArguments, tokenizer) -> list[str]:
+    """Where a generated answer ends in this run's prompt layout (chat templates end turns with EOS)."""
+    return list(_LAYOUT_STOP_STRINGS.get(prompt_layout(args, tokenizer), []))
+
+
 def build_examples(rows: list[dict], args: DataArguments, tokenizer) -> list[Example]:
     if args.task == "classification":
         labels = label_set(args)

@@ -17,8 +17,6 @@ import sys
 
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
 
-# Text layouts have no end-of-turn token: stop where the model starts writing the next turn itself.
-STOP_STRINGS = {"alpaca": ["### Instruction:"], "human_assistant": ["\nHuman:"]}
 PROMPT_FORMAT_CHOICES = ("auto", "chat_template", "alpaca", "human_assistant")
 
 
@@ -93,7 +91,7 @@ def reply(model, tokenizer, data_args, messages: list[dict], args) -> str:
     import torch
     from transformers import TextStreamer
 
-    from harness.data import generation_prompt, prompt_layout
+    from harness.data import generation_prompt, stop_strings
 
     prompt = generation_prompt(messages, data_args, tokenizer)
     # Tokenized exactly as training tokenized its prompts (special tokens included).
@@ -105,7 +103,7 @@ def reply(model, tokenizer, data_args, messages: list[dict], args) -> str:
     )
     if args.temperature > 0:
         options.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    stops = STOP_STRINGS.get(prompt_layout(data_args, tokenizer), [])
+    stops = stop_strings(data_args, tokenizer)
     if stops:
         options.update(stop_strings=stops, tokenizer=tokenizer)
     else:  # streamed text cannot be taken back, so only stream when no stop string needs cutting off

@@ -118,9 +118,10 @@ def apply_memory_budget(budget_gb: float | None) -> dict[str, Any]:
     return {**record, "memory_budget_enforced": "cuda_allocator"}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS. Linux reports ru_maxrss in KiB, macOS in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_rss_mb(usage=None) -> float:
+    """Peak RSS in MiB of this process, or of the child whose rusage (from os.wait4) is given.
+    Linux reports ru_maxrss in KiB, macOS in bytes."""
+    peak = (usage or resource.getrusage(resource.RUSAGE_SELF)).ru_maxrss
     return peak / MB if sys.platform == "darwin" else peak / 1024
 
 

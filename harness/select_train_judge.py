@@ -136,9 +136,8 @@ def _answer_grid(cfg, adapter_dir: Path, grid, test_prompts, heldout, decoding_a
     import torch
 
     from harness.adapters import attach, open_adapter
-    from harness.data import prompt_layout
+    from harness.data import stop_strings
     from harness.generation import fit_prompt, generate, instruction_prompt, rouge_l
-    from harness.infer import STOP_STRINGS
     from harness.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
@@ -165,7 +164,7 @@ def _answer_grid(cfg, adapter_dir: Path, grid, test_prompts, heldout, decoding_a
     held_prompts = [fit_prompt(tokenizer, prompt_for, str(r["instruction"]), str(r.get("input") or ""), max_prompt)
                     for r in held]
     seed, batch = cfg.train.seed, decoding_args.generation_batch_size
-    stops = STOP_STRINGS.get(prompt_layout(cfg.data, tokenizer), [])
+    stops = stop_strings(cfg.data, tokenizer)
     answers, heldout_answers = [], []
     from harness.judge import difficulty_band
 
