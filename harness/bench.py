@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime as dt
 import difflib
 import hashlib
@@ -190,8 +191,6 @@ def parse_int_list(text: str, option: str, minimum: int) -> list[int]:
 
 
 def parse_sets(items: list[str]) -> dict[str, list[str]]:
-    import dataclasses
-
     from harness.config import ARGUMENT_CLASSES
 
     known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
@@ -350,7 +349,7 @@ def plan_trials(args: argparse.Namespace) -> list[Trial]:
                 rank_flags = {k: str(v) for k, v in rank_setting.items()} if args.ranks is not None else {}
                 for seed in seeds:
                     argv = _flags({**base_flags, **rank_flags, "seed": str(seed)})
-                    config = _parse(parse_args, defaults, name, argv)
+                    config = _parse(parse_args, defaults, name, argv, preflight=True)
                     trial = Trial(
                         recipe=name, script=script, method=method, model=config.model.model, rank=rank,
                         seed=seed, axes={k: combo[k] for k in varying}, argv=argv,
@@ -363,10 +362,21 @@ def plan_trials(args: argparse.Namespace) -> list[Trial]:
     return trials
 
 
-def _parse(parse_args, defaults: dict[str, Any], name: str, argv: list[str]):
-    """The trial's full config, exactly as the recipe will see it (so bad values fail here, not mid-sweep)."""
+def _parse(parse_args, defaults: dict[str, Any], name: str, argv: list[str], preflight: bool = False):
+    """The trial's full config, exactly as the recipe will see it. With preflight, also every check the
+    recipe makes before loading a model (ranges, data, the AdaLoRA schedule for this budget), so a
+    trial its recipe would refuse fails the plan (and --dry-run), not the sweep halfway through."""
+    import contextlib
+    import io
+
+    from harness.recipe import preflight as recipe_preflight
+
     try:
-        return parse_args({**defaults, "recipe": name}, [*argv, "--output_dir", "unused"])
+        config = parse_args({**defaults, "recipe": name}, [*argv, "--output_dir", "unused"])
+        if preflight:
+            with contextlib.redirect_stdout(io.StringIO()):  # its notes are the trial's to print
+                recipe_preflight(dataclasses.replace(config, model=dataclasses.replace(config.model)), output_dir=False)
+        return config
     except UserError as exc:
         raise UserError(f"recipe {name} refuses the settings {shlex.join(argv)}: {exc}") from None
 
@@ -597,9 +607,9 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
         args.cpu_threads = OFFLINE_CPU_THREADS
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise UserError(f"--cpu-threads must be at least 1, got {args.cpu_threads}")
+    if args.trial_timeout is not None and not args.trial_timeout > 0:  # 0 used to mean "the default"
+        raise UserError(f"--trial-timeout must be a positive number of seconds, got {args.trial_timeout}")
     timeout_s = args.trial_timeout or (600.0 if offline else 21600.0)
-    if timeout_s <= 0:
-        raise UserError(f"--trial-timeout must be positive, got {args.trial_timeout}")
 
     results_dir = Path(args.results_dir).expanduser().resolve()
     sweep_dir = Path(args.output_root).expanduser().resolve() / name
@@ -727,18 +737,10 @@ def _slug(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # SIGTERM (a scheduler, `kill`) stops the sweep as Ctrl-C does: the running trial is recorded.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() else None
-    try:
-        with reported_as_one_line("bench"):
-            return run_sweep(parser.parse_args(argv), argv)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    # SIGTERM (a scheduler, `kill`) stops the sweep as Ctrl-C does (reported_as_one_line turns it into
+    # a KeyboardInterrupt): the running trial is recorded as interrupted.
+    with reported_as_one_line("bench"):
+        return run_sweep(parser.parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from harness import REPO_ROOT  # noqa: F401  (imported from here by most modules)
 from harness.errors import UserError, raise_usage_error
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _help(text: str) -> dict:
@@ -254,6 +253,8 @@ def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_cl
     if unknown:
         raise UserError(f"recipe defaults name unknown settings: {unknown[::2]}")  # a bug in the recipe
     args = list(argv) if argv is not None else sys.argv[1:]
+    # TrlParser finds the file only in the two-word form; argparse users also write --config=FILE.
+    args = [part for arg in args for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     _check_config_file(args)
     try:
         *parts, unknown_args = parser.parse_args_and_config(args=args, return_remaining_strings=True)
@@ -267,9 +268,28 @@ def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_cl
     return RunConfig(model, data, method, run, train, args, tuple(extras))
 
 
+def parse_dataclasses(classes: tuple[type, ...], argv: list[str] | None = None) -> list[Any]:
+    """A tool's own dataclasses from the command line (transformers' HfArgumentParser), with a bad or
+    unknown flag reported as one line like every other error."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(classes)
+    parser.error = raise_usage_error
+    args = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        *parts, unknown_args = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    except ValueError as exc:
+        raise UserError(f"{exc} (see --help)") from None
+    if unknown_args:
+        raise UserError(f"unknown setting(s): {' '.join(unknown_args)} (see --help for every setting)")
+    return parts
+
+
 def _check_config_file(args: list[str]) -> None:
     if "--config" not in args:
         return
+    if args.count("--config") > 1:
+        raise UserError("--config is given more than once; merge the files into one")
     i = args.index("--config")
     if i + 1 >= len(args):
         raise UserError("--config needs a path to a YAML or JSON file")

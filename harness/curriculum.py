@@ -139,7 +139,8 @@ def train_stages(cfg, stages: list[Stage], out_dir: Path, eval_file: str | None,
     """Train every stage (see the module doc for reuse, resume and roll-back); their result records."""
     from harness.data import data_identity
     from harness.measure import write_json_atomic
-    from harness.recipe import RESULT_FILE, train
+    from harness.recipe import train
+    from harness.rundir import RESULT_FILE
 
     start = stage_number(start_stage)
     if start is not None and stages and stages[0].name == SINGLE_PASS:
@@ -187,7 +188,7 @@ def _finished_record(path: Path) -> dict | None:
 
 
 def _check_start(stages: list[Stage], start: int, out_dir: Path) -> None:
-    from harness.recipe import RESULT_FILE
+    from harness.rundir import RESULT_FILE
 
     if not any(s.number == start for s in stages):
         planned = ", ".join(f"{s.number} ({s.name})" for s in stages)

@@ -35,11 +35,13 @@ ALPACA_RESPONSE = "### Response:\n"
 
 # ---------------------------------------------------------------------------- reading
 
-def read_table(path: str) -> list[dict[str, Any]]:
-    """Rows of a CSV, JSON (array of objects) or JSONL file."""
+def read_table(path: str, option: str = "--data_file") -> list[dict[str, Any]]:
+    """Rows of a CSV, JSON (array of objects) or JSONL file; `option` is the setting that named it."""
     found = find_file(path)
+    if found is not None and found.is_dir():
+        raise UserError(f"data file {path} is a folder; pass {option} with a CSV, JSON or JSONL file")
     if found is None or not found.is_file():
-        raise UserError(f"data file {path} not found; pass --data_file with a CSV, JSON or JSONL file")
+        raise UserError(f"data file {path} not found; pass {option} with a CSV, JSON or JSONL file")
     suffix = found.suffix.lower()
     try:
         if suffix == ".csv":
@@ -49,8 +51,7 @@ def read_table(path: str) -> list[dict[str, Any]]:
             frame = pd.read_csv(found, dtype=str, keep_default_na=False, encoding="utf-8")
             rows = frame.to_dict(orient="records")
         elif suffix == ".jsonl":
-            with found.open(encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows = _read_jsonl(found)
         elif suffix == ".json":
             rows = json.loads(found.read_text(encoding="utf-8"))
             if isinstance(rows, dict) and len(rows) == 1:  # {"train": [...]}
@@ -67,6 +68,27 @@ def read_table(path: str) -> list[dict[str, Any]]:
     if not rows:
         raise UserError(f"data file {found} holds no rows")
     return rows
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:  # the file's line, not the position inside the one record
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                raise UserError(
+                    f"data file {path}, line {number}: not a valid JSON record ({reason}); fix or delete that line"
+                ) from None
+    return rows
+
+
+def _text(value: Any) -> str:
+    """A field's text; a missing or null field (None in JSON) is empty, never the text "None"."""
+    return "" if value is None else str(value).strip()
 
 
 # ---------------------------------------------------------------------------- examples
@@ -87,20 +109,42 @@ class Example:
         return self.head + self.body + self.tail
 
 
-def load_records(args: DataArguments) -> list[dict[str, Any]]:
+@dataclass
+class RecordFile:
+    """The usable records of one data file, and the rows left out because they have no text."""
+
+    path: str
+    rows: list[dict[str, Any]]
+    total: int  # rows read (after --max_samples)
+    left_out: list[int] = field(default_factory=list)  # 1-based row numbers
+    reason: str = ""
+
+    def summary(self) -> str:
+        shown = ", ".join(map(str, self.left_out[:20])) + (", ..." if len(self.left_out) > 20 else "")
+        return (f"left out {len(self.left_out)} of {self.total} rows of {self.path} with {self.reason} "
+                f"({'rows' if len(self.left_out) > 1 else 'row'} {shown}); they are neither trained on nor evaluated")
+
+    def report(self) -> dict[str, Any]:
+        """For result.json: how many rows were left out and which (the first 100)."""
+        return {"count": len(self.left_out), "rows": self.left_out[:100], "reason": self.reason or None}
+
+
+def load_records(args: DataArguments, option: str = "--data_file") -> RecordFile:
     """The rows the run will use, checked against the task's needs, in file order."""
-    rows = read_table(args.data_file)
+    rows = read_table(args.data_file, option)
     if args.max_samples is not None:
         if args.max_samples < 1:
             raise UserError(f"--max_samples must be at least 1, got {args.max_samples}")
         rows = rows[: args.max_samples]
     if args.task == "classification":
-        rows = _check_classification_rows(rows, args)
+        kept, reason = _check_classification_rows(rows, args)
     elif args.task == "instruction":
-        rows = _check_instruction_rows(rows, args)
+        kept, reason = _check_instruction_rows(rows, args)
     else:
         raise UserError(f"unknown --task {args.task!r}; use classification or instruction")
-    return rows
+    kept_ids = {id(row) for row in kept}
+    left_out = [number for number, row in enumerate(rows, start=1) if id(row) not in kept_ids]
+    return RecordFile(args.data_file, kept, len(rows), left_out, reason if left_out else "")
 
 
 def label_set(args: DataArguments) -> list[str]:
@@ -110,7 +154,7 @@ def label_set(args: DataArguments) -> list[str]:
     return labels
 
 
-def _check_classification_rows(rows: list[dict], args: DataArguments) -> list[dict]:
+def _check_classification_rows(rows: list[dict], args: DataArguments) -> tuple[list[dict], str]:
     missing = [c for c in (args.text_column, args.label_column) if c not in rows[0]]
     if missing:
         raise UserError(
@@ -126,20 +170,21 @@ def _check_classification_rows(rows: list[dict], args: DataArguments) -> list[di
                 f"data file {args.data_file}, row {number}: label {label!r} is not one of {', '.join(known)}; "
                 "fix the row or pass --labels with the full label set"
             )
-        text = row.get(args.text_column)
-        if isinstance(text, str) and text.strip():
+        if _text(row.get(args.text_column)):
             kept.append(row)
     if not kept:
         raise UserError(f"data file {args.data_file}: no row has text in column {args.text_column!r}")
-    return kept
+    return kept, f"no text in column {args.text_column!r}"
 
 
-def _check_instruction_rows(rows: list[dict], args: DataArguments) -> list[dict]:
+def _check_instruction_rows(rows: list[dict], args: DataArguments) -> tuple[list[dict], str]:
     first = rows[0]
     if "messages" in first:
         kept = [r for r in rows if _valid_messages(r.get("messages"))]
+        reason = "no usable 'messages' (a list of role/content turns ending with the assistant's)"
     elif "instruction" in first and "output" in first:
-        kept = [r for r in rows if str(r.get("instruction", "")).strip() and str(r.get("output", "")).strip()]
+        kept = [r for r in rows if _text(r.get("instruction")) and _text(r.get("output"))]
+        reason = "an empty or missing instruction or output"
     else:
         raise UserError(
             f"data file {args.data_file} needs instruction/output columns (Alpaca style) or a 'messages' "
@@ -147,23 +192,32 @@ def _check_instruction_rows(rows: list[dict], args: DataArguments) -> list[dict]
         )
     if not kept:
         raise UserError(f"data file {args.data_file}: no usable rows (empty instructions/outputs or messages)")
-    return kept
+    return kept, reason
 
 
 def _valid_messages(messages: Any) -> bool:
     return (
         isinstance(messages, list)
         and len(messages) >= 2
-        and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+        and all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages)
+        and bool(messages[-1]["content"].strip())
         and messages[-1]["role"] == "assistant"
     )
 
 
-def split_records(rows: list[dict], args: DataArguments) -> tuple[list[dict], list[dict]]:
+def load_eval_records(args: DataArguments) -> RecordFile | None:
+    """--eval_file's records, or None without one."""
+    if not args.eval_file:
+        return None
+    return load_records(dataclasses.replace(args, data_file=args.eval_file, max_samples=None), "--eval_file")
+
+
+def split_records(rows: list[dict], args: DataArguments, eval_records: RecordFile | None = None) -> tuple[list[dict], list[dict]]:
     """A fixed-seed train/validation split, the same one datasets' train_test_split makes.
-    With --eval_file, that file's records are the validation set and every row trains."""
+    With --eval_file, that file's records (eval_records, when already loaded) are the validation set
+    and every row trains."""
     if args.eval_file:
-        return rows, load_records(dataclasses.replace(args, data_file=args.eval_file, max_samples=None))
+        return rows, (eval_records or load_eval_records(args)).rows
     if not 0 <= args.validation_split < 1:
         raise UserError(f"--validation_split must be in [0, 1), got {args.validation_split}")
     n_eval = math.ceil(args.validation_split * len(rows))
@@ -352,7 +406,7 @@ def encode(tokenizer, example: Example, max_len: int, add_eos: bool = True) -> E
         if example.label is not None or len(prompt_ids) >= max_len:
             raise UserError(
                 f"--max_seq_length {max_len} is too short: the prompt without any text and the answer "
-                f"need {len(prompt_ids) + len(target)} tokens"
+                f"need {len(prompt_ids) + len(target)} tokens; pass --max_seq_length {len(prompt_ids) + len(target)} or more"
             )
         target = target[: max_len - len(prompt_ids)]  # an instruction answer longer than the window
     return Encoded(prompt_ids + target, [IGNORE_INDEX] * len(prompt_ids) + target, len(prompt_ids), cut)

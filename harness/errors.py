@@ -1,42 +1,105 @@
-"""Errors the user can fix, reported as one line instead of a traceback."""
+"""Errors the user can fix, reported as one line instead of a traceback, and how signals end a run."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
+import threading
 
 
 class UserError(Exception):
     """Bad input or an impossible setting. The message names the problem and the fix."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a closing notebook): handled exactly like Ctrl-C."""
+
+
 EXIT_USER_ERROR = 2
 EXIT_OOM = 3
 EXIT_INTERRUPTED = 130
 
+INTERRUPTED_NOTE = "files already written are kept"
+
 
 @contextlib.contextmanager
-def reported_as_one_line(program: str = "error"):
-    """Turn UserError, out-of-memory and Ctrl-C into a one-line message and an exit code.
+def reported_as_one_line(program: str = "error", interrupted_note: str = INTERRUPTED_NOTE):
+    """Turn UserError, out-of-memory, Ctrl-C and SIGTERM into a one-line message and an exit code.
 
     Anything else is a bug in this project and keeps its traceback.
     """
+    with sigterm_as_interrupt():
+        try:
+            yield
+        except UserError as exc:
+            _say(f"{program}: {exc}")
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt as exc:
+            how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+            _say(f"{program}: {how}; {interrupted_note}")
+            sys.exit(EXIT_INTERRUPTED)
+        except MemoryError as exc:  # torch.OutOfMemoryError is not a MemoryError; see is_out_of_memory
+            _say(f"{program}: out of memory ({exc}); {OOM_HINT}")
+            sys.exit(EXIT_OOM)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            _say(f"{program}: out of GPU memory; {OOM_HINT}")
+            sys.exit(EXIT_OOM)
+
+
+def _say(message: str) -> None:
+    """One line on stderr, starting on a line of its own even when a progress bar was being drawn."""
+    _close_progress_bars()
+    sys.stdout.flush()
+    print(" ".join(message.split()), file=sys.stderr, flush=True)  # a message never spans lines
+
+
+def _close_progress_bars() -> None:
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):  # a bar half torn down already: nothing to finish
+            bar.close()  # draws its last state and ends its line
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While inside, SIGTERM raises Terminated (a KeyboardInterrupt): the run records itself as
+    interrupted and keeps its checkpoints, as it does on Ctrl-C. Only the main thread gets signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
-    except UserError as exc:
-        print(f"{program}: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print(f"{program}: interrupted; checkpoints already written are kept", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    except MemoryError as exc:  # torch.OutOfMemoryError is not a MemoryError; see is_out_of_memory
-        print(f"{program}: out of memory ({exc}); {OOM_HINT}", file=sys.stderr)
-        sys.exit(EXIT_OOM)
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        print(f"{program}: out of GPU memory; {OOM_HINT}", file=sys.stderr)
-        sys.exit(EXIT_OOM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold Ctrl-C and SIGTERM back for a few file operations that must all happen or none (moving a
+    finished run's files into place and writing its record); raise them once those are done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise Terminated() if caught[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 OOM_HINT = (

@@ -78,7 +78,7 @@ def load_test_prompts(path: str, limit: int | None) -> list[TestPrompt]:
 
     if find_file(path) is None:
         raise UserError(f"test file {path} not found; pass --test_file (e.g. data/WizardLM_testset.jsonl)")
-    rows = read_table(path)
+    rows = read_table(path, "--test_file")
     key = next((k for k in ("Instruction", "instruction") if k in rows[0]), None)
     if key is None:
         raise UserError(f"test file {path} needs an Instruction (or instruction) field; it has {', '.join(map(repr, rows[0]))}")

@@ -208,16 +208,8 @@ class OpenAICompatibleJudge:
                 if exc.code == 429 or exc.code >= 500:
                     problem = f"HTTP {exc.code}"
                     wait = _retry_after(exc, wait)
-                elif exc.code in (401, 403):
-                    raise UserError(
-                        f"judge endpoint {self.url} refused the API key (HTTP {exc.code}: {detail}); check the key in "
-                        f"${self.args.judge_api_key_env} and --judge_base_url"
-                    ) from None
                 else:
-                    raise UserError(
-                        f"judge endpoint {self.url} answered HTTP {exc.code} ({detail}); check --judge_model "
-                        f"{self.model!r} and --judge_base_url"
-                    ) from None
+                    raise self._refusal(exc.code, detail) from None
             except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
                 problem = "timed out" if isinstance(reason, (TimeoutError, socket.timeout)) else self._mask(str(reason))
@@ -229,7 +221,46 @@ class OpenAICompatibleJudge:
         )
 
 
+    def _refusal(self, code: int, detail: str) -> UserError:
+        if code in (401, 403):
+            return UserError(
+                f"judge endpoint {self.url} refused the API key (HTTP {code}: {detail}); check the key in "
+                f"${self.args.judge_api_key_env} and --judge_base_url"
+            )
+        return UserError(
+            f"judge endpoint {self.url} answered HTTP {code} ({detail}); check --judge_model {self.model!r} "
+            "and --judge_base_url"
+        )
+
+    def probe(self) -> None:
+        """One one-token request, before any training: a wrong URL, key or model name fails in seconds
+        instead of after hours of training and decoding. Costs a few tokens."""
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": "Reply with 1."}],
+                           "temperature": 0, "max_tokens": 1}).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self._key}"} if self._key else {})}
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=min(self.args.judge_timeout, PROBE_TIMEOUT_SECONDS)) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            detail = self._mask(_error_detail(exc))
+            if "quota" in detail.lower():  # OpenAI's 429 insufficient_quota does not pass with retries
+                raise UserError(f"judge endpoint {self.url} has no quota left for this key ({detail}); "
+                                "add credit or use another --judge_base_url / key") from None
+            if exc.code == 429 or exc.code >= 500:
+                return  # reachable and busy: the real requests retry with backoff
+            raise self._refusal(exc.code, detail) from None
+        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
+            reason = getattr(exc, "reason", exc)
+            reason = "timed out" if isinstance(reason, (TimeoutError, socket.timeout)) else self._mask(str(reason))
+            raise UserError(
+                f"judge endpoint {self.url} cannot be reached ({reason}); check --judge_base_url and the network "
+                "(checked before training, so nothing was trained)"
+            ) from None
+
+
 MAX_BACKOFF_SECONDS = 60.0
+PROBE_TIMEOUT_SECONDS = 15.0
 
 
 def _api_key(env_name: str) -> str | None:
@@ -403,6 +434,12 @@ def check_judge_settings(args: JudgeArguments) -> None:
         _api_key(args.judge_api_key_env)
     if args.judge_max_retries < 0 or args.judge_parse_retries < 0 or args.judge_timeout <= 0:
         raise UserError("--judge_max_retries and --judge_parse_retries must be >= 0 and --judge_timeout > 0")
+
+
+def check_judge_reachable(args: JudgeArguments) -> None:
+    """An OpenAI-compatible judge answers one tiny request now, or the run is refused before training."""
+    if args.judge_backend == "openai":
+        OpenAICompatibleJudge(args).probe()
 
 
 def build_judge(args: JudgeArguments):

@@ -83,6 +83,9 @@ def merge(args) -> dict:
     from harness.measure import versions, write_json_atomic
     from harness.models import compute_dtype, load_model, load_tokenizer, resolve_model
 
+    if args.rtol is not None and not args.rtol >= 0:  # also catches nan
+        raise UserError(f"--rtol must be >= 0 (a fraction of the largest logit), got {args.rtol}")
+    compute_dtype(args.dtype)  # an unknown --dtype is refused now, not after the merge
     adapter = open_adapter(args.adapter)
     if adapter.is_prompt_learning:
         raise UserError(

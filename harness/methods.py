@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,11 +99,13 @@ def adalora_schedule(args: MethodArguments, total_step: int) -> AdaLoraSchedule:
     tinit = args.tinit if args.tinit is not None else int(total_step * TINIT_FRACTION)
     tfinal = args.tfinal if args.tfinal is not None else max(1, int(total_step * TFINAL_FRACTION))
     delta = args.deltaT if args.deltaT is not None else max(1, int(total_step * DELTA_T_FRACTION))
+    if tinit < 0:
+        raise UserError(f"AdaLoRA: --tinit must be >= 0 (warm-up steps before pruning), got {tinit}")
+    if delta < 1:
+        raise UserError(f"AdaLoRA: --deltaT must be >= 1 (steps between reallocations), got {delta}")
     problem = None
     if total_step < 2:
         problem = f"only {total_step} optimizer step(s)"
-    elif tinit < 0 or delta < 1:
-        problem = f"tinit {tinit} must be >= 0 and deltaT {delta} >= 1"
     elif tfinal < 1:
         problem = "tfinal must be >= 1, or the final rank allocation never happens"
     elif tinit >= total_step - tfinal:
@@ -205,14 +208,65 @@ def check_method(args: MethodArguments, quantization: str, gradient_checkpointin
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def check_init_adapter(path: str | None, method: str) -> None:
-    """Refuse an --init_adapter that cannot be used, before the model is loaded."""
+PEFT_TYPES = {**dict.fromkeys(LORA_FAMILY, "LORA"), "adalora": "ADALORA", "ia3": "IA3",
+              "prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING"}
+
+
+def check_init_adapter(path: str | None, args: MethodArguments) -> None:
+    """Refuse an --init_adapter that cannot be used, before the model is loaded: no adapter there, or
+    one of another method or rank (its target modules are compared once they are known: check_targets)."""
     if not path:
         return
-    if method == "full":
+    if args.method == "full":
         raise UserError("--init_adapter starts an adapter from saved weights; full fine-tuning has no adapter")
+    _require_adapter_weights(path)
+    saved = _saved_adapter_config(path)
+    problems = []
+    if saved.get("peft_type") != PEFT_TYPES[args.method]:
+        problems.append(f"it is a {saved.get('peft_type')} adapter, this run trains {PEFT_TYPES[args.method]}")
+    elif args.method in LORA_FAMILY:
+        if saved.get("r") != args.r:
+            problems.append(f"its rank is {saved.get('r')}, this run's --r is {args.r}")
+        if bool(saved.get("use_dora")) != (args.method == "dora"):
+            problems.append("DoRA on one side only")
+    elif args.method == "adalora" and saved.get("init_r") != args.init_r:
+        problems.append(f"its init_r is {saved.get('init_r')}, this run's --init_r is {args.init_r}")
+    if problems:
+        raise UserError(
+            f"--init_adapter {path} does not fit this run's adapter ({'; '.join(problems)}); use the --method, "
+            "--r and --target_modules it was trained with"
+        )
+
+
+def _require_adapter_weights(path: str | Path) -> None:
     if not (Path(path) / ADAPTER_WEIGHTS_FILE).is_file():
         raise UserError(f"--init_adapter {path} holds no adapter ({ADAPTER_WEIGHTS_FILE}); pass the output_dir of a finished PEFT run")
+
+
+def _saved_adapter_config(path: str | Path) -> dict[str, Any]:
+    try:
+        saved = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"--init_adapter {path} has no readable adapter_config.json; pass the output_dir of a finished PEFT run") from None
+    return saved if isinstance(saved, dict) else {}
+
+
+def check_targets(args: MethodArguments, model_args, init_adapter: str | None = None) -> None:
+    """--target_modules against the model's layers (its architecture alone, weights not loaded), and
+    against the layers an --init_adapter was trained on."""
+    from harness.models import architecture
+
+    if args.method not in (*LORA_FAMILY, "adalora"):
+        return
+    targets = resolve_target_modules(args.target_modules, architecture(model_args))
+    if init_adapter:
+        saved = _saved_adapter_config(init_adapter).get("target_modules") or []
+        saved = [saved] if isinstance(saved, str) else saved
+        if sorted(saved) != sorted(targets):
+            raise UserError(
+                f"--init_adapter {init_adapter} was trained on {', '.join(sorted(saved))}, this run targets "
+                f"{', '.join(sorted(targets))}; pass the --target_modules it was trained with"
+            )
 
 
 def load_adapter_weights(model, directory: str | Path) -> None:
@@ -224,7 +278,7 @@ def load_adapter_weights(model, directory: str | Path) -> None:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    check_init_adapter(str(directory), "adapter")
+    _require_adapter_weights(directory)
     if is_adalora(model):  # saved pruned to its kept ranks: put back at full size
         load_adalora_checkpoint(model, directory)
         return

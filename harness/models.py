@@ -52,6 +52,30 @@ def hub_warnings_silenced():
         hub_logging.set_verbosity(previous)
 
 
+def _from_source(args: ModelArguments, what: str, load):
+    """load(source) for the model's folder or Hub id; an unreadable folder or an unreachable Hub is one line."""
+    source = resolve_model(args.model)
+    try:
+        with hub_warnings_silenced():
+            return load(source)
+    except (OSError, ValueError) as exc:
+        if Path(source).is_dir():
+            raise UserError(f"cannot load the {what} in {source}: {str(exc).splitlines()[0]}") from None
+        raise _hub_error(args.model, exc) from None
+
+
+def architecture(args: ModelArguments):
+    """The model's layers without its weights (on the meta device: no memory, and from the Hub only its
+    config.json), to check settings that name layers before the real load."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = _from_source(args, "model config", lambda source: AutoConfig.from_pretrained(
+        source, trust_remote_code=args.trust_remote_code))
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+
+
 def compute_dtype(requested: str) -> torch.dtype:
     """auto: bf16 where the GPU supports it, fp16 on older GPUs (T4, V100), fp32 on CPU."""
     if requested != "auto":
@@ -66,14 +90,8 @@ def compute_dtype(requested: str) -> torch.dtype:
 def load_tokenizer(args: ModelArguments):
     from transformers import AutoTokenizer
 
-    source = resolve_model(args.model)
-    try:
-        with hub_warnings_silenced():
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        if Path(source).is_dir():
-            raise UserError(f"cannot load the tokenizer in {source}: {str(exc).splitlines()[0]}") from None
-        raise _hub_error(args.model, exc) from None
+    tokenizer = _from_source(args, "tokenizer", lambda source: AutoTokenizer.from_pretrained(
+        source, trust_remote_code=args.trust_remote_code))
     if tokenizer.pad_token is None:
         # Padding positions are masked out of the loss by label -100, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token

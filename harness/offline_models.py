@@ -387,5 +387,15 @@ def _save_random_model(model_cls, config, tokenizer, out: Path, *, eos_token_id)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=eos_token_id, pad_token_id=config.pad_token_id
     )
-    model.save_pretrained(out)
+    from transformers.utils import logging as hf_logging
+
+    # A first-use build happens inside other commands (often just before they print a one-line error):
+    # transformers' "Writing model shards" bar on stderr would only get in their way.
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out)

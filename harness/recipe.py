@@ -1,7 +1,9 @@
-"""The flow every recipe runs: check, load, adapt, train, evaluate, save, record.
+"""The flow every recipe runs: check, claim output_dir, load, adapt, train, evaluate, save, record.
 
 A recipe is a name plus a dict of defaults; `run_recipe` parses the command line and config file
-on top of them and runs `train`. All checks that need no model happen before any model is loaded.
+on top of them and runs `train`. Everything that can be refused without a model (preflight, then
+the tokenizer-dependent checks) is refused before output_dir is touched; harness.rundir decides
+what a rerun into an existing output_dir does.
 """
 from __future__ import annotations
 
@@ -16,46 +18,63 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import RunConfig, parse_args
-from harness.errors import UserError, is_out_of_memory, reported_as_one_line
+from harness.errors import UserError, is_out_of_memory, reported_as_one_line, signals_deferred
+from harness.rundir import RESULT_FILE, RunFolder, check_output_dir, claimed
 
-RESULT_FILE = "result.json"
-RUN_MARKER = "recipe_run.json"
 RANKS_FILE = "adalora_ranks.json"
 RESULT_SCHEMA = 1
-
-# The settings that decide what a checkpoint in output_dir contains: resuming with other values fails.
-FINGERPRINT_KEYS = (
-    "recipe", "model", "backend", "method", "quantization", "target_modules", "r", "init_r", "target_r",
-    "num_virtual_tokens", "task", "data_file", "max_samples",
+INTERRUPTED_NOTE = (
+    "the run's record says so and its checkpoints are kept: rerun the same command to resume from the last one"
 )
 
 
 def run_recipe(name: str, defaults: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of every recipe script."""
-    with reported_as_one_line(name):
+    with reported_as_one_line(name, INTERRUPTED_NOTE):
         config = parse_args({**defaults, "recipe": name}, argv)
         return train(config)
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    from transformers import set_seed
+@dataclass
+class Plan:
+    """What a run will train on and for how long, known before any model or tokenizer is loaded."""
 
+    data: Any  # harness.data.RecordFile of data_file
+    eval_data: Any  # ... of eval_file, or None
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    targs: Any  # TrainingArguments, adjusted (no evaluation without eval rows)
+    schedule: Any  # AdaLoraSchedule or None
+
+    def left_out(self) -> dict[str, Any]:
+        """Rows left out for having no text, per file, for result.json."""
+        files = {"data_file": self.data, "eval_file": self.eval_data}
+        return {name: part.report() for name, part in files.items() if part is not None}
+
+    def left_out_lines(self) -> list[str]:
+        return [part.summary() for part in (self.data, self.eval_data) if part is not None and part.left_out]
+
+
+def preflight(cfg: RunConfig, output_dir: bool = True) -> Plan:
+    """Everything that can be refused without loading a model or tokenizer: every setting's range, the
+    method / backend / quantization combination, what is in output_dir (unless output_dir=False), the
+    data, the AdaLoRA schedule. harness.bench calls it for every planned trial, so a sweep never starts
+    a trial its recipe would refuse."""
     from harness import data as data_mod
     from harness.backends import check_backend, resolve_backend
-    from harness.measure import PeakMemory, apply_memory_budget
-    from harness.methods import adalora_schedule, check_init_adapter, check_method, count_optimizer_steps
+    from harness.checks import check_settings
+    from harness.methods import adalora_schedule, check_init_adapter, count_optimizer_steps
     from harness.models import check_quantization
 
-    start = RunStart.now()
-
-    # 1. Everything that can be refused without loading a model.
+    check_settings(cfg)
     cfg.model.backend = resolve_backend(cfg.model.backend, cfg.method.method)  # result.json says which ran
     check_backend(cfg.model.backend, cfg.method.method, cfg.model.quantization)
-    check_method(cfg.method, cfg.model.quantization, cfg.train.activation_checkpointing)
-    check_init_adapter(cfg.run.init_adapter, cfg.method.method)
+    check_init_adapter(cfg.run.init_adapter, cfg.method)
     check_quantization(cfg.model)
-    rows = data_mod.load_records(cfg.data)
-    train_rows, eval_rows = data_mod.split_records(rows, cfg.data)
+    if output_dir:
+        check_output_dir(cfg)
+    loaded, eval_loaded = data_mod.load_records(cfg.data), data_mod.load_eval_records(cfg.data)
+    train_rows, eval_rows = data_mod.split_records(loaded.rows, cfg.data, eval_loaded)
     targs = cfg.train
     total_steps = count_optimizer_steps(
         len(train_rows), targs.per_device_train_batch_size, targs.gradient_accumulation_steps,
@@ -64,14 +83,40 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     schedule = adalora_schedule(cfg.method, total_steps) if cfg.method.method == "adalora" else None
     if not eval_rows:
         targs = dataclasses.replace(targs, eval_strategy="no", load_best_model_at_end=False)
-    output_dir = claim_output_dir(cfg)
-    set_seed(targs.seed)
+    return Plan(loaded, eval_loaded, train_rows, eval_rows, targs, schedule)
 
-    memory_budget = apply_memory_budget(cfg.run.memory_budget_gb)  # before CUDA allocates anything
-    memory = PeakMemory()
-    with recorded_run(output_dir / RESULT_FILE, cfg, start, memory, memory_budget) as record:
-        record.update(_train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir, memory))
-    print(f"\nResult written to {output_dir / RESULT_FILE}")
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    from transformers import set_seed
+
+    from harness import data as data_mod
+    from harness.measure import PeakMemory, apply_memory_budget
+    from harness.methods import check_targets
+    from harness.models import load_tokenizer
+
+    start = RunStart.now()
+    plan = preflight(cfg)
+    for line in plan.left_out_lines():
+        print(f"Data: {line}")
+    tokenizer = load_tokenizer(cfg.model)
+    check_targets(cfg.method, cfg.model, cfg.run.init_adapter)  # layer names, before any weights load
+    prepared = data_mod.prepare(plan.train_rows, plan.eval_rows, cfg.data, tokenizer)  # refuses a too-short window
+    print(f"Data: {json.dumps(prepared.stats)}")
+
+    with claimed(cfg) as folder:  # from here on output_dir is this run's (see harness.rundir)
+        if folder.finished is not None:
+            print(
+                f"{folder.path} already holds this run, finished (status ok, started {folder.finished.get('started_at')}): "
+                "nothing to do. --resume false trains it again (the finished files are replaced only when the new "
+                "run finishes); another --output_dir keeps both."
+            )
+            return folder.finished
+        set_seed(plan.targs.seed)
+        memory_budget = apply_memory_budget(cfg.run.memory_budget_gb)  # before CUDA allocates anything
+        memory = PeakMemory()
+        with recorded_run(folder, cfg, start, memory, memory_budget) as record:
+            record.update(_train_and_evaluate(cfg, plan, tokenizer, prepared, folder, memory))
+    print(f"\nResult written to {folder.path / RESULT_FILE}")
     return record
 
 
@@ -92,15 +137,13 @@ class RunStart:
 
 
 @contextlib.contextmanager
-def recorded_run(path: Path, cfg: RunConfig, start: RunStart, memory=None, extra: dict[str, Any] | None = None):
-    """Yield the run's record to fill in; write it to `path` however the run ends: status ok, or
-    failed / oom / interrupted / refused with the error, always with its provenance."""
-    from harness.measure import write_json_atomic
-
+def recorded_run(folder: RunFolder, cfg: RunConfig, start: RunStart, memory=None, extra: dict[str, Any] | None = None):
+    """Yield the run's record to fill in; write it however the run ends: status ok (after the staged
+    final files are moved into place), or failed / oom / interrupted / refused with the error, always
+    with its provenance. A record that is not ok never replaces a finished run's result.json."""
     record: dict[str, Any] = {"status": "running"}
     try:
         yield record
-        record["status"] = "ok"
     except BaseException as exc:
         record["status"] = (
             "oom" if is_out_of_memory(exc)
@@ -110,28 +153,26 @@ def recorded_run(path: Path, cfg: RunConfig, start: RunStart, memory=None, extra
         )
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         record["traceback_tail"] = "".join(traceback.format_exception(exc))[-4000:]
+        record.update({**_provenance(cfg, start, folder, memory), **(extra or {})})
+        folder.write_record(_ordered(record))
         raise
-    finally:
-        record.update(_provenance(cfg, start, memory))
-        record.update(extra or {})
-        write_json_atomic(path, _ordered(record))
+    with signals_deferred():  # the files and the record that describes them change together
+        folder.promote(record)
+        record.update({"status": "ok", **_provenance(cfg, start, folder, memory), **(extra or {})})
+        folder.write_record(_ordered(record))
 
 
-def _train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir, memory) -> dict[str, Any]:
+def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder, memory) -> dict[str, Any]:
     import torch
     from peft import get_peft_model
-    from transformers.trainer_utils import get_last_checkpoint
 
     from harness import data as data_mod
     from harness.evaluation import ClassificationScorer
     from harness.methods import final_adalora_ranks, initialise_loftq, load_adapter_weights, peft_config
-    from harness.models import load_model, load_tokenizer, parameter_counts, resolve_model
-    from harness.training import AdaLoraAllocation, TrainClock, build_trainer
+    from harness.models import load_model, parameter_counts, resolve_model
+    from harness.training import AdaLoraAllocation, SealCheckpoints, TrainClock, build_trainer
 
-    tokenizer = load_tokenizer(cfg.model)
-    prepared = data_mod.prepare(train_rows, eval_rows, cfg.data, tokenizer)
-    print(f"Data: {json.dumps(prepared.stats)}")
-
+    targs, schedule = plan.targs, plan.schedule
     if targs.activation_checkpointing and not targs.activation_checkpointing_kwargs:
         # Non-reentrant checkpointing works with frozen inputs (PEFT) and is what PyTorch recommends.
         targs = dataclasses.replace(targs, activation_checkpointing_kwargs={"use_reentrant": False})
@@ -171,9 +212,10 @@ def _train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir,
         )
     clock = TrainClock(cfg.run.budget_seconds, cfg.run.budget_tokens)
     callbacks = [clock] + ([AdaLoraAllocation(model)] if schedule is not None else [])
+    callbacks.append(SealCheckpoints(folder.fingerprint))  # last: a checkpoint is complete once all have saved
     trainer = build_trainer(model, tokenizer, targs, prepared, scorer, callbacks)
 
-    last = get_last_checkpoint(str(output_dir)) if cfg.run.resume and output_dir.is_dir() else None
+    last = folder.resume_from  # only ever a complete checkpoint of exactly these settings
     if last:
         print(f"Resuming from {last}")
     outcome = trainer.train(resume_from_checkpoint=last)
@@ -181,8 +223,10 @@ def _train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir,
     final_eval: dict[str, Any] = {}
     if prepared.eval is not None:
         final_eval = trainer.evaluate()
-    trainer.save_model(str(output_dir))  # adapter_config.json + adapter_model.safetensors (or the full model)
-    tokenizer.save_pretrained(str(output_dir))
+    # Final files go to a staging folder; they replace a finished run's only once this record is ok.
+    staging = folder.staging
+    trainer.save_model(str(staging))  # adapter_config.json + adapter_model.safetensors (or the full model)
+    tokenizer.save_pretrained(str(staging))
 
     record: dict[str, Any] = {
         "global_step": trainer.state.global_step,
@@ -196,7 +240,7 @@ def _train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": round(100 * trainable / total, 6),
-        **_saved_weights_bytes(output_dir),
+        **_saved_weights_bytes(staging),
         "train_loss": round(outcome.training_loss, 6) if outcome.global_step else None,
         "eval_loss": final_eval.get("eval_loss"),
         "eval": {
@@ -204,11 +248,11 @@ def _train_and_evaluate(cfg, targs, train_rows, eval_rows, schedule, output_dir,
                if "eval_answer_token_accuracy" in final_eval else {}),
             **trainer.last_task_metrics,
         },
-        "data": {**data_mod.data_identity(cfg.data.data_file), **prepared.stats},
+        "data": {**data_mod.data_identity(cfg.data.data_file), **prepared.stats, "rows_left_out": plan.left_out()},
         "log_history": trainer.state.log_history,
     }
     if schedule is not None:
-        record["adalora"] = _report_ranks(model, cfg, schedule, output_dir, final_adalora_ranks)
+        record["adalora"] = _report_ranks(model, cfg, schedule, staging, final_adalora_ranks)
     return record
 
 
@@ -260,7 +304,7 @@ def _saved_weights_bytes(output_dir: Path) -> dict[str, int]:
     return {"model_bytes": sum(f.stat().st_size for f in shards)} if shards else {}
 
 
-def _provenance(cfg: RunConfig, start: RunStart, memory=None) -> dict[str, Any]:
+def _provenance(cfg: RunConfig, start: RunStart, folder: RunFolder, memory=None) -> dict[str, Any]:
     from harness.measure import command_line, device_name, peak_rss_mb, versions
 
     return {
@@ -278,6 +322,9 @@ def _provenance(cfg: RunConfig, start: RunStart, memory=None) -> dict[str, Any]:
         "git": start.git,
         "command": command_line(cfg.run.recipe, cfg.argv),
         "config": cfg.to_dict(),
+        # What a rerun compares to decide between "nothing to do", resume and refuse (harness.rundir).
+        "fingerprint": folder.fingerprint,
+        "inputs_sha256": {k: v for k, v in folder.settings.items() if k.endswith("_sha256")},
         "schema": RESULT_SCHEMA,
     }
 
@@ -294,41 +341,3 @@ def _ordered(record: dict[str, Any]) -> dict[str, Any]:
     head = {k: record[k] for k in _FIRST_KEYS if k in record}
     rest = {k: v for k, v in record.items() if k not in head and k != "log_history"}
     return {**head, **rest, **({"log_history": record["log_history"]} if "log_history" in record else {})}
-
-
-def claim_output_dir(cfg: RunConfig) -> Path:
-    """Use output_dir for this run, refusing one that holds another recipe's run or other files."""
-    from harness.measure import write_json_atomic
-
-    output_dir = Path(cfg.train.output_dir)
-    settings = cfg.to_dict()
-    fingerprint = {k: settings.get(k) for k in FINGERPRINT_KEYS}
-    marker = output_dir / RUN_MARKER
-    if marker.is_file():
-        try:
-            previous = json.loads(marker.read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            previous = {}
-        if previous.get("recipe") != fingerprint["recipe"]:
-            raise UserError(
-                f"output_dir {output_dir} holds a run of recipe {previous.get('recipe')!r}, not "
-                f"{fingerprint['recipe']!r}; pass another --output_dir or delete that folder"
-            )
-        changed = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in fingerprint.items() if previous.get(k) != v]
-        resumable = any(output_dir.glob("checkpoint-*"))  # a run that never saved one can simply be redone
-        if changed and cfg.run.resume and resumable:
-            raise UserError(
-                f"output_dir {output_dir} holds a run of this recipe with other settings ({'; '.join(changed)}); "
-                "pass another --output_dir, delete that folder, or --resume false to start over in it"
-            )
-    elif output_dir.is_dir() and any(output_dir.iterdir()):
-        raise UserError(
-            f"output_dir {output_dir} is not empty and holds no run of this project; "
-            "pass an empty or new --output_dir so nothing there is overwritten"
-        )
-    try:
-        write_json_atomic(marker, fingerprint)
-    except OSError as exc:
-        raise UserError(f"cannot write to output_dir {output_dir} ({exc.strerror}); pass a writable --output_dir") from None
-    return output_dir
-

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.config import REPO_ROOT
+from harness import REPO_ROOT  # not harness.config: this tool needs no transformers
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
 from harness.records import RUNS_FILE, read_records
 
@@ -128,6 +128,44 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+# What never makes two trials different experiments: the seed (the table aggregates over it) and where
+# a trial's files went. Every other setting does, so trials are grouped only with identical ones.
+_NOT_COMPARED = {"seed", "output_dir", "run_name", "logging_dir", "disable_tqdm"}
+
+
+def experiment_settings(record: dict[str, Any]) -> dict[str, Any]:
+    config = (record.get("result") or {}).get("config") or {}
+    settings = {k: v for k, v in config.items() if k not in _NOT_COMPARED}
+    settings["bench_cpu_threads"] = record.get("cpu_threads")  # it changes the timings
+    return settings
+
+
+def ok_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A row per trial that finished ok, each knowing its experiment (its settings but the seed). Rows
+    that would read alike but differ in some setting (e.g. a sweep rerun with another budget into the
+    same results folder) name the settings that differ in their `settings` cell."""
+    rows = []
+    for record in trials:
+        if record["status"] != "ok":
+            continue
+        row = trial_row(record)
+        settings = experiment_settings(record)
+        row["_settings"] = settings
+        row["_experiment"] = json.dumps(settings, sort_keys=True, default=str)
+        rows.append(row)
+    alike: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        alike.setdefault((row["recipe"], row["method"], row[RANK_HEADER], row["settings"]), []).append(row)
+    for group in alike.values():
+        configs = [row["_settings"] for row in group]
+        differing = sorted({k for c in configs for k in c if any(other.get(k) != c.get(k) for other in configs)})
+        for row in group:
+            extra = ", ".join(f"{k}={row['_settings'].get(k)}" for k in differing)
+            if extra:
+                row["settings"] = f"{row['settings']}, {extra}" if row["settings"] else extra
+    return rows
+
+
 def _number_format(column: str) -> str:
     return METRIC_FORMATS.get(column, EVAL_FORMAT)
 
@@ -156,11 +194,12 @@ def comparison_table(rows: list[dict[str, Any]]):
     frame = pd.DataFrame(rows)
     keys = ["recipe", "method", RANK_HEADER, "settings"]
     out = []
-    for _, group in frame.groupby(keys, sort=False, dropna=False):
+    # Seeds are aggregated only over trials of one experiment (identical settings but the seed).
+    for _, group in frame.groupby([*keys, "_experiment"], sort=False, dropna=False):
         cells = {k: group[k].iloc[0] for k in keys}
         cells["seeds"] = ",".join(str(s) for s in group["seed"])
         for column in frame.columns:
-            if column in keys or column in ("seed", "_rank"):
+            if column in keys or column == "seed" or column.startswith("_"):
                 continue
             cells[column] = _format_values(column, group[column].tolist())
         out.append(cells)
@@ -318,16 +357,16 @@ COLUMN_NOTES = (
 
 def render(sweep: str, records: list[dict[str, Any]], plots: list[Path]) -> str:
     trials = latest_per_trial(records)
-    ok_rows = [trial_row(r) for r in trials if r["status"] == "ok"]
-    ok_rows.sort(key=lambda row: (_first_seen(trials, row["recipe"]), row["settings"], row["_rank"], row["seed"]))
+    rows = ok_rows(trials)
+    rows.sort(key=lambda row: (_first_seen(trials, row["recipe"]), row["settings"], row["_rank"], row["seed"]))
     lines = header(sweep, trials)
     lines += ["## Comparison", ""]
-    if ok_rows:
-        lines += [comparison_table(ok_rows).to_markdown(index=False, disable_numparse=True), "", COLUMN_NOTES, ""]
-        pivots = [m for m in (*PIVOT_METRICS, score_column(ok_rows)) if m]
+    if rows:
+        lines += [comparison_table(rows).to_markdown(index=False, disable_numparse=True), "", COLUMN_NOTES, ""]
+        pivots = [m for m in (*PIVOT_METRICS, score_column(rows)) if m]
         lines += ["## By rank", ""]
         for metric in dict.fromkeys(pivots):
-            table = pivot_table(ok_rows, metric)
+            table = pivot_table(rows, metric)
             if table is not None:
                 lines += [f"### {metric}", "", table.to_markdown(index=False, disable_numparse=True), ""]
     else:
@@ -361,8 +400,8 @@ def write_report(results_dir: Path, sweep: str, records: list[dict[str, Any]] | 
     from harness.plots import write_plots
 
     trials = latest_per_trial(records)
-    ok_rows = [trial_row(r) for r in trials if r["status"] == "ok"]
-    plots = write_plots(ok_rows, results_dir, sweep, score_column(ok_rows)) if ok_rows else []
+    rows = ok_rows(trials)
+    plots = write_plots(rows, results_dir, sweep, score_column(rows)) if rows else []
     path = results_dir / f"{sweep}.md"
     write_text_atomic(path, render(sweep, records, plots))
     return [path, *plots]
@@ -374,8 +413,7 @@ SAMPLE_COLUMNS = ("recipe", RANK_HEADER, "peak memory (MiB)", "train (s)", "toke
 
 def sample_table(records: list[dict[str, Any]], sweep: str) -> str:
     """The headline columns of a sweep's comparison table, e.g. for the README."""
-    rows = [trial_row(r) for r in latest_per_trial([r for r in records if r.get("sweep") == sweep])
-            if r["status"] == "ok"]
+    rows = ok_rows(latest_per_trial([r for r in records if r.get("sweep") == sweep]))
     if not rows:
         raise UserError(f"sweep {sweep} has no ok trial to show")
     table = comparison_table(rows)
@@ -398,7 +436,16 @@ def main(argv: list[str] | None = None) -> int:
         runs = results_dir / RUNS_FILE
         if not runs.is_file():
             raise UserError(f"no {RUNS_FILE} in {results_dir}; run python -m harness.bench first or pass --results-dir")
-        records = read_records(runs)
+        damaged: list[str] = []
+        records = read_records(runs, warn=damaged.append)
+        if not records:
+            what = f"all {len(damaged)} of its lines are damaged" if damaged else "it is empty"
+            raise UserError(
+                f"{runs} holds no complete record ({what}); run python -m harness.bench to fill it, "
+                "or pass the --results-dir of a sweep"
+            )
+        for message in damaged:
+            print(f"warning: {message}", file=sys.stderr)
         known = list(dict.fromkeys(r.get("sweep") for r in records if r.get("sweep")))
         for sweep in (args.sweep or []) + ([args.sample] if args.sample else []):
             if sweep not in known:

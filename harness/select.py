@@ -78,6 +78,9 @@ class SelectCommandArguments:
         metadata=_help("Alpaca-style JSON/JSONL/CSV (instruction, input, output), e.g. the full alpaca_data.json."),
     )
     output_dir: str = field(default="outputs/selection", metadata=_help("Where the selection files go."))
+    overwrite: bool = field(
+        default=False, metadata=_help("Replace the selection files already in output_dir (otherwise refused).")
+    )
 
 
 # ---------------------------------------------------------------------------- signals
@@ -165,7 +168,8 @@ def select_records(rows: list[dict[str, Any]], args: SelectionArguments) -> Sele
     if args.select_k < 1:
         raise UserError(f"--select_k must be at least 1, got {args.select_k}")
     if not rows or "instruction" not in rows[0] or "output" not in rows[0]:
-        raise UserError("selection needs Alpaca-style records with instruction/input/output fields")
+        raise UserError("selection needs Alpaca-style records with instruction/input/output fields; pass "
+                        "--data_file with such records (e.g. data/alpaca_en_demo.json)")
     score_field = resolve_score_field(rows, args.score_field)
     scored: list[ScoredRecord] = []
     best_of_prompt: dict[tuple[str, str], ScoredRecord] = {}
@@ -255,19 +259,36 @@ def plot_selection(selection: Selection, path: Path, title: str = "") -> None:
         partial.unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from transformers import HfArgumentParser
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that cannot take the selection files, or one holding an earlier selection."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output_dir {out_dir} is a file, not a folder; pass a folder for the selection files")
+    earlier = [name for name in (SELECTED_FILE, SCORES_FILE, PLOT_FILE) if (out_dir / name).exists()]
+    if earlier and not overwrite:
+        raise UserError(
+            f"--output_dir {out_dir} already holds a selection ({', '.join(earlier)}); pass another --output_dir, "
+            "or --overwrite true to replace it"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --output_dir {out_dir} ({exc.strerror}); pass a writable folder") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--output_dir {out_dir} is not writable; pass a folder you can write to")
 
+
+def main(argv: list[str] | None = None) -> None:
+    from harness.config import parse_dataclasses
     from harness.data import read_table
     from harness.errors import reported_as_one_line
 
     with reported_as_one_line("harness.select"):
-        parser = HfArgumentParser((SelectCommandArguments, SelectionArguments))
-        command, args = parser.parse_args_into_dataclasses(args=argv)
+        command, args = parse_dataclasses((SelectCommandArguments, SelectionArguments), argv)
+        out_dir = Path(command.output_dir).expanduser()
         rows = read_table(command.data_file)
         selection = select_records(rows, args)
-        files = write_selection(selection, Path(command.output_dir),
-                                f"{command.data_file}: top {args.select_k} of {len(rows)} records")
+        check_output_dir(out_dir, command.overwrite)
+        files = write_selection(selection, out_dir, f"{command.data_file}: top {args.select_k} of {len(rows)} records")
         summary = selection.summary()
         print(f"Selected {summary['selected']} of {summary['pool']} records "
               f"({summary['duplicates_skipped']} duplicate prompts skipped; rating field: {summary['score_field']}); "

@@ -25,7 +25,7 @@ from harness.config import RunConfig, parse_args
 from harness.curriculum import CurriculumArguments, bucket_counts, plan_stages, stage_number, train_stages
 from harness.errors import UserError, reported_as_one_line
 from harness.generation import DecodingArguments, decoding_grid, load_test_prompts
-from harness.judge import PROMPT_VERSION, JudgeArguments, check_judge_settings
+from harness.judge import PROMPT_VERSION, JudgeArguments, check_judge_reachable, check_judge_settings
 from harness.select import SelectionArguments
 
 EXTRA_ARGUMENTS = (SelectionArguments, CurriculumArguments, DecodingArguments, JudgeArguments)
@@ -49,29 +49,40 @@ def _extras(cfg: RunConfig):
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     from harness import data as data_mod
-    from harness.recipe import RESULT_FILE, RunStart, claim_output_dir, recorded_run
+    from harness.checks import check_settings
+    from harness.recipe import RunStart, recorded_run
+    from harness.rundir import RESULT_FILE, check_output_dir, claimed
 
     selection_args, curriculum_args, decoding_args, judge_args = _extras(cfg)
     start = RunStart.now()
 
     # Everything that can be refused before a model is loaded or a minute is spent training.
+    check_settings(cfg)
+    check_output_dir(cfg, with_checkpoints=False)
     if cfg.data.task != "instruction":
         raise UserError(f"this recipe trains on instruction data; --task {cfg.data.task} is not supported here")
     if curriculum_args.curriculum and cfg.method.method == "full":
         raise UserError("--curriculum passes an adapter from stage to stage; use a PEFT --method, or no --curriculum")
+    if selection_args.select_k < 1:
+        raise UserError(f"--select_k must be at least 1, got {selection_args.select_k}")
     check_judge_settings(judge_args)
     grid = decoding_grid(decoding_args)
     test_prompts = load_test_prompts(decoding_args.test_file, decoding_args.max_test_prompts)
     stage_number(curriculum_args.start_stage)
     pool = data_mod.load_records(cfg.data)
-    train_pool, heldout = data_mod.split_records(pool, cfg.data)
-    out = claim_output_dir(cfg)
+    if pool.left_out:
+        print(f"Data: {pool.summary()}")
+    train_pool, heldout = data_mod.split_records(pool.rows, cfg.data)
+    check_judge_reachable(judge_args)  # the judge is first needed hours from now: ask it one thing first
 
-    # Each training stage records its own memory in its result.json; this record has the process's peak RSS.
-    with recorded_run(out / RESULT_FILE, cfg, start) as record:
-        record.update(_run(cfg, out, train_pool, heldout, grid, test_prompts,
-                           selection_args, curriculum_args, decoding_args, judge_args))
-    print(f"\nReport: {out / REPORT_FILE}\nResult: {out / RESULT_FILE}")
+    # The folder holds selection/, one folder per stage (each resumes on its own) and the reports.
+    with claimed(cfg, with_checkpoints=False) as folder:
+        # Each stage records its own memory in its result.json; this record has the process's peak RSS.
+        with recorded_run(folder, cfg, start) as record:
+            record.update(_run(cfg, folder.path, train_pool, heldout, grid, test_prompts,
+                               selection_args, curriculum_args, decoding_args, judge_args))
+            record["data_rows_left_out"] = pool.report()
+    print(f"\nReport: {folder.path / REPORT_FILE}\nResult: {folder.path / RESULT_FILE}")
     return record
 
 

@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
-            raise UserError(f"{path} is not valid JSON") from None
+            raise UserError(f"{path} is not valid JSON; pass the result.json of a run") from None
+        if not isinstance(record, dict) or "status" not in record:
+            raise UserError(f"{path} is not a run's record (no status field); pass the result.json of a run")
         text = render(record)
         if args.out:
             from harness.measure import write_text_atomic

@@ -45,6 +45,22 @@ class AdaLoraAllocation(TrainerCallback):
             save_adalora_allocator(self.peft_model, checkpoint)
 
 
+class SealCheckpoints(TrainerCallback):
+    """Marks each checkpoint complete, with the fingerprint of the settings that made it, once the
+    Trainer and every earlier callback have written it. A rerun resumes only sealed checkpoints of its
+    own settings (harness.rundir); one cut short by a kill while saving has no seal. Register it last."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        from harness.rundir import seal_checkpoint
+
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if checkpoint.is_dir():
+            seal_checkpoint(checkpoint, self.fingerprint, state.global_step)
+
+
 class TrainClock(TrainerCallback):
     """Pure training time (optimizer steps only: no evaluation, no checkpoint saving) and the
     non-padding tokens trained on in this session, plus the step/time/token budgets."""

@@ -60,7 +60,10 @@ def fake_training(monkeypatch):
     calls = []
 
     def train(cfg):
-        out = harness.recipe.claim_output_dir(cfg)
+        from harness.rundir import claimed
+
+        with claimed(cfg) as folder:
+            out = folder.path
         calls.append({
             "stage": out.name, "init_adapter": cfg.run.init_adapter, "eval_file": cfg.data.eval_file,
             "validation_split": cfg.data.validation_split,

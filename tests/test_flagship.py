@@ -119,10 +119,11 @@ def test_rerun_resumes_from_the_last_checkpoint(recipe_argv, tmp_path):
     argv = recipe_argv("--max_steps", "8", "--eval_steps", "4", "--save_steps", "4", "--save_total_limit", "5")
     first = run(argv)
     assert first["resumed_from"] is None
-    # Lose the last checkpoint as an interrupted run would; the rerun picks up at step 4.
+    # Stop it as an interrupted run stops: no checkpoint-8, a record saying so. The rerun picks up at step 4.
     import shutil
 
     shutil.rmtree(out / "checkpoint-8")
+    (out / "result.json").write_text(json.dumps({**first, "status": "interrupted"}))
     second = run(argv)
     assert second["resumed_from"].endswith("checkpoint-4")
     assert second["global_step"] == 8
@@ -148,7 +149,7 @@ def test_orth_penalty_counts_once_per_optimizer_step(tmp_path):
                                          "--output_dir", str(tmp_path), "--gradient_accumulation_steps", "4",
                                          "--eval_strategy", "no", "--load_best_model_at_end", "false"])
     tokenizer = load_tokenizer(cfg.model)
-    rows = data_mod.load_records(cfg.data)
+    rows = data_mod.load_records(cfg.data).rows
     prepared = data_mod.prepare(rows, [], cfg.data, tokenizer)
     model = load_model(cfg.model, "adalora", False)
     model = get_peft_model(model, peft_config(cfg.method, model, adalora_schedule(cfg.method, 10)))

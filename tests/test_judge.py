@@ -221,3 +221,30 @@ def test_local_judge_scores_every_dimension_from_digit_probabilities():
     # An answer far longer than the judge's window is cut to fit, not refused.
     long = judge.rate("Tell a story.", "Once upon a time there was a dog. " * 200)
     assert long.status == "ok" and all(1.0 <= s <= 5.0 for s in long.scores.values())
+
+
+def test_the_alpaca100_recipe_asks_its_judge_before_training(endpoint, tmp_path, capsys):
+    """A wrong key, model or URL used to surface only after selection, training and decoding."""
+    from harness.config import REPO_ROOT
+    from harness.select_train_judge import run_select_train_judge
+
+    spec = __import__("importlib.util").util.spec_from_file_location(
+        "alpaca100", REPO_ROOT / "recipes" / "llama2_7b_lora_alpaca100.py")
+    recipe = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    argv = ["--model", "stories260k", "--quantization", "none", "--output_dir", str(tmp_path / "run"),
+            "--judge_base_url", endpoint.url, "--judge_api_key_env", "FT_TEST_JUDGE_KEY", "--judge_model", "judge-1"]
+    for status, payload, expected in (
+        (401, {"error": {"message": "Incorrect API key provided"}}, "refused the API key"),
+        (404, {"error": {"message": "The model judge-1 does not exist"}}, "HTTP 404"),
+        (429, {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota"}}, "no quota left"),
+    ):
+        endpoint.script = [("status", status, payload, {})]
+        started = time.monotonic()
+        with pytest.raises(SystemExit) as stop:
+            run_select_train_judge("llama2_7b_lora_alpaca100", recipe.DEFAULTS, argv)
+        assert stop.value.code == 2 and time.monotonic() - started < 60
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and KEY not in err[0], err
+        assert not (tmp_path / "run").exists()  # nothing selected, trained or written
+    assert [r["body"]["max_tokens"] for r in endpoint.requests] == [1, 1, 1]  # one tiny request each

@@ -1,0 +1,108 @@
+"""Every setting's range, checked before any data is read or model loaded.
+
+A value out of range is refused with one line naming the setting, what it must be and what it got.
+Combinations that need the data (the AdaLoRA schedule) or the tokenizer (a window too short for
+the prompt) are checked where that is known, still before the output folder is touched.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from harness.errors import UserError
+
+SEED_RANGE = (0, 2**32 - 1)  # numpy's, which transformers' set_seed seeds too
+
+
+def check_settings(cfg) -> None:
+    """Refuse out-of-range values of the run's settings (a RunConfig)."""
+    from harness.data import PROMPT_FORMATS
+    from harness.methods import LORA_FAMILY, PROMPT_LEARNING, check_method
+    from harness.models import DTYPES
+
+    data, method, run, train = cfg.data, cfg.method, cfg.run, cfg.train
+    check_method(method, cfg.model.quantization, train.activation_checkpointing)
+    _one_of("dtype", cfg.model.dtype, ("auto", *DTYPES))
+    _one_of("task", data.task, ("classification", "instruction"))
+    _one_of("prompt_format", data.prompt_format, PROMPT_FORMATS)
+
+    _at_least("max_samples", data.max_samples, 1, optional=True)
+    _at_least("eval_max_samples", data.eval_max_samples, 1, optional=True)
+    _at_least("max_seq_length", data.max_seq_length, 1)
+    _between("validation_split", data.validation_split, 0, 1, high_open=True)
+
+    name = method.method
+    if name in (*LORA_FAMILY, "adalora"):
+        _above("lora_alpha", method.lora_alpha, 0, "the update is scaled by lora_alpha / r: 0 trains an adapter that does nothing")
+        _between("lora_dropout", method.lora_dropout, 0, 1, high_open=True)
+    if name == "adalora":
+        _between("beta1", method.beta1, 0, 1, high_open=True)
+        _between("beta2", method.beta2, 0, 1, high_open=True)
+        _at_least("orth_reg_weight", method.orth_reg_weight, 0)
+    if name in PROMPT_LEARNING:
+        _at_least("num_virtual_tokens", method.num_virtual_tokens, 1)
+    if name == "p_tuning":
+        _at_least("encoder_hidden_size", method.encoder_hidden_size, 1)
+    if name == "loftq":
+        _one_of("loftq_bits", method.loftq_bits, (2, 4, 8))
+
+    _at_least("per_device_train_batch_size", train.per_device_train_batch_size, 1)
+    _at_least("per_device_eval_batch_size", train.per_device_eval_batch_size, 1)
+    _at_least("gradient_accumulation_steps", train.gradient_accumulation_steps, 1)
+    _above("learning_rate", train.learning_rate, 0, "a learning rate of 0 trains nothing")
+    if train.max_steps == 0 or train.max_steps < -1:
+        raise UserError(
+            f"--max_steps must be a number of optimizer steps >= 1, or -1 to train --num_train_epochs; "
+            f"got {train.max_steps}"
+        )
+    if train.max_steps == -1:
+        _above("num_train_epochs", train.num_train_epochs, 0,
+               "0 epochs trains nothing; pass a positive number, or --max_steps")
+    _at_least("warmup_steps", train.warmup_steps, 0)
+    _at_least("weight_decay", train.weight_decay, 0)
+    _at_least("max_grad_norm", train.max_grad_norm, 0)
+    for step_setting in ("logging_steps", "save_steps", "eval_steps"):
+        _above(step_setting, getattr(train, step_setting), 0, "", optional=True)
+    _between("seed", train.seed, *SEED_RANGE)
+    if train.data_seed is not None:
+        _between("data_seed", train.data_seed, *SEED_RANGE)
+
+    _above("budget_seconds", run.budget_seconds, 0, "", optional=True)
+    _at_least("budget_tokens", run.budget_tokens, 1, optional=True)
+    _above("memory_budget_gb", run.memory_budget_gb, 0, "", optional=True)
+
+
+def _number(setting: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise UserError(f"--{setting} must be a number, got {value!r}")
+    return value
+
+
+def _at_least(setting: str, value: Any, minimum: float, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if _number(setting, value) < minimum:
+        raise UserError(f"--{setting} must be at least {_show(minimum)}, got {_show(value)}")
+
+
+def _above(setting: str, value: Any, bound: float, why: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if _number(setting, value) <= bound:
+        raise UserError(f"--{setting} must be greater than {_show(bound)}, got {_show(value)}" + (f" ({why})" if why else ""))
+
+
+def _between(setting: str, value: Any, low: float, high: float, high_open: bool = False) -> None:
+    number = _number(setting, value)
+    if number < low or number > high or (high_open and number == high):
+        bracket = ")" if high_open else "]"
+        raise UserError(f"--{setting} must be in [{_show(low)}, {_show(high)}{bracket}, got {_show(value)}")
+
+
+def _show(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _one_of(setting: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise UserError(f"unknown --{setting} {value!r}; use {', '.join(map(str, allowed))}")

@@ -1,0 +1,257 @@
+"""The project's own battery of bad inputs, across every entry point: each case must exit with code 2
+and print exactly one line on stderr, naming the problem and the fix, with nothing before it.
+
+Every case runs as the command line runs it (the recipe script or `python -m harness.<tool>` as
+__main__, argv and working folder as given). In this process that takes well under a second a case;
+a fresh Python process takes ~5-10 s of imports, so one case per entry point also runs as a fresh
+process with bitsandbytes' AVX512-BF16 import path forced on, whatever this CPU is: that is where
+library noise would land before the message. FT_COOKBOOK_BATTERY=fresh runs every case that way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from harness.config import REPO_ROOT
+
+FORCE_AVX512BF16 = Path(__file__).parent / "avx512bf16_forced"  # its sitecustomize.py forces the path
+RECIPE = "recipes/qwen2_7b_adalora.py"
+FLAGSHIP = [RECIPE, "--model", "stories260k", "--output_dir", "{tmp}/out-{case}"]
+QLORA = ["recipes/qwen2_7b_qlora.py", "--model", "stories260k", "--output_dir", "{tmp}/out-{case}"]
+OPT = ["recipes/opt_350m_prefix_tuning.py", "--model", "tiny-opt", "--output_dir", "{tmp}/out-{case}"]
+ALPACA100 = ["recipes/llama2_7b_lora_alpaca100.py", "--model", "stories260k", "--quantization", "none",
+             "--output_dir", "{tmp}/out-{case}"]
+BENCH = ["-m", "harness.bench", "--results-dir", "{tmp}/results-{case}", "--output-root", "{tmp}/bench-{case}", "--dry-run"]
+
+# (case, command after `python`, program prefix, the problem, the fix)
+CASES = [
+    # recipes: data
+    ("missing-data-file", [*FLAGSHIP, "--data_file", "missing.csv"], "qwen2_7b_adalora", "data file missing.csv not found", "pass --data_file"),
+    ("broken-jsonl-line", [*FLAGSHIP, "--data_file", "{tmp}/broken.jsonl"], "qwen2_7b_adalora", "line 3: not a valid JSON record", "fix or delete that line"),
+    ("wrong-columns", [*FLAGSHIP, "--data_file", "{tmp}/columns.csv"], "qwen2_7b_adalora", "has no column 'text', 'label'", "--text_column"),
+    ("unknown-label", [*FLAGSHIP, "--data_file", "{tmp}/neutral.csv"], "qwen2_7b_adalora", "label 'neutral' is not one of", "--labels"),
+    ("no-text-at-all", [*FLAGSHIP, "--data_file", "{tmp}/empty_text.csv"], "qwen2_7b_adalora", "no row has text in column 'text'", "column"),
+    ("unknown-format", [*FLAGSHIP, "--data_file", "{tmp}/data.parquet"], "qwen2_7b_adalora", "unknown format '.parquet'", "use .csv, .json or .jsonl"),
+    ("window-too-short", [*FLAGSHIP, "--max_seq_length", "16"], "qwen2_7b_adalora", "--max_seq_length 16 is too short", "pass --max_seq_length"),
+    ("validation-split", [*FLAGSHIP, "--validation_split", "1.5"], "qwen2_7b_adalora", "--validation_split must be in [0, 1)", "got 1.5"),
+    ("max-samples-zero", [*FLAGSHIP, "--max_samples", "0"], "qwen2_7b_adalora", "--max_samples must be at least 1", "got 0"),
+    # recipes: model
+    ("hub-id-offline", [*FLAGSHIP, "--model", "some-org/not-cached"], "qwen2_7b_adalora", "cannot load model 'some-org/not-cached'", "--model stories260k"),
+    ("missing-model-folder", [*FLAGSHIP, "--model", "{tmp}/nowhere/"], "qwen2_7b_adalora", "model folder", "not found"),
+    ("unknown-quantization", [*FLAGSHIP, "--quantization", "3bit"], "qwen2_7b_adalora", "unknown --quantization '3bit'", "use none, 4bit or 8bit"),
+    ("unknown-dtype", [*FLAGSHIP, "--dtype", "float8"], "qwen2_7b_adalora", "unknown --dtype 'float8'", "use auto"),
+    ("unsloth-without-gpu", [*QLORA, "--backend", "unsloth"], "qwen2_7b_qlora", "the unsloth backend cannot run here", "--backend peft"),
+    ("loftq-without-gpu", ["recipes/llama2_7b_loftq.py", "--model", "stories260k", "--output_dir", "{tmp}/out-{case}"], "llama2_7b_loftq", "LoftQ needs an NVIDIA GPU", "--method lora"),
+    # recipes: method settings
+    ("unknown-method", [*FLAGSHIP, "--method", "magic"], "qwen2_7b_adalora", "unknown --method 'magic'", "choose one of"),
+    ("unknown-target-layer", [*QLORA, "--target_modules", "no_such_proj"], "qwen2_7b_qlora", "no linear layer named no_such_proj", "it has"),
+    ("lora-dropout", [*FLAGSHIP, "--lora_dropout", "2"], "qwen2_7b_adalora", "--lora_dropout must be in [0, 1)", "got 2"),
+    ("lora-alpha-zero", [*QLORA, "--lora_alpha", "0"], "qwen2_7b_qlora", "--lora_alpha must be greater than 0", "does nothing"),
+    ("rank-zero", [*QLORA, "--r", "0"], "qwen2_7b_qlora", "--r must be at least 1", "got 0"),
+    ("target-r-above-init-r", [*FLAGSHIP, "--target_r", "16"], "qwen2_7b_adalora", "1 <= --target_r <= --init_r", "target_r 16"),
+    ("deltaT-zero", [*FLAGSHIP, "--deltaT", "0"], "qwen2_7b_adalora", "--deltaT must be >= 1", "got 0"),
+    ("impossible-schedule", [*FLAGSHIP, "--max_steps", "4", "--tinit", "5"], "qwen2_7b_adalora", "impossible AdaLoRA schedule", "train for more steps"),
+    ("prefix-with-checkpointing", [*OPT, "--activation_checkpointing", "true"], "opt_350m_prefix_tuning", "cannot be combined with gradient checkpointing", "--activation_checkpointing false"),
+    ("full-on-4bit", [*QLORA, "--method", "full"], "qwen2_7b_qlora", "full fine-tuning cannot update quantized weights", "--quantization none"),
+    ("init-adapter-missing", [*QLORA, "--init_adapter", "{tmp}/nowhere"], "qwen2_7b_qlora", "holds no adapter", "output_dir of a finished PEFT run"),
+    ("init-adapter-other-rank", [*QLORA, "--init_adapter", "{tmp}/adapter"], "qwen2_7b_qlora", "its rank is 4, this run's --r is 8", "--r"),
+    # recipes: training settings
+    ("batch-zero", [*FLAGSHIP, "--per_device_train_batch_size", "0"], "qwen2_7b_adalora", "--per_device_train_batch_size must be at least 1", "got 0"),
+    ("accumulation-zero", [*FLAGSHIP, "--gradient_accumulation_steps", "0"], "qwen2_7b_adalora", "--gradient_accumulation_steps must be at least 1", "got 0"),
+    ("max-steps-negative", [*FLAGSHIP, "--max_steps", "-5"], "qwen2_7b_adalora", "--max_steps must be a number of optimizer steps >= 1", "or -1 to train --num_train_epochs"),
+    ("zero-epochs", [*FLAGSHIP, "--num_train_epochs", "0"], "qwen2_7b_adalora", "--num_train_epochs must be greater than 0", "or --max_steps"),
+    ("learning-rate-zero", [*FLAGSHIP, "--learning_rate", "0"], "qwen2_7b_adalora", "--learning_rate must be greater than 0", "trains nothing"),
+    ("learning-rate-text", [*FLAGSHIP, "--learning_rate", "fast"], "qwen2_7b_adalora", "invalid float value: 'fast'", "see --help"),
+    ("negative-seed", [*FLAGSHIP, "--seed", "-1"], "qwen2_7b_adalora", "--seed must be in [0, 4294967295]", "got -1"),
+    ("memory-budget", [*FLAGSHIP, "--memory_budget_gb", "-4"], "qwen2_7b_adalora", "--memory_budget_gb must be greater than 0", "got -4"),
+    # recipes: command line and config files
+    ("unknown-flag", [*FLAGSHIP, "--no_such_flag", "1"], "qwen2_7b_adalora", "unknown setting(s): --no_such_flag 1", "see --help"),
+    ("config-equals-missing", [*FLAGSHIP, "--config={tmp}/none.yaml"], "qwen2_7b_adalora", "config file {tmp}/none.yaml not found", "config file"),
+    ("config-broken", [*FLAGSHIP, "--config", "{tmp}/broken.yaml"], "qwen2_7b_adalora", "is not valid YAML/JSON", "config file"),
+    ("config-unknown-key", [*FLAGSHIP, "--config", "{tmp}/unknown.yaml"], "qwen2_7b_adalora", "unknown setting(s): --learning_rat", "see --help"),
+    # recipes: output_dir
+    ("output-dir-a-file", [*FLAGSHIP[:-1], "{tmp}/a-file"], "qwen2_7b_adalora", "is a file, not a folder", "pass a new or empty folder"),
+    ("output-dir-foreign", [*FLAGSHIP[:-1], "{tmp}/foreign"], "qwen2_7b_adalora", "holds no run of this project", "pass an empty or new --output_dir"),
+    ("output-dir-other-recipe", [*FLAGSHIP[:-1], "{tmp}/other-recipe"], "qwen2_7b_adalora", "holds a run of recipe 'qwen2_7b_qlora'", "pass another --output_dir"),
+    ("output-dir-damaged-marker", [*FLAGSHIP[:-1], "{tmp}/damaged"], "qwen2_7b_adalora", "recipe_run.json is damaged", "--resume false"),
+    # the alpaca100 recipe: its judge is checked before anything is trained
+    ("judge-key-missing", [*ALPACA100], "llama2_7b_lora_alpaca100", "needs an API key in the environment variable OPENAI_API_KEY", "export OPENAI_API_KEY"),
+    ("judge-unreachable", [*ALPACA100, "--judge_base_url", "http://127.0.0.1:9/v1", "--judge_api_key_env", ""], "llama2_7b_lora_alpaca100", "judge endpoint http://127.0.0.1:9/v1/chat/completions cannot be reached", "check --judge_base_url"),
+    ("select-k-zero", [*ALPACA100, "--select_k", "0", "--judge_backend", "local"], "llama2_7b_lora_alpaca100", "--select_k must be at least 1", "got 0"),
+    # harness.bench
+    ("bench-ranks", [*BENCH, "--ranks", "4,x"], "bench", "--ranks: 'x' is not a whole number", "comma-separated integers"),
+    ("bench-setting-typo", [*BENCH, "--set", "lerning_rate=1e-4"], "bench", "no recipe has a setting named 'lerning_rate'", "did you mean learning_rate"),
+    ("bench-refused-trial", [*BENCH, "--model", "stories260k", "--recipes", "qwen2_7b_adalora", "--set", "tinit=5", "--budget-steps", "2"], "bench", "impossible AdaLoRA schedule", "train for more steps"),
+    ("bench-budget", [*BENCH, "--budget-steps", "0"], "bench", "--budget-steps must be at least 1", "got 0"),
+    # harness.report
+    ("report-empty-runs", ["-m", "harness.report", "--results-dir", "{tmp}/empty-results"], "report", "holds no complete record (it is empty)", "run python -m harness.bench"),
+    ("report-no-runs", ["-m", "harness.report", "--results-dir", "{tmp}/nowhere"], "report", "no runs.jsonl in", "run python -m harness.bench first"),
+    ("report-unknown-sweep", ["-m", "harness.report", "--results-dir", str(REPO_ROOT / "results"), "--sweep", "nope"], "report", "sweep 'nope' is not in", "recorded sweeps: stories260k"),
+    # harness.infer
+    ("infer-missing-adapter", ["-m", "harness.infer", "--adapter", "{tmp}/nowhere", "--prompt", "hi"], "infer", "adapter folder {tmp}/nowhere not found", "pass --adapter"),
+    ("infer-top-p", ["-m", "harness.infer", "--base", "stories260k", "--prompt", "hi", "--top_p", "0"], "infer", "--top_p must be in (0, 1]", "got 0"),
+    ("infer-no-mode", ["-m", "harness.infer", "--base", "stories260k"], "infer", "one of the arguments --prompt --chat is required", "see --help"),
+    # harness.merge
+    ("merge-negative-rtol", ["-m", "harness.merge", "--adapter", "{tmp}/adapter", "--out", "{tmp}/merged", "--rtol", "-1"], "merge", "--rtol must be >= 0", "got -1"),
+    ("merge-occupied-out", ["-m", "harness.merge", "--adapter", "{tmp}/adapter", "--out", "{tmp}/foreign"], "merge", "already exists and is not an empty folder", "pass a new folder"),
+    # harness.select
+    ("select-unknown-flag", ["-m", "harness.select", "--nope", "1"], "harness.select", "unknown setting(s): --nope 1", "see --help"),
+    ("select-output-a-file", ["-m", "harness.select", "--output_dir", "{tmp}/a-file"], "harness.select", "is a file, not a folder", "pass a folder"),
+    ("select-k-zero-tool", ["-m", "harness.select", "--select_k", "0", "--output_dir", "{tmp}/sel-{case}"], "harness.select", "--select_k must be at least 1", "got 0"),
+    ("select-earlier-selection", ["-m", "harness.select", "--output_dir", "{tmp}/selection"], "harness.select", "already holds a selection", "--overwrite true"),
+    # harness.summary
+    ("summary-missing-record", ["-m", "harness.summary", "{tmp}/nowhere/result.json"], "summary", "{tmp}/nowhere/result.json", "result.json"),
+]
+
+
+def _files(tmp: Path) -> None:
+    """The bad inputs the cases point at."""
+    (tmp / "broken.jsonl").write_text('{"text": "a", "label": "positive"}\n{"text": "b", "label": "negative"}\n'
+                                      '{"text": "c", "label": "pos\n')
+    (tmp / "columns.csv").write_text("review,sentiment\nnice,positive\n")
+    (tmp / "neutral.csv").write_text("text,label\nnice,positive\nmeh,neutral\n")
+    (tmp / "empty_text.csv").write_text("text,label\n,positive\n  ,negative\n")
+    (tmp / "data.parquet").write_bytes(b"\xff\xfe garbage")
+    (tmp / "broken.yaml").write_text("learning_rate: [1e-4\n")
+    (tmp / "unknown.yaml").write_text("learning_rat: 1e-4\n")
+    (tmp / "a-file").write_text("x")
+    (tmp / "foreign").mkdir()
+    (tmp / "foreign" / "notes.txt").write_text("mine")
+    (tmp / "other-recipe").mkdir()
+    (tmp / "other-recipe" / "recipe_run.json").write_text(json.dumps({"recipe": "qwen2_7b_qlora"}))
+    (tmp / "damaged").mkdir()
+    (tmp / "damaged" / "recipe_run.json").write_text("{not json")
+    (tmp / "damaged" / "checkpoint-8").mkdir()
+    (tmp / "adapter").mkdir()
+    (tmp / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
+    (tmp / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    (tmp / "empty-results").mkdir()
+    (tmp / "empty-results" / "runs.jsonl").write_text("")
+    (tmp / "selection").mkdir()
+    (tmp / "selection" / "selected.json").write_text("[]")
+
+
+# One case per entry point, run as a fresh process with the warning path forced on.
+FRESH = ("missing-data-file", "init-adapter-other-rank", "judge-unreachable", "loftq-without-gpu", "bench-refused-trial",
+         "report-empty-runs", "infer-missing-adapter", "merge-negative-rtol", "select-unknown-flag", "summary-missing-record")
+ALL_FRESH = os.environ.get("FT_COOKBOOK_BATTERY") == "fresh"
+
+
+def _argv(case: tuple, tmp: Path) -> list[str]:
+    argv = [part.format(tmp=tmp, case=case[0]) for part in case[1]]
+    return [str(REPO_ROOT / argv[0]), *argv[1:]] if argv[0].endswith(".py") else argv
+
+
+def _cwd(argv: list[str], tmp: Path) -> Path:
+    return REPO_ROOT if argv[0] == "-m" else tmp  # recipes from anywhere; tools from the repository
+
+
+def _fresh_process(case: tuple, tmp: Path) -> dict:
+    argv = _argv(case, tmp)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(FORCE_AVX512BF16), "OMP_NUM_THREADS": "1"}
+    env.pop("OPENAI_API_KEY", None)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, *argv], cwd=_cwd(argv, tmp), env=env, capture_output=True, text=True,
+                            timeout=600)
+    return {"code": result.returncode, "stderr": result.stderr, "seconds": time.monotonic() - started}
+
+
+def _in_this_process(case: tuple, tmp: Path, capfd, monkeypatch) -> dict:
+    argv = _argv(case, tmp)
+    monkeypatch.chdir(_cwd(argv, tmp))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    capfd.readouterr()
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as stop, warnings.catch_warnings():
+        # runpy warns that harness.<tool> is imported already (this process imported it): harmless here
+        warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning)
+        if argv[0] == "-m":
+            monkeypatch.setattr(sys, "argv", [argv[1], *argv[2:]])
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        else:
+            monkeypatch.setattr(sys, "argv", argv)
+            runpy.run_path(argv[0], run_name="__main__")
+    return {"code": stop.value.code, "stderr": capfd.readouterr().err, "seconds": time.monotonic() - started}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad-input")
+    _files(tmp)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def fresh(bad_files):
+    """The fresh-process cases, run once, two at a time (their time is nearly all imports)."""
+    cases = [c for c in CASES if ALL_FRESH or c[0] in FRESH]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        return dict(zip([c[0] for c in cases], pool.map(lambda c: _fresh_process(c, bad_files), cases)))
+
+
+def _check(case: tuple, outcome: dict, tmp: Path) -> None:
+    name, _, program, problem, fix = case
+    lines = outcome["stderr"].splitlines()
+    assert outcome["code"] == 2, outcome["stderr"][-2000:]
+    assert len(lines) == 1, outcome["stderr"][-2000:]  # nothing from a library before it, nothing after
+    line = lines[0]
+    assert line.startswith(f"{program}: ")
+    assert problem.format(tmp=tmp) in line and fix.format(tmp=tmp) in line, line
+    assert "Traceback" not in outcome["stderr"] and "None" not in line
+
+
+def test_the_battery_is_broad():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+    programs = {c[2] for c in CASES}
+    assert {"bench", "report", "infer", "merge", "harness.select", "summary", "llama2_7b_lora_alpaca100"} <= programs
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_line_naming_the_problem_and_the_fix(case, bad_files, capfd, monkeypatch):
+    if ALL_FRESH:
+        pytest.skip("FT_COOKBOOK_BATTERY=fresh: every case runs as a fresh process instead")
+    _check(case, _in_this_process(case, bad_files, capfd, monkeypatch), bad_files)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if ALL_FRESH or c[0] in FRESH],
+                         ids=[c[0] for c in CASES if ALL_FRESH or c[0] in FRESH])
+def test_as_a_fresh_process_with_the_avx512bf16_warning_path_forced(case, fresh, bad_files):
+    _check(case, fresh[case[0]], bad_files)
+
+
+def test_nothing_was_written_where_a_case_was_refused(bad_files, fresh):
+    tmp = bad_files
+    assert [p.name for p in (tmp / "foreign").iterdir()] == ["notes.txt"]
+    assert (tmp / "a-file").read_text() == "x"
+    assert sorted(p.name for p in (tmp / "damaged").iterdir()) == ["checkpoint-8", "recipe_run.json"]
+    assert (tmp / "selection" / "selected.json").read_text() == "[]"
+    assert not list(tmp.glob("out-*")), "a refused recipe left an output folder behind"
+    assert not (tmp / "merged").exists()
+
+
+def test_the_unreachable_judge_is_refused_in_seconds_before_training(fresh, bad_files):
+    assert fresh["judge-unreachable"]["seconds"] < 120  # imports included; training would take hours
+    assert not (bad_files / "out-judge-unreachable").exists()
+
+
+def test_the_forced_warning_path_really_warns_without_the_fix(tmp_path):
+    """The battery is only a test of the fix if its processes take bitsandbytes' noisy path: without
+    harness imported first, the forced import prints the line the fix drops."""
+    env = {**os.environ, "PYTHONPATH": str(FORCE_AVX512BF16)}
+    probe = "import bitsandbytes.functional as f; print(f.has_avx512bf16())"
+    bare = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert bare.stdout.strip() == "True"
+    if "Failed to load CPU gemm_4bit_forward" not in bare.stderr:
+        pytest.skip("the `kernels` package is installed here: bitsandbytes has nothing to warn about")
+    fixed = subprocess.run([sys.executable, "-c", f"import harness; {probe}"], env=env, cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert fixed.stdout.strip() == "True" and fixed.stderr == ""
