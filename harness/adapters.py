@@ -61,6 +61,7 @@ def open_adapter(path: str | Path) -> AdapterFolder:
         raise UserError(f"{path} has no adapter_config.json; pass the output_dir of a finished PEFT run")
     if not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"{path} has no {WEIGHTS_FILE} (adapters are only loaded from safetensors files)")
+    _check_weights_file(folder / WEIGHTS_FILE)
     try:
         peft_config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError as exc:
@@ -73,6 +74,21 @@ def open_adapter(path: str | Path) -> AdapterFolder:
         except ValueError:
             run = {}  # a damaged record only loses the defaults it would have given
     return AdapterFolder(folder, peft_config, run)
+
+
+def _check_weights_file(path: Path) -> None:
+    """A weights file cut short or overwritten is found now, before any model is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise UserError(f"{path} holds no tensors; the adapter folder is damaged: retrain it or restore the file")
+    except SafetensorError as exc:
+        raise UserError(
+            f"{path} is not a readable safetensors file ({str(exc).strip().splitlines()[0][:200]}); the adapter "
+            "folder is damaged: retrain it or restore the file"
+        ) from None
 
 
 def attach(model, adapter: AdapterFolder, base_name: str):

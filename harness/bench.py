@@ -249,6 +249,15 @@ def load_defaults(name: str, script: Path) -> dict[str, Any]:
     defaults = getattr(module, "DEFAULTS", None)
     if not isinstance(defaults, dict):
         raise UserError(f"recipe {script} has no DEFAULTS dict; is it a recipe of this project?")
+    from harness.config import ARGUMENT_CLASSES
+
+    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+    own = sorted(set(defaults) - known)
+    if own:
+        raise UserError(
+            f"recipe {name} has settings no training run has ({', '.join(own[:4])}{', ...' if len(own) > 4 else ''}): "
+            "it is a flow of several runs, which harness.bench cannot sweep; run it directly"
+        )
     return defaults
 
 

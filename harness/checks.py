@@ -23,6 +23,7 @@ def check_settings(cfg) -> None:
     data, method, run, train = cfg.data, cfg.method, cfg.run, cfg.train
     check_method(method, cfg.model.quantization, train.activation_checkpointing)
     _one_of("dtype", cfg.model.dtype, ("auto", *DTYPES))
+    _check_attention(cfg.model.attn_implementation)
     _one_of("task", data.task, ("classification", "instruction"))
     _one_of("prompt_format", data.prompt_format, PROMPT_FORMATS)
 
@@ -67,9 +68,62 @@ def check_settings(cfg) -> None:
     if train.data_seed is not None:
         _between("data_seed", train.data_seed, *SEED_RANGE)
 
+    _check_optimizer(train)
+    _check_reporting(train.report_to)
+
     _above("budget_seconds", run.budget_seconds, 0, "", optional=True)
     _at_least("budget_tokens", run.budget_tokens, 1, optional=True)
     _above("memory_budget_gb", run.memory_budget_gb, 0, "", optional=True)
+
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _check_attention(name: str | None) -> None:
+    """transformers fails on these only while loading the model (after the folder is claimed)."""
+    import importlib.util
+
+    import torch
+
+    if name is None or "/" in name:  # unset, or a kernel from the Hub ("kernels-community/...")
+        return
+    _one_of("attn_implementation", name, ATTENTION_IMPLEMENTATIONS)
+    if name.startswith("flash_attention"):
+        package = "flash_attn" if name == "flash_attention_2" else "flash_attn_interface"
+        if not torch.cuda.is_available() or importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"--attn_implementation {name} needs an NVIDIA GPU and the {package} package; "
+                "use sdpa (the default) or eager"
+            )
+
+
+def _check_optimizer(train) -> None:
+    """transformers finds a missing optimizer package (torchao, galore, ...) only when training starts."""
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(train)
+    except (ImportError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        name = getattr(train.optim, "value", train.optim)
+        raise UserError(f"--optim {name} cannot be used here ({reason}); pick another --optim, e.g. adamw_torch") from None
+
+
+def _check_reporting(report_to: Any) -> None:
+    """--report_to wandb without wandb installed fails only when the Trainer is built."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UserError(f"unknown --report_to {name!r}; use none or one of {', '.join(INTEGRATION_TO_CALLBACK)}")
+        if name not in get_available_reporting_integrations():
+            raise UserError(f"--report_to {name} needs its package installed (pip install {name}); or --report_to none")
 
 
 def _number(setting: str, value: Any) -> float:

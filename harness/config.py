@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,10 +263,42 @@ def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_cl
         raise UserError(f"{exc} (see --help for every setting)") from None
     if unknown_args:
         raise UserError(f"unknown setting(s): {' '.join(unknown_args)} (see --help for every setting)")
+    for part in (*parts[:4], *parts[5:]):  # this project's dataclasses; TrainingArguments checks its own
+        _check_field_types(part)
     model, data, method, run, train, *extras = parts
     # Throughput counts the non-padding tokens trained on; the Trainer counts them when asked to.
     train = dataclasses.replace(train, include_num_input_tokens_seen="non_padding")
     return RunConfig(model, data, method, run, train, args, tuple(extras))
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
+
+
+def _field_types(annotation: Any) -> list[type] | None:
+    """The plain types a field allows ("int | None" -> [int, NoneType]); None for anything else."""
+    import typing
+
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    parts = list(typing.get_args(annotation)) if union else [annotation]
+    return parts if all(t in _TYPES.values() for t in parts) else None
+
+
+def _check_field_types(part: Any) -> None:
+    """A value of the wrong type (from a YAML/JSON config file: the command line converts its strings)
+    is refused here, not deep inside a library."""
+    import typing
+
+    # From the class's annotations: HfArgumentParser rewrites each field's .type, dropping "| None".
+    hints = typing.get_type_hints(type(part))
+    for f in dataclasses.fields(part):
+        allowed = _field_types(hints.get(f.name))
+        if allowed is None:
+            continue  # a type this check does not know: left to the code that uses it
+        value = getattr(part, f.name)
+        accepted = tuple(allowed) + ((int,) if float in allowed else ())  # YAML's 1 for a float setting
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, accepted):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise UserError(f"--{f.name} must be {wanted}, got {value!r} (check the config file)")
 
 
 def parse_dataclasses(classes: tuple[type, ...], argv: list[str] | None = None) -> list[Any]:
@@ -282,6 +315,8 @@ def parse_dataclasses(classes: tuple[type, ...], argv: list[str] | None = None) 
         raise UserError(f"{exc} (see --help)") from None
     if unknown_args:
         raise UserError(f"unknown setting(s): {' '.join(unknown_args)} (see --help for every setting)")
+    for part in parts:
+        _check_field_types(part)
     return parts
 
 

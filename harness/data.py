@@ -37,6 +37,8 @@ ALPACA_RESPONSE = "### Response:\n"
 
 def read_table(path: str, option: str = "--data_file") -> list[dict[str, Any]]:
     """Rows of a CSV, JSON (array of objects) or JSONL file; `option` is the setting that named it."""
+    if not str(path or "").strip():
+        raise UserError(f"{option} is empty; pass a CSV, JSON or JSONL file")
     found = find_file(path)
     if found is not None and found.is_dir():
         raise UserError(f"data file {path} is a folder; pass {option} with a CSV, JSON or JSONL file")
@@ -151,6 +153,8 @@ def label_set(args: DataArguments) -> list[str]:
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if len(labels) < 2:
         raise UserError(f"--labels needs at least two comma-separated labels, got {args.labels!r}")
+    if len(set(labels)) < len(labels):
+        raise UserError(f"--labels names a label twice ({args.labels!r}); give each label once")
     return labels
 
 

@@ -54,6 +54,8 @@ def check_options(args) -> None:
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise UserError(f"--top_k must be >= 0, got {args.top_k}")
+    if args.seed is not None and not 0 <= args.seed <= 2**32 - 1:
+        raise UserError(f"--seed must be in [0, {2**32 - 1}], got {args.seed}")
 
 
 def load_for_generation(args):

@@ -437,9 +437,17 @@ def check_judge_settings(args: JudgeArguments) -> None:
 
 
 def check_judge_reachable(args: JudgeArguments) -> None:
-    """An OpenAI-compatible judge answers one tiny request now, or the run is refused before training."""
+    """The judge is first needed after training and decoding: an OpenAI-compatible one answers one tiny
+    request now, a local one's tokenizer loads now, or the run is refused before anything is trained."""
+    if args.judge_cache and Path(args.judge_cache).is_dir():
+        raise UserError(f"--judge_cache {args.judge_cache} is a folder; pass a .jsonl file (created if missing)")
     if args.judge_backend == "openai":
         OpenAICompatibleJudge(args).probe()
+    else:
+        from harness.config import ModelArguments
+        from harness.models import load_tokenizer
+
+        load_tokenizer(ModelArguments(model=args.judge_model))  # an unknown name or folder is refused here
 
 
 def build_judge(args: JudgeArguments):

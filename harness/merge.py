@@ -57,6 +57,9 @@ def _check_out(out: Path) -> None:
         raise UserError(
             f"--out {out} already exists and is not an empty folder; pass a new folder so nothing is overwritten"
         )
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out} cannot be created ({parent} is not writable); pass a folder you can write to")
 
 
 def _prequantized(source: str, trust_remote_code: bool) -> bool:

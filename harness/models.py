@@ -17,6 +17,8 @@ def resolve_model(name: str) -> str:
     """An offline model name, a local folder, or (left as is) a Hub id."""
     from harness.offline_models import resolve_offline_model
 
+    if not str(name).strip():
+        raise UserError("--model is empty; pass a Hub id (e.g. Qwen/Qwen2-7B-Instruct), a local folder or --model stories260k")
     offline = resolve_offline_model(name)
     if offline is not None:
         return str(offline)

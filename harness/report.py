@@ -62,6 +62,19 @@ SHARED_SETTINGS = (
 
 # ---------------------------------------------------------------------------- records -> rows
 
+TRIAL_FIELDS = ("sweep", "trial_hash", "trial_id", "status", "recipe", "method", "seed")
+
+
+def trial_records(records: list[dict[str, Any]], warn=None) -> list[dict[str, Any]]:
+    """The records harness.bench wrote; anything else in runs.jsonl (a line of another shape, added by
+    hand or by another tool) is skipped, with one warning for all of them."""
+    kept = [r for r in records if all(k in r for k in TRIAL_FIELDS)]
+    if warn and len(kept) < len(records):
+        warn(f"skipped {len(records) - len(kept)} record(s) that are not harness.bench trials "
+             f"(a trial record has {', '.join(TRIAL_FIELDS)})")
+    return kept
+
+
 def latest_per_trial(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     latest: dict[str, dict[str, Any]] = {}
     for record in records:
@@ -393,7 +406,7 @@ def write_report(results_dir: Path, sweep: str, records: list[dict[str, Any]] | 
     results_dir = Path(results_dir)
     if records is None:
         records = read_records(results_dir / RUNS_FILE)
-    records = [r for r in records if r.get("sweep") == sweep]
+    records = [r for r in trial_records(records) if r.get("sweep") == sweep]
     if not records:
         return []
     from harness.measure import write_text_atomic
@@ -413,7 +426,7 @@ SAMPLE_COLUMNS = ("recipe", RANK_HEADER, "peak memory (MiB)", "train (s)", "toke
 
 def sample_table(records: list[dict[str, Any]], sweep: str) -> str:
     """The headline columns of a sweep's comparison table, e.g. for the README."""
-    rows = ok_rows(latest_per_trial([r for r in records if r.get("sweep") == sweep]))
+    rows = ok_rows(latest_per_trial([r for r in trial_records(records) if r.get("sweep") == sweep]))
     if not rows:
         raise UserError(f"sweep {sweep} has no ok trial to show")
     table = comparison_table(rows)
@@ -444,17 +457,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"{runs} holds no complete record ({what}); run python -m harness.bench to fill it, "
                 "or pass the --results-dir of a sweep"
             )
-        for message in damaged:
-            print(f"warning: {message}", file=sys.stderr)
+        records = trial_records(records, warn=damaged.append)
+        if not records:
+            raise UserError(f"{runs} holds no harness.bench trial record; run python -m harness.bench to fill it")
         known = list(dict.fromkeys(r.get("sweep") for r in records if r.get("sweep")))
         for sweep in (args.sweep or []) + ([args.sample] if args.sample else []):
             if sweep not in known:
                 raise UserError(f"sweep {sweep!r} is not in {runs}; recorded sweeps: {', '.join(known) or 'none'}")
+        for message in damaged:  # after every refusal: a refusal stays one line
+            print(f"warning: {message}", file=sys.stderr)
         if args.sample:
             print(sample_table(records, args.sample))
             return 0
         for sweep in args.sweep or known:
-            for path in write_report(results_dir, sweep, records):
+            try:
+                written = write_report(results_dir, sweep, records)
+            except OSError as exc:
+                raise UserError(f"cannot write the tables to {results_dir} ({exc.strerror}); "
+                                "pass a --results-dir you can write to") from None
+            for path in written:
                 print(path)
     return 0
 

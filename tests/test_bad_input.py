@@ -78,6 +78,15 @@ CASES = [
     ("config-equals-missing", [*FLAGSHIP, "--config={tmp}/none.yaml"], "qwen2_7b_adalora", "config file {tmp}/none.yaml not found", "config file"),
     ("config-broken", [*FLAGSHIP, "--config", "{tmp}/broken.yaml"], "qwen2_7b_adalora", "is not valid YAML/JSON", "config file"),
     ("config-unknown-key", [*FLAGSHIP, "--config", "{tmp}/unknown.yaml"], "qwen2_7b_adalora", "unknown setting(s): --learning_rat", "see --help"),
+    ("config-wrong-type", [*FLAGSHIP, "--config", "{tmp}/wrong_type.yaml"], "qwen2_7b_adalora", "--labels must be str, got ['positive', 'negative']", "check the config file"),
+    ("empty-model", [*FLAGSHIP, "--model", ""], "qwen2_7b_adalora", "--model is empty", "--model stories260k"),
+    ("eval-file-missing", [*FLAGSHIP, "--eval_file", "held_out.json"], "qwen2_7b_adalora", "data file held_out.json not found", "pass --eval_file"),
+    ("data-file-a-folder", [*FLAGSHIP, "--data_file", "{tmp}/foreign"], "qwen2_7b_adalora", "is a folder", "pass --data_file"),
+    ("duplicate-labels", [*FLAGSHIP, "--labels", "positive,negative,positive"], "qwen2_7b_adalora", "names a label twice", "give each label once"),
+    ("flash-attention-on-cpu", [*FLAGSHIP, "--attn_implementation", "flash_attention_2"], "qwen2_7b_adalora", "needs an NVIDIA GPU and the flash_attn package", "use sdpa"),
+    ("optimizer-package-missing", [*FLAGSHIP, "--optim", "galore_adamw"], "qwen2_7b_adalora", "--optim galore_adamw cannot be used here", "pick another --optim"),
+    ("reporting-package-missing", [*FLAGSHIP, "--report_to", "swanlab"], "qwen2_7b_adalora", "--report_to swanlab needs its package installed", "--report_to none"),
+    ("unknown-eval-strategy", [*FLAGSHIP, "--eval_strategy", "sometimes"], "qwen2_7b_adalora", "invalid choice: 'sometimes'", "see --help"),
     # recipes: output_dir
     ("output-dir-a-file", [*FLAGSHIP[:-1], "{tmp}/a-file"], "qwen2_7b_adalora", "is a file, not a folder", "pass a new or empty folder"),
     ("output-dir-foreign", [*FLAGSHIP[:-1], "{tmp}/foreign"], "qwen2_7b_adalora", "holds no run of this project", "pass an empty or new --output_dir"),
@@ -87,18 +96,25 @@ CASES = [
     ("judge-key-missing", [*ALPACA100], "llama2_7b_lora_alpaca100", "needs an API key in the environment variable OPENAI_API_KEY", "export OPENAI_API_KEY"),
     ("judge-unreachable", [*ALPACA100, "--judge_base_url", "http://127.0.0.1:9/v1", "--judge_api_key_env", ""], "llama2_7b_lora_alpaca100", "judge endpoint http://127.0.0.1:9/v1/chat/completions cannot be reached", "check --judge_base_url"),
     ("select-k-zero", [*ALPACA100, "--select_k", "0", "--judge_backend", "local"], "llama2_7b_lora_alpaca100", "--select_k must be at least 1", "got 0"),
+    ("local-judge-missing", [*ALPACA100, "--judge_backend", "local", "--judge_model", "{tmp}/nowhere/"], "llama2_7b_lora_alpaca100", "model folder {tmp}/nowhere/ not found", "use a Hub id"),
+    ("judge-cache-a-folder", [*ALPACA100, "--judge_backend", "local", "--judge_model", "stories260k", "--judge_cache", "{tmp}/foreign"], "llama2_7b_lora_alpaca100", "--judge_cache {tmp}/foreign is a folder", "pass a .jsonl file"),
     # harness.bench
     ("bench-ranks", [*BENCH, "--ranks", "4,x"], "bench", "--ranks: 'x' is not a whole number", "comma-separated integers"),
     ("bench-setting-typo", [*BENCH, "--set", "lerning_rate=1e-4"], "bench", "no recipe has a setting named 'lerning_rate'", "did you mean learning_rate"),
     ("bench-refused-trial", [*BENCH, "--model", "stories260k", "--recipes", "qwen2_7b_adalora", "--set", "tinit=5", "--budget-steps", "2"], "bench", "impossible AdaLoRA schedule", "train for more steps"),
     ("bench-budget", [*BENCH, "--budget-steps", "0"], "bench", "--budget-steps must be at least 1", "got 0"),
+    ("bench-trial-timeout-zero", [*BENCH, "--trial-timeout", "0"], "bench", "--trial-timeout must be a positive number", "got 0"),
+    ("bench-multi-run-recipe", [*BENCH, "--recipes", "llama2_7b_lora_alpaca100"], "bench", "harness.bench cannot sweep", "run it directly"),
     # harness.report
     ("report-empty-runs", ["-m", "harness.report", "--results-dir", "{tmp}/empty-results"], "report", "holds no complete record (it is empty)", "run python -m harness.bench"),
+    ("report-foreign-records", ["-m", "harness.report", "--results-dir", "{tmp}/foreign-results"], "report", "holds no harness.bench trial record", "run python -m harness.bench"),
     ("report-no-runs", ["-m", "harness.report", "--results-dir", "{tmp}/nowhere"], "report", "no runs.jsonl in", "run python -m harness.bench first"),
     ("report-unknown-sweep", ["-m", "harness.report", "--results-dir", str(REPO_ROOT / "results"), "--sweep", "nope"], "report", "sweep 'nope' is not in", "recorded sweeps: stories260k"),
     # harness.infer
     ("infer-missing-adapter", ["-m", "harness.infer", "--adapter", "{tmp}/nowhere", "--prompt", "hi"], "infer", "adapter folder {tmp}/nowhere not found", "pass --adapter"),
     ("infer-top-p", ["-m", "harness.infer", "--base", "stories260k", "--prompt", "hi", "--top_p", "0"], "infer", "--top_p must be in (0, 1]", "got 0"),
+    ("infer-damaged-adapter", ["-m", "harness.infer", "--adapter", "{tmp}/damaged-adapter", "--base", "stories260k", "--prompt", "hi"], "infer", "is not a readable safetensors file", "retrain it or restore the file"),
+    ("infer-negative-seed", ["-m", "harness.infer", "--base", "stories260k", "--prompt", "hi", "--seed", "-3"], "infer", "--seed must be in [0, 4294967295]", "got -3"),
     ("infer-no-mode", ["-m", "harness.infer", "--base", "stories260k"], "infer", "one of the arguments --prompt --chat is required", "see --help"),
     # harness.merge
     ("merge-negative-rtol", ["-m", "harness.merge", "--adapter", "{tmp}/adapter", "--out", "{tmp}/merged", "--rtol", "-1"], "merge", "--rtol must be >= 0", "got -1"),
@@ -107,9 +123,12 @@ CASES = [
     ("select-unknown-flag", ["-m", "harness.select", "--nope", "1"], "harness.select", "unknown setting(s): --nope 1", "see --help"),
     ("select-output-a-file", ["-m", "harness.select", "--output_dir", "{tmp}/a-file"], "harness.select", "is a file, not a folder", "pass a folder"),
     ("select-k-zero-tool", ["-m", "harness.select", "--select_k", "0", "--output_dir", "{tmp}/sel-{case}"], "harness.select", "--select_k must be at least 1", "got 0"),
+    ("select-negative-weight", ["-m", "harness.select", "--response_weight", "-1", "--output_dir", "{tmp}/sel-{case}"], "harness.select", "--response_weight must be >= 0", "got -1"),
+    ("select-imdb-not-alpaca", ["-m", "harness.select", "--data_file", "data/imdb_samples_2000.csv", "--output_dir", "{tmp}/sel-{case}"], "harness.select", "needs Alpaca-style records", "pass --data_file with such records"),
     ("select-earlier-selection", ["-m", "harness.select", "--output_dir", "{tmp}/selection"], "harness.select", "already holds a selection", "--overwrite true"),
     # harness.summary
     ("summary-missing-record", ["-m", "harness.summary", "{tmp}/nowhere/result.json"], "summary", "{tmp}/nowhere/result.json", "result.json"),
+    ("summary-not-a-record", ["-m", "harness.summary", "{tmp}/wrong_type.json"], "summary", "is not a run's record", "pass the result.json of a run"),
 ]
 
 
@@ -131,9 +150,22 @@ def _files(tmp: Path) -> None:
     (tmp / "damaged").mkdir()
     (tmp / "damaged" / "recipe_run.json").write_text("{not json")
     (tmp / "damaged" / "checkpoint-8").mkdir()
-    (tmp / "adapter").mkdir()
-    (tmp / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
-    (tmp / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    (tmp / "wrong_type.yaml").write_text("labels: [positive, negative]\n")  # a YAML list, not "a,b"
+    (tmp / "wrong_type.json").write_text("[1, 2]")
+    import torch
+    from safetensors.torch import save_file
+
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "base_model_name_or_path": "stories260k"}
+    for name, weights in (("adapter", {"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(4, 64)}),
+                          ("damaged-adapter", None)):
+        (tmp / name).mkdir()
+        (tmp / name / "adapter_config.json").write_text(json.dumps(config))
+        if weights is None:
+            (tmp / name / "adapter_model.safetensors").write_bytes(b"cut short")
+        else:
+            save_file(weights, str(tmp / name / "adapter_model.safetensors"))
+    (tmp / "foreign-results").mkdir()
+    (tmp / "foreign-results" / "runs.jsonl").write_text('{"note": "added by hand"}\n')
     (tmp / "empty-results").mkdir()
     (tmp / "empty-results" / "runs.jsonl").write_text("")
     (tmp / "selection").mkdir()
