@@ -46,7 +46,7 @@ from typing import Any
 from harness.config import REPO_ROOT
 from harness.errors import EXIT_INTERRUPTED, EXIT_OOM, OneLineArgumentParser, UserError, reported_as_one_line
 from harness.measure import peak_rss_mb
-from harness.records import RUNS_FILE, append_record, read_records
+from harness.records import LOCATION_SETTINGS, RUNS_FILE, append_record, read_records
 
 RECIPES_DIR = REPO_ROOT / "recipes"
 DEFAULT_RECIPES = ("qwen2_7b_adalora", "qwen2_7b_qlora")
@@ -75,8 +75,6 @@ OWNED_SETTINGS = {
 }
 
 STATUS_OK = "ok"
-# Hashing a trial's config leaves out what only says where it ran.
-_UNHASHED_SETTINGS = {"output_dir", "run_name", "logging_dir", "disable_tqdm"}
 
 
 @dataclass
@@ -190,10 +188,15 @@ def parse_int_list(text: str, option: str, minimum: int) -> list[int]:
     return values
 
 
-def parse_sets(items: list[str]) -> dict[str, list[str]]:
+def setting_names() -> set[str]:
+    """Every setting a single training run has (what --set may name and a recipe's DEFAULTS may hold)."""
     from harness.config import ARGUMENT_CLASSES
 
-    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+    return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+
+
+def parse_sets(items: list[str]) -> dict[str, list[str]]:
+    known = setting_names()
     axes: dict[str, list[str]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -249,10 +252,7 @@ def load_defaults(name: str, script: Path) -> dict[str, Any]:
     defaults = getattr(module, "DEFAULTS", None)
     if not isinstance(defaults, dict):
         raise UserError(f"recipe {script} has no DEFAULTS dict; is it a recipe of this project?")
-    from harness.config import ARGUMENT_CLASSES
-
-    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
-    own = sorted(set(defaults) - known)
+    own = sorted(set(defaults) - setting_names())
     if own:
         raise UserError(
             f"recipe {name} has settings no training run has ({', '.join(own[:4])}{', ...' if len(own) > 4 else ''}): "
@@ -403,7 +403,7 @@ def _flags(settings: dict[str, str]) -> list[str]:
 
 
 def config_hash(config: dict[str, Any], cpu_threads: int | None = None) -> str:
-    kept = {k: v for k, v in config.items() if k not in _UNHASHED_SETTINGS}
+    kept = {k: v for k, v in config.items() if k not in LOCATION_SETTINGS}
     if cpu_threads is not None:  # it changes the timings a benchmark is for
         kept["bench_cpu_threads"] = cpu_threads
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]

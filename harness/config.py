@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,37 +258,41 @@ def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_cl
     # TrlParser finds the file only in the two-word form; argparse users also write --config=FILE.
     args = [part for arg in args for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     _check_config_file(args)
-    try:
-        *parts, unknown_args = parser.parse_args_and_config(args=args, return_remaining_strings=True)
-    except ValueError as exc:
-        raise UserError(f"{exc} (see --help for every setting)") from None
-    if unknown_args:
-        raise UserError(f"unknown setting(s): {' '.join(unknown_args)} (see --help for every setting)")
-    for part in (*parts[:4], *parts[5:]):  # this project's dataclasses; TrainingArguments checks its own
-        _check_field_types(part)
-    model, data, method, run, train, *extras = parts
+    model, data, method, run, train, *extras = _checked(
+        lambda: parser.parse_args_and_config(args=args, return_remaining_strings=True))
     # Throughput counts the non-padding tokens trained on; the Trainer counts them when asked to.
     train = dataclasses.replace(train, include_num_input_tokens_seen="non_padding")
     return RunConfig(model, data, method, run, train, args, tuple(extras))
 
 
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
+def _checked(parse) -> list[Any]:
+    """parse() (an HfArgumentParser's, returning the dataclasses and the strings it did not know), with
+    every way it can refuse as one line: a bad value, an unknown flag, a value of the wrong type."""
+    try:
+        *parts, unknown_args = parse()
+    except ValueError as exc:
+        raise UserError(f"{exc} (see --help for every setting)") from None
+    if unknown_args:
+        raise UserError(f"unknown setting(s): {' '.join(unknown_args)} (see --help for every setting)")
+    for part in parts:
+        if not isinstance(part, TrainingArguments):  # transformers checks its own
+            _check_field_types(part)
+    return parts
+
+
+_PLAIN_TYPES = (str, int, float, bool, type(None))
 
 
 def _field_types(annotation: Any) -> list[type] | None:
     """The plain types a field allows ("int | None" -> [int, NoneType]); None for anything else."""
-    import typing
-
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     parts = list(typing.get_args(annotation)) if union else [annotation]
-    return parts if all(t in _TYPES.values() for t in parts) else None
+    return parts if all(t in _PLAIN_TYPES for t in parts) else None
 
 
 def _check_field_types(part: Any) -> None:
     """A value of the wrong type (from a YAML/JSON config file: the command line converts its strings)
     is refused here, not deep inside a library."""
-    import typing
-
     # From the class's annotations: HfArgumentParser rewrites each field's .type, dropping "| None".
     hints = typing.get_type_hints(type(part))
     for f in dataclasses.fields(part):
@@ -309,15 +314,7 @@ def parse_dataclasses(classes: tuple[type, ...], argv: list[str] | None = None) 
     parser = HfArgumentParser(classes)
     parser.error = raise_usage_error
     args = list(argv) if argv is not None else sys.argv[1:]
-    try:
-        *parts, unknown_args = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
-    except ValueError as exc:
-        raise UserError(f"{exc} (see --help)") from None
-    if unknown_args:
-        raise UserError(f"unknown setting(s): {' '.join(unknown_args)} (see --help for every setting)")
-    for part in parts:
-        _check_field_types(part)
-    return parts
+    return _checked(lambda: parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True))
 
 
 def _check_config_file(args: list[str]) -> None:

@@ -134,9 +134,7 @@ class RecordFile:
 def load_records(args: DataArguments, option: str = "--data_file") -> RecordFile:
     """The rows the run will use, checked against the task's needs, in file order."""
     rows = read_table(args.data_file, option)
-    if args.max_samples is not None:
-        if args.max_samples < 1:
-            raise UserError(f"--max_samples must be at least 1, got {args.max_samples}")
+    if args.max_samples is not None:  # >= 1: harness.checks
         rows = rows[: args.max_samples]
     if args.task == "classification":
         kept, reason = _check_classification_rows(rows, args)
@@ -219,11 +217,9 @@ def load_eval_records(args: DataArguments) -> RecordFile | None:
 def split_records(rows: list[dict], args: DataArguments, eval_records: RecordFile | None = None) -> tuple[list[dict], list[dict]]:
     """A fixed-seed train/validation split, the same one datasets' train_test_split makes.
     With --eval_file, that file's records (eval_records, when already loaded) are the validation set
-    and every row trains."""
+    and every row trains. validation_split is in [0, 1) (harness.checks)."""
     if args.eval_file:
         return rows, (eval_records or load_eval_records(args)).rows
-    if not 0 <= args.validation_split < 1:
-        raise UserError(f"--validation_split must be in [0, 1), got {args.validation_split}")
     n_eval = math.ceil(args.validation_split * len(rows))
     if n_eval == 0:
         return rows, []
@@ -458,9 +454,15 @@ def prepare(rows_train: list[dict], rows_eval: list[dict], args: DataArguments, 
 
 
 def data_identity(path: str) -> dict[str, Any]:
-    """Name and content hash of the data file, for result.json provenance."""
+    """Name and content hash (sha256, None when there is no such file) of a data file, for result.json
+    provenance and a run's fingerprint (harness.rundir)."""
     import hashlib
 
-    found = find_file(path)
-    digest = hashlib.sha256(Path(found).read_bytes()).hexdigest() if found else None
-    return {"data_file": path, "data_sha256": digest}
+    found = find_file(path) if path else None
+    if found is None or not found.is_file():
+        return {"data_file": path, "data_sha256": None}
+    digest = hashlib.sha256()
+    with open(found, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):  # streamed: the full Alpaca file is 20+ MB
+            digest.update(block)
+    return {"data_file": path, "data_sha256": digest.hexdigest()}

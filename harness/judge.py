@@ -189,16 +189,24 @@ class OpenAICompatibleJudge:
             messages = messages[:2] + [{"role": "assistant", "content": reply}, {"role": "user", "content": RETRY_REMINDER}]
         return Judgment(None, "unparseable", self.id, self.args.judge_parse_retries + 1, reply[:1000])
 
-    def _complete(self, messages: list[dict]) -> str:
-        """The reply's text, retrying timeouts / 429 / 5xx with bounded backoff."""
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 200}).encode()
+    def _request(self, messages: list[dict], max_tokens: int) -> urllib.request.Request:
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0, "max_tokens": max_tokens})
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
+        return urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
+
+    def _network_problem(self, exc: Exception) -> str:
+        """Why a request got no HTTP answer at all, with the key masked."""
+        reason = getattr(exc, "reason", exc)
+        return "timed out" if isinstance(reason, (TimeoutError, socket.timeout)) else self._mask(str(reason))
+
+    def _complete(self, messages: list[dict]) -> str:
+        """The reply's text, retrying timeouts / 429 / 5xx with bounded backoff."""
+        request = self._request(messages, max_tokens=200)
         problem = ""
         for attempt in range(self.args.judge_max_retries + 1):
             wait = min(self.args.judge_backoff_seconds * 2 ** attempt, MAX_BACKOFF_SECONDS)
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.args.judge_timeout) as response:
                     payload = response.read().decode("utf-8", errors="replace")
@@ -210,16 +218,14 @@ class OpenAICompatibleJudge:
                     wait = _retry_after(exc, wait)
                 else:
                     raise self._refusal(exc.code, detail) from None
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
-                reason = getattr(exc, "reason", exc)
-                problem = "timed out" if isinstance(reason, (TimeoutError, socket.timeout)) else self._mask(str(reason))
+            except NETWORK_ERRORS as exc:
+                problem = self._network_problem(exc)
             if attempt < self.args.judge_max_retries:
                 self.sleep(wait)
         raise UserError(
             f"judge endpoint {self.url} did not answer after {self.args.judge_max_retries + 1} tries ({problem}); "
             "judgments made so far are cached: rerun later, or raise --judge_timeout / --judge_max_retries"
         )
-
 
     def _refusal(self, code: int, detail: str) -> UserError:
         if code in (401, 403):
@@ -235,10 +241,7 @@ class OpenAICompatibleJudge:
     def probe(self) -> None:
         """One one-token request, before any training: a wrong URL, key or model name fails in seconds
         instead of after hours of training and decoding. Costs a few tokens."""
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": "Reply with 1."}],
-                           "temperature": 0, "max_tokens": 1}).encode()
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self._key}"} if self._key else {})}
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        request = self._request([{"role": "user", "content": "Reply with 1."}], max_tokens=1)
         try:
             with urllib.request.urlopen(request, timeout=min(self.args.judge_timeout, PROBE_TIMEOUT_SECONDS)) as response:
                 response.read()
@@ -250,17 +253,16 @@ class OpenAICompatibleJudge:
             if exc.code == 429 or exc.code >= 500:
                 return  # reachable and busy: the real requests retry with backoff
             raise self._refusal(exc.code, detail) from None
-        except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
-            reason = getattr(exc, "reason", exc)
-            reason = "timed out" if isinstance(reason, (TimeoutError, socket.timeout)) else self._mask(str(reason))
+        except NETWORK_ERRORS as exc:
             raise UserError(
-                f"judge endpoint {self.url} cannot be reached ({reason}); check --judge_base_url and the network "
-                "(checked before training, so nothing was trained)"
+                f"judge endpoint {self.url} cannot be reached ({self._network_problem(exc)}); check --judge_base_url "
+                "and the network (checked before training, so nothing was trained)"
             ) from None
 
 
 MAX_BACKOFF_SECONDS = 60.0
 PROBE_TIMEOUT_SECONDS = 15.0
+NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError)  # no HTTP answer at all
 
 
 def _api_key(env_name: str) -> str | None:
@@ -434,13 +436,13 @@ def check_judge_settings(args: JudgeArguments) -> None:
         _api_key(args.judge_api_key_env)
     if args.judge_max_retries < 0 or args.judge_parse_retries < 0 or args.judge_timeout <= 0:
         raise UserError("--judge_max_retries and --judge_parse_retries must be >= 0 and --judge_timeout > 0")
+    if args.judge_cache and Path(args.judge_cache).is_dir():
+        raise UserError(f"--judge_cache {args.judge_cache} is a folder; pass a .jsonl file (created if missing)")
 
 
 def check_judge_reachable(args: JudgeArguments) -> None:
     """The judge is first needed after training and decoding: an OpenAI-compatible one answers one tiny
     request now, a local one's tokenizer loads now, or the run is refused before anything is trained."""
-    if args.judge_cache and Path(args.judge_cache).is_dir():
-        raise UserError(f"--judge_cache {args.judge_cache} is a folder; pass a .jsonl file (created if missing)")
     if args.judge_backend == "openai":
         OpenAICompatibleJudge(args).probe()
     else:

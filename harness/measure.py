@@ -95,14 +95,11 @@ def apply_memory_budget(budget_gb: float | None) -> dict[str, Any]:
     The cap is the caching allocator's per-process memory fraction: past it, an allocation raises
     torch.OutOfMemoryError as it would on a GPU that size. The CUDA context and memory PyTorch does not
     allocate (bitsandbytes' paged optimizer states) are outside it. On CPU nothing is enforced; the
-    returned record says so, and harness.bench compares the trial's peak RSS with the budget.
+    returned record says so, and harness.bench compares the trial's peak RSS with the budget. The
+    budget is positive: harness.checks refuses anything else before any data or model is loaded.
     """
     if budget_gb is None:
         return {}
-    from harness.errors import UserError
-
-    if budget_gb <= 0:
-        raise UserError(f"--memory_budget_gb must be positive, got {budget_gb}")
     record: dict[str, Any] = {"memory_budget_gb": budget_gb}
     if not torch.cuda.is_available():
         print(f"Memory budget {budget_gb:g} GiB: not enforced on CPU (compare peak_memory_mb after the run).")

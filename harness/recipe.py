@@ -248,7 +248,8 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
                if "eval_answer_token_accuracy" in final_eval else {}),
             **trainer.last_task_metrics,
         },
-        "data": {**data_mod.data_identity(cfg.data.data_file), **prepared.stats, "rows_left_out": plan.left_out()},
+        "data": {"data_file": cfg.data.data_file, "data_sha256": folder.settings["data_file_sha256"],  # hashed once
+                 **prepared.stats, "rows_left_out": plan.left_out()},
         "log_history": trainer.state.log_history,
     }
     if schedule is not None:

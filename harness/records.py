@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 RUNS_FILE = "runs.jsonl"
+# Settings that only say where a trial ran or how it printed: they never make two trials different
+# (harness.bench leaves them out of a trial's hash, harness.report out of an experiment's settings).
+LOCATION_SETTINGS = frozenset({"output_dir", "run_name", "logging_dir", "disable_tqdm"})
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from harness import REPO_ROOT  # not harness.config: this tool needs no transformers
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
-from harness.records import RUNS_FILE, read_records
+from harness.records import LOCATION_SETTINGS, RUNS_FILE, read_records
 
 MIB = 1024 * 1024
 RANK_HEADER = "rank (r / target_r ← init_r)"
@@ -141,14 +141,11 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-# What never makes two trials different experiments: the seed (the table aggregates over it) and where
-# a trial's files went. Every other setting does, so trials are grouped only with identical ones.
-_NOT_COMPARED = {"seed", "output_dir", "run_name", "logging_dir", "disable_tqdm"}
-
-
 def experiment_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """What makes a trial this experiment: the settings of its hash (harness.bench.config_hash) but the
+    seed, which the table aggregates over. Trials are grouped only with identical ones."""
     config = (record.get("result") or {}).get("config") or {}
-    settings = {k: v for k, v in config.items() if k not in _NOT_COMPARED}
+    settings = {k: v for k, v in config.items() if k not in LOCATION_SETTINGS and k != "seed"}
     settings["bench_cpu_threads"] = record.get("cpu_threads")  # it changes the timings
     return settings
 

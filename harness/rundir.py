@@ -20,6 +20,7 @@ Two runs at once in one folder: the second is refused (a lock is held while a ru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import fcntl
@@ -60,8 +61,6 @@ def run_settings(cfg) -> dict[str, Any]:
     input file (data_file, eval_file, the init_adapter's weights): an edited data file is another run.
     A recipe's own extra settings (e.g. alpaca100's judge and decoding grid) act after training and
     reach it only through its data file, so they are left out."""
-    import dataclasses
-
     settings = fingerprinted(dataclasses.replace(cfg, extras=()).to_dict())
     settings.update(input_hashes(cfg))
     return settings
@@ -72,24 +71,12 @@ def fingerprinted(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def input_hashes(cfg) -> dict[str, str | None]:
-    from harness.config import find_file
+    from harness.data import data_identity
 
     files = {"data_file": cfg.data.data_file, "eval_file": cfg.data.eval_file}
     if cfg.run.init_adapter:
         files["init_adapter"] = str(Path(cfg.run.init_adapter) / "adapter_model.safetensors")
-    hashes = {}
-    for name, path in files.items():
-        found = find_file(path) if path else None
-        hashes[f"{name}_sha256"] = _sha256(found) if found is not None and found.is_file() else None
-    return hashes
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {f"{name}_sha256": data_identity(path)["data_sha256"] for name, path in files.items()}
 
 
 def fingerprint_of(settings: dict[str, Any]) -> str:

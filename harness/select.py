@@ -163,13 +163,18 @@ def _rating(row: dict, name: str, number: int) -> float:
     return value
 
 
-def select_records(rows: list[dict[str, Any]], args: SelectionArguments) -> Selection:
-    """Score every record and keep the top k. Deterministic: ties go to the earlier record."""
+def check_selection(args: SelectionArguments) -> None:
+    """The selection settings' ranges, checkable before any data is read."""
     if args.select_k < 1:
         raise UserError(f"--select_k must be at least 1, got {args.select_k}")
     for name in ("response_weight", "complexity_weight"):
         if not getattr(args, name) >= 0:  # a negative weight would rank the shortest, simplest records first
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+
+
+def select_records(rows: list[dict[str, Any]], args: SelectionArguments) -> Selection:
+    """Score every record and keep the top k. Deterministic: ties go to the earlier record."""
+    check_selection(args)
     if not rows or "instruction" not in rows[0] or "output" not in rows[0]:
         raise UserError("selection needs Alpaca-style records with instruction/input/output fields; pass "
                         "--data_file with such records (e.g. data/alpaca_en_demo.json)")

@@ -26,7 +26,7 @@ from harness.curriculum import CurriculumArguments, bucket_counts, plan_stages, 
 from harness.errors import UserError, reported_as_one_line
 from harness.generation import DecodingArguments, decoding_grid, load_test_prompts
 from harness.judge import PROMPT_VERSION, JudgeArguments, check_judge_reachable, check_judge_settings
-from harness.select import SelectionArguments
+from harness.select import SelectionArguments, check_selection
 
 EXTRA_ARGUMENTS = (SelectionArguments, CurriculumArguments, DecodingArguments, JudgeArguments)
 REPORT_FILE = "report.md"
@@ -63,8 +63,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         raise UserError(f"this recipe trains on instruction data; --task {cfg.data.task} is not supported here")
     if curriculum_args.curriculum and cfg.method.method == "full":
         raise UserError("--curriculum passes an adapter from stage to stage; use a PEFT --method, or no --curriculum")
-    if selection_args.select_k < 1:
-        raise UserError(f"--select_k must be at least 1, got {selection_args.select_k}")
+    check_selection(selection_args)
     check_judge_settings(judge_args)
     grid = decoding_grid(decoding_args)
     test_prompts = load_test_prompts(decoding_args.test_file, decoding_args.max_test_prompts)
