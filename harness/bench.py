@@ -90,6 +90,7 @@ class Trial:
     config_hash: str = ""
     trial_id: str = ""
     rank_setting: dict[str, int] = field(default_factory=dict)
+    scored_on: str = ""  # what its scores depend on besides training (model, quantization, eval data)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -167,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--output-root", default=str(REPO_ROOT / "outputs" / "bench"),
         help="Trial folders go to <output-root>/<name>/<trial>/ (adapters, checkpoints, trial.log).",
+    )
+    parser.add_argument(
+        "--no-baseline", dest="baseline", action="store_false",
+        help="Leave out the baseline trials: by default the untrained model (method none) is scored once on "
+             "every distinct eval set, model and quantization of the sweep, and heads its tables.",
     )
     parser.add_argument("--force", action="store_true", help="Rerun trials already recorded ok.")
     parser.add_argument("--dry-run", action="store_true", help="List the trials and exit without running them.")
@@ -363,12 +369,56 @@ def plan_trials(args: argparse.Namespace) -> list[Trial]:
                         recipe=name, script=script, method=method, model=config.model.model, rank=rank,
                         seed=seed, axes={k: combo[k] for k in varying}, argv=argv,
                         config_hash=config_hash(config.to_dict(), args.cpu_threads),
-                        rank_setting=rank_setting,
+                        rank_setting=rank_setting, scored_on=scored_on(config),
                     )
                     trial.trial_id = trial_id(trial, varying)
                     trials.append(trial)
+    if getattr(args, "baseline", True):
+        trials = baseline_trials(trials, args.cpu_threads) + trials
     _make_ids_unique(trials)
     return trials
+
+
+# What an untrained model's scores depend on: the model as loaded and the data it is scored on.
+SCORED_ON = ("model", "quantization", "dtype", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+             "data_file", "task", "text_column", "label_column", "labels", "instruction", "prompt_format",
+             "max_samples", "validation_split", "split_seed", "eval_file", "max_seq_length", "eval_max_samples",
+             "forgetting_file", "forgetting_samples", "per_device_eval_batch_size")
+
+
+def scored_on(config) -> str:
+    settings = config.to_dict()
+    return json.dumps({k: settings.get(k) for k in SCORED_ON}, sort_keys=True, default=str)
+
+
+def baseline_trials(trials: list[Trial], cpu_threads: int | None) -> list[Trial]:
+    """One method-none trial (the untrained model, scored as every trial is) for each distinct model,
+    quantization and eval set among the trials, with the first such trial's settings. Untrained
+    scores do not depend on the seed, so each runs once."""
+    from harness.config import parse_args
+
+    baselines: dict[str, Trial] = {}
+    for trial in trials:
+        if trial.scored_on in baselines or trial.method == "none":
+            continue
+        flags = dict(zip(trial.argv[::2], trial.argv[1::2]))
+        for key in RANK_FLAGS:
+            flags.pop(f"--{key}", None)
+        flags["--method"] = "none"
+        argv = [part for item in flags.items() for part in item]
+        defaults = load_defaults(trial.recipe, trial.script)
+        config = _parse(parse_args, defaults, trial.recipe, argv, preflight=True)
+        quantization = config.model.quantization
+        baseline = Trial(
+            recipe=trial.recipe, script=trial.script, method="none", model=trial.model, rank=None, seed=trial.seed,
+            axes=dict(trial.axes), argv=argv, config_hash=config_hash(config.to_dict(), cpu_threads),
+            scored_on=trial.scored_on,
+        )
+        baseline.trial_id = re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(
+            ["baseline", "16bit" if quantization == "none" else quantization, f"s{trial.seed}",
+             *(f"{k}={v}" for k, v in trial.axes.items())]))
+        baselines[trial.scored_on] = baseline
+    return list(baselines.values())
 
 
 def _parse(parse_args, defaults: dict[str, Any], name: str, argv: list[str], preflight: bool = False):
@@ -666,6 +716,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
                 "rank_setting": trial.rank_setting,
                 "seed": trial.seed,
                 "axes": trial.axes,
+                "scored_on": trial.scored_on,
                 "budgets": {
                     "steps": args.budget_steps, "seconds": args.budget_seconds, "tokens": args.budget_tokens,
                     "memory_gb": args.memory_budget_gb, "trial_timeout_s": timeout_s,

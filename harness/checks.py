@@ -29,6 +29,7 @@ def check_settings(cfg) -> None:
 
     _at_least("max_samples", data.max_samples, 1, optional=True)
     _at_least("eval_max_samples", data.eval_max_samples, 1, optional=True)
+    _at_least("forgetting_samples", data.forgetting_samples, 0)
     _at_least("max_seq_length", data.max_seq_length, 1)
     _between("validation_split", data.validation_split, 0, 1, high_open=True)
 

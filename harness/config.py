@@ -129,6 +129,16 @@ class DataArguments:
     eval_max_samples: int | None = field(
         default=None, metadata=_help("Score at most N validation examples for task metrics (None: all).")
     )
+    forgetting_file: str | None = field(
+        default="data/alpaca_en_demo.json",
+        metadata=_help(
+            "General text for the forgetting figure: the model's loss on these records' responses before and "
+            "after training (records whose text the run trains on are skipped). Empty: not measured."
+        ),
+    )
+    forgetting_samples: int = field(
+        default=32, metadata=_help("Responses from the end of --forgetting_file to measure forgetting on (0: off).")
+    )
 
 
 @dataclass
@@ -136,7 +146,8 @@ class MethodArguments:
     method: str = field(
         default="lora",
         metadata=_help(
-            "full | lora | dora | rslora | loftq | adalora | ia3 | prompt_tuning | prefix_tuning | p_tuning"
+            "full | lora | dora | rslora | loftq | adalora | ia3 | prompt_tuning | prefix_tuning | p_tuning | "
+            "none (trains nothing: the untrained model's scores, the baseline every method must beat)"
         ),
     )
     target_modules: str = field(

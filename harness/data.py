@@ -207,6 +207,20 @@ def _valid_messages(messages: Any) -> bool:
     )
 
 
+def load_forgetting_records(args: DataArguments) -> RecordFile | None:
+    """--forgetting_file's instruction records (their responses are the general text), or None when off."""
+    if not args.forgetting_file or not args.forgetting_samples:
+        return None
+    return load_records(
+        dataclasses.replace(args, data_file=args.forgetting_file, task="instruction", max_samples=None),
+        "--forgetting_file")
+
+
+def seen_texts(rows: list[dict]) -> set[str]:
+    """Every text field of the rows a run trains on, stripped: what a held-out probe must not contain."""
+    return {str(v).strip() for row in rows for v in row.values() if isinstance(v, str) and v.strip()}
+
+
 def load_eval_records(args: DataArguments) -> RecordFile | None:
     """--eval_file's records, or None without one."""
     if not args.eval_file:

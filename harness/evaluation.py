@@ -7,6 +7,7 @@ measures exactly what training optimises.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,41 @@ def candidate_logprobs(model, tokenizer, prompts: list[list[int]], candidates: l
     return scores
 
 
+def _uses_virtual_tokens(model) -> bool:
+    """Prompt/prefix/P-tuning models prepend learned tokens (or key/values) of their own."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+@torch.no_grad()
+def shared_prompt_logprobs(model, prompts: list[list[int]], candidates: list[list[list[int]]]) -> list[float]:
+    """Sum of log p(candidate | prompt) for every candidate of every prompt, the prompt run once and its
+    key/value cache reused for all its candidates: about half the work of candidate_logprobs for two
+    labels, same numbers up to float rounding. Not for prompt-learning models (they own the cache)."""
+    device = next(p for p in model.parameters()).device
+    scores: list[float] = []
+    for prompt, options in zip(prompts, candidates):
+        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every candidate's first token
+        width = max(map(len, options))
+        ids = torch.zeros((len(options), width), dtype=torch.long)
+        for row, option in enumerate(options):
+            ids[row, : len(option)] = torch.tensor(option)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(options))
+        attention = torch.ones((len(options), len(prompt) + width), dtype=torch.long)
+        for row, option in enumerate(options):
+            attention[row, len(prompt) + len(option):] = 0  # right padding of shorter candidates
+        rest = model(input_ids=ids.to(device), attention_mask=attention.to(device), past_key_values=cache).logits
+        for row, option in enumerate(options):
+            total = float(first[option[0]])
+            if len(option) > 1:
+                logprobs = torch.log_softmax(rest[row, : len(option) - 1].float(), dim=-1)
+                total += float(logprobs.gather(1, torch.tensor(option[1:], device=device)[:, None]).sum())
+            scores.append(total)
+    return scores
+
+
 class ClassificationScorer:
     """Accuracy and macro-F1 of label-likelihood predictions on held-out examples.
 
@@ -81,17 +117,41 @@ class ClassificationScorer:
         was_training = model.training
         model.eval()
         try:
-            scores = candidate_logprobs(model, self.tokenizer, self.prompts, self.candidates, self.batch_size)
+            if _uses_virtual_tokens(model):
+                scores = candidate_logprobs(model, self.tokenizer, self.prompts, self.candidates, self.batch_size)
+            else:
+                k = len(self.labels)
+                scores = shared_prompt_logprobs(
+                    model, self.prompts[::k], [self.candidates[i:i + k] for i in range(0, len(self.candidates), k)])
         finally:
             model.train(was_training)
         predicted = np.array(scores).reshape(len(self.gold), len(self.labels)).argmax(axis=1)
+        accuracy = float((predicted == self.gold).mean())
         return {
-            "accuracy": float((predicted == self.gold).mean()),
+            "accuracy": accuracy,
+            # How far this accuracy could move by the luck of which reviews were held out: compare two
+            # runs' accuracies only when they differ by more than about two standard errors.
+            "accuracy_se": round(accuracy_standard_error(accuracy, len(self.gold)), 6),
+            "accuracy_ci95": [round(x, 6) for x in wilson_interval(accuracy, len(self.gold))],
             "macro_f1": macro_f1(self.gold, predicted, len(self.labels)),
             "predicted_distribution": {label: int((predicted == i).sum()) for i, label in enumerate(self.labels)},
             "gold_distribution": {label: int((self.gold == i).sum()) for i, label in enumerate(self.labels)},
             "examples": int(len(self.gold)),
         }
+
+
+def accuracy_standard_error(accuracy: float, n: int) -> float:
+    """Binomial standard error of an accuracy measured on n independent examples."""
+    return math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy on n examples (sound near 0 and 1, unlike p +- 2 SE)."""
+    if not n:
+        return (float("nan"), float("nan"))
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def macro_f1(gold: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
@@ -103,3 +163,77 @@ def macro_f1(gold: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
         fn = int(((predicted != k) & (gold == k)).sum())
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return float(np.mean(f1s))
+
+
+# ---------------------------------------------------------------------------- forgetting
+
+class ForgettingProbe:
+    """What fine-tuning costs the model elsewhere: its mean per-token loss on general text the run never
+    trains on (Alpaca responses by default), measured on the loaded base model before training and on
+    the trained one after. PEFT's method comparison reports the same kind of figure.
+
+    Texts are the responses of the last ``samples`` records of ``path`` (file order, from the end) whose
+    text is not in ``seen`` (every training row's fields), each cut to ``max_tokens``."""
+
+    def __init__(self, tokenizer, path: str, rows: list[dict], samples: int, max_tokens: int, seen: set[str],
+                 batch_size: int = 4):
+        self.path, self.batch_size = path, batch_size
+        texts, skipped = [], 0
+        for row in reversed(rows):
+            text = str(row.get("output") or "").strip()
+            if not text:
+                continue
+            if text in seen or str(row.get("instruction") or "").strip() in seen:
+                skipped += 1
+                continue
+            texts.append(text)
+            if len(texts) == samples:
+                break
+        self.texts_skipped_as_trained_on = skipped
+        self.ids = [tokenizer(t, add_special_tokens=True, truncation=True, max_length=max_tokens,
+                              verbose=False)["input_ids"] for t in texts]
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.before: float | None = None
+
+    @torch.no_grad()
+    def loss(self, model) -> float:
+        """Mean next-token loss over every token of the texts (token-weighted)."""
+        device = next(p for p in model.parameters()).device
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        try:
+            for start in range(0, len(self.ids), self.batch_size):
+                batch = self.ids[start:start + self.batch_size]
+                width = max(map(len, batch))
+                ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+                attention = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, seq in enumerate(batch):
+                    ids[row, : len(seq)] = torch.tensor(seq)
+                    attention[row, : len(seq)] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+                logits = logits[:, -width:].float()  # drop virtual-token positions of prompt-learning methods
+                nll = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device), reduction="none")
+                mask = attention[:, 1:].to(device).bool()
+                total += float(nll[mask].sum())
+                count += int(mask.sum())
+        finally:
+            model.train(was_training)
+        return total / count if count else float("nan")
+
+    def measure_before(self, model) -> None:
+        self.before = self.loss(model)
+
+    def report(self, model) -> dict[str, Any]:
+        after = self.loss(model)
+        return {
+            "file": self.path,
+            "texts": len(self.ids),
+            "tokens": sum(len(s) - 1 for s in self.ids),
+            "texts_skipped_as_trained_on": self.texts_skipped_as_trained_on,
+            "loss_before": round(self.before, 6) if self.before is not None else None,
+            "loss_after": round(after, 6),
+            # > 0: the model got worse at general text (forgot); < 0: it got better at it.
+            "delta": round(after - self.before, 6) if self.before is not None else None,
+        }

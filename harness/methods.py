@@ -15,7 +15,7 @@ from harness.errors import UserError
 
 LORA_FAMILY = ("lora", "dora", "rslora", "loftq")
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
-METHODS = ("full", *LORA_FAMILY, "adalora", "ia3", *PROMPT_LEARNING)
+METHODS = ("none", "full", *LORA_FAMILY, "adalora", "ia3", *PROMPT_LEARNING)
 
 # Presets by module name. Names differ across architectures (OPT calls o_proj out_proj), so a preset
 # keeps only the names the model really has; all7 is the exact Llama/Qwen/Mistral set and is strict.
@@ -121,12 +121,12 @@ def adalora_schedule(args: MethodArguments, total_step: int) -> AdaLoraSchedule:
 # ---------------------------------------------------------------------------- PEFT configs
 
 def peft_config(args: MethodArguments, model: torch.nn.Module, schedule: AdaLoraSchedule | None = None):
-    """The PEFT config for the chosen method, or None for full fine-tuning."""
+    """The PEFT config for the chosen method, or None for full fine-tuning and for none."""
     import peft
 
     method = args.method
     loaded_in_4bit = getattr(model, "is_loaded_in_4bit", False)
-    if method == "full":
+    if method in ("full", "none"):
         return None
     if method in LORA_FAMILY:
         return peft.LoraConfig(
@@ -217,8 +217,8 @@ def check_init_adapter(path: str | None, args: MethodArguments) -> None:
     one of another method or rank (its target modules are compared once they are known: check_targets)."""
     if not path:
         return
-    if args.method == "full":
-        raise UserError("--init_adapter starts an adapter from saved weights; full fine-tuning has no adapter")
+    if args.method in ("full", "none"):
+        raise UserError(f"--init_adapter starts an adapter from saved weights; --method {args.method} has no adapter")
     _require_adapter_weights(path)
     saved = _saved_adapter_config(path)
     problems = []

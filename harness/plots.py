@@ -1,4 +1,5 @@
-"""The benchmark plots: rank against peak memory, training time and score, and memory against score.
+"""The benchmark plots: rank against peak memory, training time and score; score against memory,
+trainable parameters and training time (one point per trial, the untrained baseline as a dashed line).
 
 One PNG each, next to the sweep's table (results/<sweep>_<plot>.png). A line per recipe (and --set
 values), error bars = sample std over seeds; a method without a rank is a dashed horizontal line.
@@ -65,14 +66,20 @@ def _rank_plot(plt, rows, metric: str, ylabel: str, title: str):
     return figure
 
 
-def _memory_score_plot(plt, rows, score: str, title: str, memory_label: str):
+def _score_scatter(plt, rows, x_metric: str, score: str, title: str, xlabel: str, log_x: bool = False):
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    methods = list(dict.fromkeys(row["method"] for row in rows))
+    for row in rows:  # the untrained model: every method's gain is measured from it
+        if row["method"] == "none" and row.get(score) is not None:
+            axes.axhline(row[score], linestyle="--", linewidth=1, color="grey")
+            axes.annotate(row["recipe"], (0.01, row[score]), xycoords=("axes fraction", "data"),
+                          textcoords="offset points", xytext=(0, 3), fontsize=7, color="grey")
+    methods = list(dict.fromkeys(row["method"] for row in rows if row["method"] != "none"))
     for method in methods:
         points = [
-            (row["peak memory (MiB)"], row[score], row)
+            (row[x_metric], row[score], row)
             for row in rows
-            if row["method"] == method and row.get(score) is not None and row.get("peak memory (MiB)") is not None
+            if row["method"] == method and row.get(score) is not None and row.get(x_metric) is not None
+            and not (log_x and row[x_metric] <= 0)
         ]
         if not points:
             continue
@@ -81,7 +88,9 @@ def _memory_score_plot(plt, rows, score: str, title: str, memory_label: str):
         for x, y, row in points:
             rank = "no rank" if row["_rank"] == math.inf else f"r{int(row['_rank'])}"
             axes.annotate(rank, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    axes.set_xlabel(memory_label)
+    if log_x:
+        axes.set_xscale("log")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel(score)
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
@@ -104,8 +113,15 @@ def write_plots(rows: list[dict[str, Any]], folder: Path, sweep: str, score: str
     ]
     if score:
         figures.append(("rank_vs_score", _rank_plot(plt, rows, score, score, f"{sweep}: rank vs {score}")))
-        figures.append(("memory_vs_score", _memory_score_plot(
-            plt, rows, score, f"{sweep}: memory vs {score}, per method", memory_label)))
+        trained = [row for row in rows if row["method"] != "none"]
+        figures.append(("memory_vs_score", _score_scatter(
+            plt, rows, "peak memory (MiB)", score, f"{sweep}: {score} vs memory, per method", memory_label)))
+        if any(row.get("trainable params") for row in trained):
+            figures.append(("params_vs_score", _score_scatter(
+                plt, rows, "trainable params", score, f"{sweep}: {score} vs trainable parameters",
+                "trainable parameters (log scale)", log_x=True)))
+        figures.append(("train_time_vs_score", _score_scatter(
+            plt, rows, "train (s)", score, f"{sweep}: {score} vs training time", "training time (s, optimizer steps)")))
     written = []
     for name, figure in figures:
         path = Path(folder) / f"{sweep}_{name}.png"

@@ -45,6 +45,7 @@ class Plan:
     eval_rows: list[dict[str, Any]]
     targs: Any  # TrainingArguments, adjusted (no evaluation without eval rows)
     schedule: Any  # AdaLoraSchedule or None
+    forgetting: Any = None  # RecordFile of forgetting_file, or None when not measured
 
     def left_out(self) -> dict[str, Any]:
         """Rows left out for having no text, per file, for result.json."""
@@ -83,7 +84,8 @@ def preflight(cfg: RunConfig, output_dir: bool = True) -> Plan:
     schedule = adalora_schedule(cfg.method, total_steps) if cfg.method.method == "adalora" else None
     if not eval_rows:
         targs = dataclasses.replace(targs, eval_strategy="no", load_best_model_at_end=False)
-    return Plan(loaded, eval_loaded, train_rows, eval_rows, targs, schedule)
+    forgetting = data_mod.load_forgetting_records(cfg.data)
+    return Plan(loaded, eval_loaded, train_rows, eval_rows, targs, schedule, forgetting)
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -167,7 +169,7 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     from peft import get_peft_model
 
     from harness import data as data_mod
-    from harness.evaluation import ClassificationScorer
+    from harness.evaluation import ClassificationScorer, ForgettingProbe
     from harness.methods import final_adalora_ranks, initialise_loftq, load_adapter_weights, peft_config
     from harness.models import load_model, parameter_counts, resolve_model
     from harness.training import AdaLoraAllocation, SealCheckpoints, TrainClock, build_trainer
@@ -188,6 +190,15 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
         targs = dataclasses.replace(targs, activation_checkpointing=False)
     else:
         model = load_model(cfg.model, cfg.method.method, targs.activation_checkpointing)
+    forgetting = None
+    if plan.forgetting is not None:
+        # Measured on the model as loaded (quantized if asked), before any adapter or training touches it.
+        forgetting = ForgettingProbe(
+            tokenizer, cfg.data.forgetting_file, plan.forgetting.rows, cfg.data.forgetting_samples,
+            cfg.data.max_seq_length, data_mod.seen_texts(plan.train_rows), targs.per_device_eval_batch_size,
+        )
+        forgetting.measure_before(model)
+    if cfg.model.backend != "unsloth":
         config = peft_config(cfg.method, model, schedule)
         if config is not None:
             model = get_peft_model(model, config)
@@ -195,6 +206,8 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
             initialise_loftq(model, resolve_model(cfg.model.model))
     if cfg.run.init_adapter:
         load_adapter_weights(model, cfg.run.init_adapter)
+    if cfg.method.method == "none":
+        model.requires_grad_(False)  # the baseline: scored exactly as loaded
     trainable, total = parameter_counts(model)
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
     if schedule is not None:
@@ -213,25 +226,36 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     clock = TrainClock(cfg.run.budget_seconds, cfg.run.budget_tokens)
     callbacks = [clock] + ([AdaLoraAllocation(model)] if schedule is not None else [])
     callbacks.append(SealCheckpoints(folder.fingerprint))  # last: a checkpoint is complete once all have saved
-    trainer = build_trainer(model, tokenizer, targs, prepared, scorer, callbacks)
+    trainer = build_trainer(model, tokenizer, targs, prepared, scorer, callbacks,
+                            evaluation_only=cfg.method.method == "none")
 
     last = folder.resume_from  # only ever a complete checkpoint of exactly these settings
     if last:
         print(f"Resuming from {last}")
-    outcome = trainer.train(resume_from_checkpoint=last)
+    baseline = cfg.method.method == "none"
+    if baseline:
+        print("Method none: nothing trains; the untrained model is scored as loaded (the baseline).")
+        outcome = None
+    else:
+        outcome = trainer.train(resume_from_checkpoint=last)
 
     final_eval: dict[str, Any] = {}
     if prepared.eval is not None:
-        final_eval = trainer.evaluate()
+        final_eval = _evaluation_of_final_weights(trainer, scorer) or trainer.evaluate()
+    forgetting_report = forgetting.report(model) if forgetting is not None else None
+    if forgetting_report:
+        print(f"Forgetting: loss on {forgetting_report['texts']} general texts {forgetting_report['loss_before']:.4f} "
+              f"before, {forgetting_report['loss_after']:.4f} after (delta {forgetting_report['delta']:+.4f})")
     # Final files go to a staging folder; they replace a finished run's only once this record is ok.
     staging = folder.staging
-    trainer.save_model(str(staging))  # adapter_config.json + adapter_model.safetensors (or the full model)
-    tokenizer.save_pretrained(str(staging))
+    if not baseline:  # the baseline has no weights of its own to save
+        trainer.save_model(str(staging))  # adapter_config.json + adapter_model.safetensors (or the full model)
+        tokenizer.save_pretrained(str(staging))
 
     record: dict[str, Any] = {
         "global_step": trainer.state.global_step,
         "planned_steps": schedule.total_step if schedule else None,
-        "stopped_by": clock.stopped_by,
+        "stopped_by": "method none (no training)" if baseline else clock.stopped_by,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "resumed_from": last,
         "train_seconds": round(clock.seconds, 3),
@@ -241,13 +265,14 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
         "total_params": total,
         "trainable_percent": round(100 * trainable / total, 6),
         **_saved_weights_bytes(staging),
-        "train_loss": round(outcome.training_loss, 6) if outcome.global_step else None,
+        "train_loss": round(outcome.training_loss, 6) if outcome is not None and outcome.global_step else None,
         "eval_loss": final_eval.get("eval_loss"),
         "eval": {
             **({"answer_token_accuracy": final_eval["eval_answer_token_accuracy"]}
                if "eval_answer_token_accuracy" in final_eval else {}),
             **trainer.last_task_metrics,
         },
+        "forgetting": forgetting_report,
         "data": {"data_file": cfg.data.data_file, "data_sha256": folder.settings["data_file_sha256"],  # hashed once
                  **prepared.stats, "rows_left_out": plan.left_out()},
         "log_history": trainer.state.log_history,
@@ -255,6 +280,21 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     if schedule is not None:
         record["adalora"] = _report_ranks(model, cfg, schedule, staging, final_adalora_ranks)
     return record
+
+
+def _evaluation_of_final_weights(trainer, scorer) -> dict[str, Any] | None:
+    """The metrics of the evaluation the Trainer already ran at the last step, when the model still holds
+    those weights (no earlier best checkpoint was loaded back), so it is not run a second time."""
+    state = trainer.state
+    if not state.global_step or (scorer is not None and not trainer.last_task_metrics):
+        return None
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint and \
+            Path(state.best_model_checkpoint).name != f"checkpoint-{state.global_step}":
+        return None
+    entries = [e for e in state.log_history if "eval_loss" in e]
+    if not entries or entries[-1].get("step") != state.global_step:
+        return None
+    return entries[-1]
 
 
 def _mixed_precision(cfg: RunConfig, targs):

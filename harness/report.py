@@ -24,6 +24,8 @@ from harness.errors import OneLineArgumentParser, UserError, reported_as_one_lin
 from harness.records import LOCATION_SETTINGS, RUNS_FILE, read_records
 
 MIB = 1024 * 1024
+GAIN = "Δ accuracy vs baseline"
+NOISE = "beyond noise?"
 RANK_HEADER = "rank (r / target_r ← init_r)"
 NO_RANK = "no rank"
 
@@ -45,6 +47,8 @@ METRIC_FORMATS: dict[str, str] = {
     "saved model (MiB)": "{:.1f}",
     "train loss": "{:.4f}",
     "eval loss": "{:.4f}",
+    "forgetting (Δ loss)": "{:+.4f}",
+    GAIN: "{:+.3f}",
     "steps": "{:.0f}",
 }
 EVAL_FORMAT = "{:.3f}"
@@ -97,9 +101,18 @@ def axes_label(record: dict[str, Any]) -> str:
 
 
 def eval_name(key: str) -> str:
-    return "eval " + {"macro_f1": "macro F1", "answer_token_accuracy": "answer-token accuracy"}.get(
-        key, key.replace("_", " ")
-    )
+    return "eval " + {"macro_f1": "macro F1", "answer_token_accuracy": "answer-token accuracy",
+                      "accuracy_se": "accuracy SE"}.get(key, key.replace("_", " "))
+
+
+BASELINE = "none"  # harness.bench's baseline trials: the untrained model, scored like every trial
+
+
+def recipe_label(record: dict[str, Any]) -> str:
+    if record.get("method") != BASELINE:
+        return record["recipe"]
+    quantization = ((record.get("result") or {}).get("quantization")) or "none"
+    return f"baseline: untrained ({'16-bit' if quantization == 'none' else quantization})"
 
 
 def trial_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -107,8 +120,9 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
 
     result = record.get("result") or {}
     adapter, model_bytes = result.get("adapter_bytes"), result.get("model_bytes")
+    forgetting = result.get("forgetting") or {}
     row = {
-        "recipe": record["recipe"],
+        "recipe": recipe_label(record),
         "method": record["method"],
         RANK_HEADER: rank_label(record),
         "settings": axes_label(record),
@@ -132,6 +146,8 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
         "saved model (MiB)": model_bytes / MIB if model_bytes is not None else None,  # full fine-tuning
         "train loss": result.get("train_loss"),
         "eval loss": result.get("eval_loss"),
+        "forgetting (Δ loss)": forgetting.get("delta"),
+        "_scored_on": record.get("scored_on"),
     }
     for key, value in (result.get("eval") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "examples":
@@ -173,7 +189,23 @@ def ok_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
             extra = ", ".join(f"{k}={row['_settings'].get(k)}" for k in differing)
             if extra:
                 row["settings"] = f"{row['settings']}, {extra}" if row["settings"] else extra
+    _add_gain_over_baseline(rows)
     return rows
+
+
+def _add_gain_over_baseline(rows: list[dict[str, Any]]) -> None:
+    """Each trial's accuracy minus its baseline's (the untrained model on the same eval set, model and
+    quantization), and whether that gain is larger than the two measurements' sampling noise: |gain| >
+    1.96 x sqrt(SE_trial^2 + SE_baseline^2), the binomial standard errors of the two accuracies."""
+    baselines = {row["_scored_on"]: row for row in rows if row["method"] == BASELINE and row["_scored_on"]}
+    accuracy, se = eval_name("accuracy"), eval_name("accuracy_se")
+    for row in rows:
+        base = baselines.get(row["_scored_on"])
+        if row["method"] == BASELINE or base is None or row.get(accuracy) is None or base.get(accuracy) is None:
+            continue
+        row[GAIN] = row[accuracy] - base[accuracy]
+        noise = 1.96 * math.sqrt((row.get(se) or 0) ** 2 + (base.get(se) or 0) ** 2)
+        row[NOISE] = "yes" if abs(row[GAIN]) > noise else "within noise"
 
 
 def _number_format(column: str) -> str:
@@ -276,7 +308,7 @@ def _model_note(model: str) -> str:
     if description.startswith("Random-weight"):
         return f"`{model}` (**random weights**: losses and scores only show that the pipeline runs)"
     if model in OFFLINE_MODELS:
-        return f"`{model}` (real pretrained weights, offline)"
+        return f"`{model}` (real pretrained weights, offline: {description})"
     return f"`{model}`"
 
 
@@ -359,7 +391,13 @@ COLUMN_NOTES = (
     "(load, train, evaluate, save), *trial wall* the process from start to exit (imports included); "
     "*tokens/s* counts non-padding tokens trained on; *MFU* uses 4N FLOPs per token for adapters (6N with "
     "activation checkpointing; full fine-tuning 6N / 8N) against the GPU's dense 16-bit peak; *adapter* is the "
-    "saved adapter file (*saved model* after full fine-tuning); scores are on the held-out split. A ± is the sample standard deviation over seeds."
+    "saved adapter file (*saved model* after full fine-tuning); scores are on the held-out split. A ± is the sample standard deviation over seeds. "
+    "*Baseline* rows are the untrained model (method none) scored on the same held-out split with the same prompts "
+    "(one per quantization of the base); *eval accuracy SE* is the binomial standard error of an accuracy on that "
+    "many held-out examples; *Δ accuracy vs baseline* is a trial's accuracy minus its baseline's, *beyond noise?* "
+    "says whether it exceeds 1.96 x the two accuracies' combined SE; *forgetting* is the change of the mean "
+    "per-token loss on general text the trial never trained on (Alpaca responses), after minus before training: "
+    "> 0 means the model got worse at it."
 )
 
 
@@ -368,7 +406,8 @@ COLUMN_NOTES = (
 def render(sweep: str, records: list[dict[str, Any]], plots: list[Path]) -> str:
     trials = latest_per_trial(records)
     rows = ok_rows(trials)
-    rows.sort(key=lambda row: (_first_seen(trials, row["recipe"]), row["settings"], row["_rank"], row["seed"]))
+    rows.sort(key=lambda row: (row["method"] != BASELINE, _first_seen(trials, row["recipe"]), row["settings"],
+                               row["_rank"], row["seed"]))
     lines = header(sweep, trials)
     lines += ["## Comparison", ""]
     if rows:
@@ -394,8 +433,8 @@ def render(sweep: str, records: list[dict[str, Any]], plots: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def _first_seen(trials: list[dict[str, Any]], recipe: str) -> int:
-    return next(i for i, r in enumerate(trials) if r["recipe"] == recipe)
+def _first_seen(trials: list[dict[str, Any]], label: str) -> int:
+    return next((i for i, r in enumerate(trials) if recipe_label(r) == label), len(trials))
 
 
 def write_report(results_dir: Path, sweep: str, records: list[dict[str, Any]] | None = None) -> list[Path]:

@@ -58,7 +58,7 @@ NOT_FINGERPRINTED = frozenset({
 
 def run_settings(cfg) -> dict[str, Any]:
     """What decides a run's weights: its settings, minus NOT_FINGERPRINTED, plus the sha256 of every
-    input file (data_file, eval_file, the init_adapter's weights): an edited data file is another run.
+    input file (data_file, eval_file, forgetting_file, the init_adapter's weights): an edited data file is another run.
     A recipe's own extra settings (e.g. alpaca100's judge and decoding grid) act after training and
     reach it only through its data file, so they are left out."""
     settings = fingerprinted(dataclasses.replace(cfg, extras=()).to_dict())
@@ -74,6 +74,8 @@ def input_hashes(cfg) -> dict[str, str | None]:
     from harness.data import data_identity
 
     files = {"data_file": cfg.data.data_file, "eval_file": cfg.data.eval_file}
+    if cfg.data.forgetting_file and cfg.data.forgetting_samples:
+        files["forgetting_file"] = cfg.data.forgetting_file
     if cfg.run.init_adapter:
         files["init_adapter"] = str(Path(cfg.run.init_adapter) / "adapter_model.safetensors")
     return {f"{name}_sha256": data_identity(path)["data_sha256"] for name, path in files.items()}

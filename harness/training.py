@@ -172,13 +172,27 @@ def orth_penalty_scaled(model, factor: float):
         config.orth_reg_weight = weight
 
 
-def build_trainer(model, tokenizer, training_args, data, task_scorer=None, callbacks=()) -> RecipeTrainer:
+def build_trainer(model, tokenizer, training_args, data, task_scorer=None, callbacks=(), evaluation_only=False) -> RecipeTrainer:
+    """The run's Trainer. evaluation_only (method none): a quantized model without an adapter is accepted;
+    the Trainer refuses one because it cannot train, and this one is only ever evaluated."""
     collator = DataCollatorForSeq2Seq(
         tokenizer,
         padding=True,  # dynamic: pad each batch to its longest example, not to max_seq_length
         label_pad_token_id=IGNORE_INDEX,
         pad_to_multiple_of=8 if torch.cuda.is_available() else None,  # tensor-core friendly shapes
     )
+    import transformers.trainer as hf_trainer
+
+    validate = hf_trainer.validate_quantization_for_training
+    if evaluation_only:
+        hf_trainer.validate_quantization_for_training = lambda model: None
+    try:
+        return _recipe_trainer(model, tokenizer, training_args, data, collator, task_scorer, callbacks)
+    finally:
+        hf_trainer.validate_quantization_for_training = validate
+
+
+def _recipe_trainer(model, tokenizer, training_args, data, collator, task_scorer, callbacks) -> RecipeTrainer:
     return RecipeTrainer(
         model=model,
         args=training_args,
