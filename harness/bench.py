@@ -374,7 +374,7 @@ def plan_trials(args: argparse.Namespace) -> list[Trial]:
                     trial.trial_id = trial_id(trial, varying)
                     trials.append(trial)
     if getattr(args, "baseline", True):
-        trials = baseline_trials(trials, args.cpu_threads) + trials
+        trials = with_baselines(trials, args.cpu_threads)
     _make_ids_unique(trials)
     return trials
 
@@ -391,9 +391,10 @@ def scored_on(config) -> str:
     return json.dumps({k: settings.get(k) for k in SCORED_ON}, sort_keys=True, default=str)
 
 
-def baseline_trials(trials: list[Trial], cpu_threads: int | None) -> list[Trial]:
-    """One method-none trial (the untrained model, scored as every trial is) for each distinct model,
-    quantization and eval set among the trials, with the first such trial's settings. Untrained
+def with_baselines(trials: list[Trial], cpu_threads: int | None) -> list[Trial]:
+    """The trials with one method-none trial (the untrained model, scored as every trial is) for each
+    distinct model, quantization and eval set among them, with the first such trial's settings, placed
+    just before that trial (so a sweep stopped early has the baseline of what it ran). Untrained
     scores do not depend on the seed, so each runs once."""
     from harness.config import parse_args
 
@@ -418,7 +419,11 @@ def baseline_trials(trials: list[Trial], cpu_threads: int | None) -> list[Trial]
             ["baseline", "16bit" if quantization == "none" else quantization, f"s{trial.seed}",
              *(f"{k}={v}" for k, v in trial.axes.items())]))
         baselines[trial.scored_on] = baseline
-    return list(baselines.values())
+    ordered: list[Trial] = []
+    for trial in trials:
+        baseline = baselines.pop(trial.scored_on, None)
+        ordered += [baseline, trial] if baseline is not None else [trial]
+    return ordered
 
 
 def _parse(parse_args, defaults: dict[str, Any], name: str, argv: list[str], preflight: bool = False):

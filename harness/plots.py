@@ -94,7 +94,8 @@ def _score_scatter(plt, rows, x_metric: str, score: str, title: str, xlabel: str
     axes.set_ylabel(score)
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, title="method")
+    if axes.get_legend_handles_labels()[0]:  # a sweep of baselines only has no method to name
+        axes.legend(fontsize=8, title="method")
     figure.tight_layout()
     return figure
 

@@ -57,7 +57,7 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     failing = write_recipe(root, "failing", FAILING_RECIPE)
     argv = sweep_argv(root, "--recipes", f"qwen2_7b_adalora,qwen2_7b_qlora,{failing}", "--ranks", "4,8",
-                      "--budget-steps", "1000", "--budget-seconds", "0.5", "--name", "tiny")
+                      "--budget-steps", "1000", "--budget-seconds", "0.5", "--name", "tiny", "--no-baseline")
     code = bench.main(argv)
     results = root / "results"
     return SimpleNamespace(root=root, argv=argv, code=code, results=results,
@@ -201,7 +201,7 @@ def test_report_rebuilds_identical_tables_and_survives_a_truncated_line(sweep, t
 
 def test_trial_past_its_time_limit_is_killed_and_recorded(tmp_path):
     sleeping = write_recipe(tmp_path, "sleeping", SLEEPING_RECIPE)
-    argv = sweep_argv(tmp_path, "--recipes", sleeping, "--trial-timeout", "1.5")
+    argv = sweep_argv(tmp_path, "--recipes", sleeping, "--trial-timeout", "1.5", "--no-baseline")
     started = time.monotonic()
     assert bench.main(argv) == 1
     assert time.monotonic() - started < 60
@@ -218,7 +218,7 @@ def test_killing_the_sweep_mid_trial_leaves_runs_jsonl_valid(sig, tmp_path):
         append_record(results / RUNS_FILE, {"sweep": "earlier", "trial_hash": str(n), "status": "ok"})
     before = (results / RUNS_FILE).read_bytes()
     sleeping = write_recipe(tmp_path, "sleeping", SLEEPING_RECIPE)
-    argv = sweep_argv(tmp_path, "--recipes", sleeping, "--name", "killed")
+    argv = sweep_argv(tmp_path, "--recipes", sleeping, "--name", "killed", "--no-baseline")
     sweep_process = subprocess.Popen([sys.executable, "-m", "harness.bench", *argv], cwd=REPO_ROOT,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     trials = tmp_path / "outputs" / "killed"
@@ -313,7 +313,7 @@ def test_mfu_uses_the_gpu_peak_and_stays_blank_when_unknown():
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the memory cap is a CUDA allocator feature; no GPU here")
 def test_memory_budget_caps_cuda_allocations(tmp_path):
-    argv = sweep_argv(tmp_path, "--recipes", "qwen2_7b_qlora", "--budget-steps", "2", "--memory-budget-gb", "0.001")
+    argv = sweep_argv(tmp_path, "--recipes", "qwen2_7b_qlora", "--budget-steps", "2", "--memory-budget-gb", "0.001", "--no-baseline")
     assert bench.main(argv) == 1
     (record,) = read_records(tmp_path / "results" / RUNS_FILE)
     assert record["status"] == "over-budget", record["reason"]
@@ -340,3 +340,56 @@ def test_trials_of_other_settings_are_never_averaged_as_seeds(tmp_path):
     assert rows["max_steps=2"][head.index("eval loss")] == "2.0000 ± 1.4142"  # seeds 1 and 2 of one experiment
     assert rows["max_steps=2"][head.index("seeds")] == "1,2"
     assert rows["max_steps=3"][head.index("eval loss")] == "5.0000"
+
+
+def test_a_baseline_is_planned_once_per_quantization_and_eval_set_and_runs_first(tmp_path, capsys):
+    argv = sweep_argv(tmp_path, "--recipes", "qwen2_7b_adalora,qwen2_7b_qlora,qwen2_5_0_5b_lora,qwen2_5_0_5b_qlora",
+                      "--ranks", "4,8", "--seeds", "1,2", "--set", "task=classification",
+                      "--set", "data_file=data/imdb_samples_2000.csv", "--dry-run")
+    assert bench.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    ids = [line.split(":")[0].split("] ")[1] for line in lines]
+    # The two 7B recipes score on the same prompts, model and 4-bit base: one baseline for both. The
+    # Qwen2.5 recipes lay prompts out with the chat template (another eval set): one for their 16-bit
+    # base, one for their 4-bit base. Each comes just before the first trial that needs it.
+    assert len(ids) == 3 + 4 * 2 * 2
+    baseline_at = [i for i, trial in enumerate(ids) if trial.startswith("baseline-")]
+    assert baseline_at == [0, 9, 14]
+    assert [ids[i + 1] for i in baseline_at] == [
+        "qwen2_7b_adalora-r4-s1", "qwen2_5_0_5b_lora-r4-s1", "qwen2_5_0_5b_qlora-r4-s1"]
+    assert [ids[i].split("-")[1] for i in baseline_at] == ["4bit", "16bit", "4bit"]
+    baselines = [lines[i] for i in baseline_at]
+    assert all("--method none" in line and "--r " not in line and "--target_r" not in line for line in baselines)
+    assert sum("--method none" in line for line in lines) == 3
+    assert bench.main([*argv, "--no-baseline"]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]) == 16
+
+
+def test_baseline_heads_the_table_and_gains_are_judged_against_noise(tmp_path):
+    def record(trial: str, method: str, accuracy: float, se: float, seed: int = 1, rank: int | None = 8) -> dict:
+        config = {"max_steps": 12, "seed": seed, "method": method, "output_dir": f"o/{trial}"}
+        return {"sweep": "s", "trial_hash": trial, "trial_id": trial, "status": "ok", "recipe": "r_" + method,
+                "method": method, "rank": rank, "rank_setting": {"r": rank} if rank else {}, "seed": seed,
+                "axes": {}, "scored_on": "same-eval-set", "bench_command": "python -m harness.bench",
+                "budgets": {"trial_timeout_s": 600},
+                "result": {"config": config, "quantization": "none", "device": "cpu", "global_step": 12,
+                           "trainable_params": 0 if method == "none" else 1000, "train_seconds": 1.0,
+                           "eval": {"accuracy": accuracy, "accuracy_se": se},
+                           "forgetting": {"delta": 0.0 if method == "none" else 0.25}}}
+
+    results = tmp_path / "results"
+    for rec in (record("lora", "lora", 0.80, 0.028), record("ia3", "ia3", 0.72, 0.032, rank=None),
+                record("base", "none", 0.70, 0.032, rank=None)):
+        append_record(results / RUNS_FILE, rec)
+    report.write_report(results, "s")
+    head, *body = markdown_table((results / "s.md").read_text(), "## Comparison")
+    assert body[0][head.index("recipe")] == "baseline: untrained (16-bit)"  # first, though recorded last
+    rows = {row[head.index("method")]: row for row in body}
+    assert rows["lora"][head.index(report.GAIN)] == "+0.100" and rows["lora"][head.index(report.NOISE)] == "yes"
+    # 0.02 on 200 examples is well inside the noise (1.96 x sqrt(0.032^2 + 0.032^2) = 0.089)
+    assert rows["ia3"][head.index(report.GAIN)] == "+0.020" and rows["ia3"][head.index(report.NOISE)] == "within noise"
+    assert rows["none"][head.index(report.GAIN)] == ""
+    assert rows["lora"][head.index("forgetting (Δ loss)")] == "+0.2500"
+    assert rows["lora"][head.index("eval accuracy SE")] == "0.028"
+    for name in ("params_vs_score", "train_time_vs_score", "memory_vs_score", "rank_vs_score"):
+        assert (results / f"s_{name}.png").is_file()

@@ -242,7 +242,7 @@ def test_tiny_model_build_is_deterministic(name, tiny_models, tmp_path):
 def test_resolve_unknown_name_returns_none():
     assert resolve_offline_model("Qwen/Qwen2-0.5B") is None
     assert resolve_offline_model("tiny-gpt5") is None
-    assert set(OFFLINE_MODELS) == {"stories260k", *TINY_MODELS}
+    assert set(OFFLINE_MODELS) == {"stories260k", "smollm2-135m", *TINY_MODELS}
 
 
 def test_resolve_builds_once_and_survives_losing_a_build_race(monkeypatch, tmp_path):

