@@ -30,6 +30,17 @@ from pathlib import Path as _Path
 # module so that tools which need no model (harness.report) do not import transformers to learn it.
 REPO_ROOT = _Path(__file__).resolve().parent.parent
 
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (data files and downloaded wheels run to 100 MB)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
 # bitsandbytes logs, at import time and only on CPUs with AVX512-BF16, that an optional fast CPU
 # kernel (the `kernels` package, which fetches from the Hub) is missing; it then uses its own
 # kernels. Nearly every entry point imports bitsandbytes (transformers -> peft -> bitsandbytes), so

@@ -336,8 +336,9 @@ def plan_trials(args: argparse.Namespace) -> list[Trial]:
     varying = [k for k in axis_names if len(axes[k]) > 1]
     hidden_sizes: dict[str, int | None] = {}
     trials: list[Trial] = []
+    recipe_defaults: dict[str, dict[str, Any]] = {}
     for name, script in recipes:
-        defaults = load_defaults(name, script)
+        defaults = recipe_defaults[name] = load_defaults(name, script)
         for combo in combos:
             base_flags = {**fixed, **combo}
             base = _parse(parse_args, defaults, name, _flags(base_flags))
@@ -374,7 +375,7 @@ def plan_trials(args: argparse.Namespace) -> list[Trial]:
                     trial.trial_id = trial_id(trial, varying)
                     trials.append(trial)
     if getattr(args, "baseline", True):
-        trials = with_baselines(trials, args.cpu_threads)
+        trials = with_baselines(trials, recipe_defaults, args.cpu_threads)
     _make_ids_unique(trials)
     return trials
 
@@ -391,7 +392,7 @@ def scored_on(config) -> str:
     return json.dumps({k: settings.get(k) for k in SCORED_ON}, sort_keys=True, default=str)
 
 
-def with_baselines(trials: list[Trial], cpu_threads: int | None) -> list[Trial]:
+def with_baselines(trials: list[Trial], recipe_defaults: dict[str, dict[str, Any]], cpu_threads: int | None) -> list[Trial]:
     """The trials with one method-none trial (the untrained model, scored as every trial is) for each
     distinct model, quantization and eval set among them, with the first such trial's settings, placed
     just before that trial (so a sweep stopped early has the baseline of what it ran). Untrained
@@ -407,17 +408,15 @@ def with_baselines(trials: list[Trial], cpu_threads: int | None) -> list[Trial]:
             flags.pop(f"--{key}", None)
         flags["--method"] = "none"
         argv = [part for item in flags.items() for part in item]
-        defaults = load_defaults(trial.recipe, trial.script)
-        config = _parse(parse_args, defaults, trial.recipe, argv, preflight=True)
+        config = _parse(parse_args, recipe_defaults[trial.recipe], trial.recipe, argv, preflight=True)
         quantization = config.model.quantization
         baseline = Trial(
             recipe=trial.recipe, script=trial.script, method="none", model=trial.model, rank=None, seed=trial.seed,
             axes=dict(trial.axes), argv=argv, config_hash=config_hash(config.to_dict(), cpu_threads),
             scored_on=trial.scored_on,
         )
-        baseline.trial_id = re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(
-            ["baseline", "16bit" if quantization == "none" else quantization, f"s{trial.seed}",
-             *(f"{k}={v}" for k, v in trial.axes.items())]))
+        baseline.trial_id = _safe_id(["baseline", "16bit" if quantization == "none" else quantization,
+                                      f"s{trial.seed}", *(f"{k}={v}" for k, v in trial.axes.items())])
         baselines[trial.scored_on] = baseline
     ordered: list[Trial] = []
     for trial in trials:
@@ -467,6 +466,11 @@ def config_hash(config: dict[str, Any], cpu_threads: int | None = None) -> str:
 def trial_id(trial: Trial, varying_axes: list[str]) -> str:
     parts = [trial.recipe, f"r{trial.rank}" if trial.rank is not None else "norank", f"s{trial.seed}"]
     parts += [f"{k}={trial.axes[k]}" for k in varying_axes]
+    return _safe_id(parts)
+
+
+def _safe_id(parts: list[str]) -> str:
+    """A trial id usable as a folder name."""
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts))
 
 

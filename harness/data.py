@@ -470,13 +470,9 @@ def prepare(rows_train: list[dict], rows_eval: list[dict], args: DataArguments, 
 def data_identity(path: str) -> dict[str, Any]:
     """Name and content hash (sha256, None when there is no such file) of a data file, for result.json
     provenance and a run's fingerprint (harness.rundir)."""
-    import hashlib
+    from harness import file_sha256
 
     found = find_file(path) if path else None
     if found is None or not found.is_file():
         return {"data_file": path, "data_sha256": None}
-    digest = hashlib.sha256()
-    with open(found, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):  # streamed: the full Alpaca file is 20+ MB
-            digest.update(block)
-    return {"data_file": path, "data_sha256": digest.hexdigest()}
+    return {"data_file": path, "data_sha256": file_sha256(found)}

@@ -7,6 +7,7 @@ measures exactly what training optimises.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -34,6 +35,28 @@ def answer_token_accuracy(eval_prediction) -> dict[str, float]:
     return {"answer_token_accuracy": float((preds[mask] == labels[mask]).mean())}
 
 
+def right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token lists padded on the right to the longest."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[row, : len(seq)] = 1
+    return ids, attention
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def candidate_logprobs(model, tokenizer, prompts: list[list[int]], candidates: list[list[int]], batch_size: int) -> list[float]:
     """Sum of log p(candidate tokens | prompt) for each (prompt, candidate) pair."""
@@ -42,12 +65,8 @@ def candidate_logprobs(model, tokenizer, prompts: list[list[int]], candidates: l
     pad = tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
         batch = list(zip(prompts[start:start + batch_size], candidates[start:start + batch_size]))
-        width = max(len(p) + len(c) for p, c in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (p, c) in enumerate(batch):
-            ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-            attention[row, : len(p) + len(c)] = 1
+        ids, attention = right_padded([p + c for p, c in batch], pad)
+        width = ids.shape[1]
         logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
         logits = logits[:, -width:]  # drop virtual-token positions of prompt-learning methods
         for row, (p, c) in enumerate(batch):
@@ -76,15 +95,10 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], candidates: list[lis
     for prompt, options in zip(prompts, candidates):
         out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every candidate's first token
-        width = max(map(len, options))
-        ids = torch.zeros((len(options), width), dtype=torch.long)
-        for row, option in enumerate(options):
-            ids[row, : len(option)] = torch.tensor(option)
+        ids, option_attention = right_padded(options, 0)  # shorter candidates padded on the right
         cache = out.past_key_values
         cache.batch_repeat_interleave(len(options))
-        attention = torch.ones((len(options), len(prompt) + width), dtype=torch.long)
-        for row, option in enumerate(options):
-            attention[row, len(prompt) + len(option):] = 0  # right padding of shorter candidates
+        attention = torch.cat([torch.ones((len(options), len(prompt)), dtype=torch.long), option_attention], dim=1)
         rest = model(input_ids=ids.to(device), attention_mask=attention.to(device), past_key_values=cache).logits
         for row, option in enumerate(options):
             total = float(first[option[0]])
@@ -114,17 +128,13 @@ class ClassificationScorer:
     def __call__(self, model) -> dict[str, Any]:
         if not len(self.gold):
             return {}
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             if _uses_virtual_tokens(model):
                 scores = candidate_logprobs(model, self.tokenizer, self.prompts, self.candidates, self.batch_size)
             else:
                 k = len(self.labels)
                 scores = shared_prompt_logprobs(
                     model, self.prompts[::k], [self.candidates[i:i + k] for i in range(0, len(self.candidates), k)])
-        finally:
-            model.train(was_training)
         predicted = np.array(scores).reshape(len(self.gold), len(self.labels)).argmax(axis=1)
         accuracy = float((predicted == self.gold).mean())
         return {
@@ -199,34 +209,25 @@ class ForgettingProbe:
     def loss(self, model) -> float:
         """Mean next-token loss over every token of the texts (token-weighted)."""
         device = next(p for p in model.parameters()).device
-        was_training = model.training
-        model.eval()
         total, count = 0.0, 0
-        try:
+        with evaluating(model):
             for start in range(0, len(self.ids), self.batch_size):
-                batch = self.ids[start:start + self.batch_size]
-                width = max(map(len, batch))
-                ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, seq in enumerate(batch):
-                    ids[row, : len(seq)] = torch.tensor(seq)
-                    attention[row, : len(seq)] = 1
+                ids, attention = right_padded(self.ids[start:start + self.batch_size], self.pad)
                 logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-                logits = logits[:, -width:].float()  # drop virtual-token positions of prompt-learning methods
+                logits = logits[:, -ids.shape[1]:].float()  # drop virtual-token positions of prompt-learning methods
                 nll = torch.nn.functional.cross_entropy(
                     logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device), reduction="none")
                 mask = attention[:, 1:].to(device).bool()
                 total += float(nll[mask].sum())
                 count += int(mask.sum())
-        finally:
-            model.train(was_training)
         return total / count if count else float("nan")
 
     def measure_before(self, model) -> None:
         self.before = self.loss(model)
 
-    def report(self, model) -> dict[str, Any]:
-        after = self.loss(model)
+    def report(self, model, trained: bool = True) -> dict[str, Any]:
+        """Before and after; an untrained model (method none) is not measured again: its loss is unchanged."""
+        after = self.loss(model) if trained or self.before is None else self.before
         return {
             "file": self.path,
             "texts": len(self.ids),

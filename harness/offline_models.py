@@ -20,7 +20,7 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import shutil
 import subprocess
@@ -30,6 +30,7 @@ import threading
 import zipfile
 from pathlib import Path
 
+from harness import file_sha256
 from harness.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -306,13 +307,10 @@ def smollm2_wheel() -> Path:
 
 
 def _check_sha256(path: Path, expected: str, what: str) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
+    found = file_sha256(path)
+    if found != expected:
         raise UserError(
-            f"cannot build offline model smollm2-135m: the {what} {path.name} has sha256 {digest.hexdigest()[:12]}..., "
+            f"cannot build offline model smollm2-135m: the {what} {path.name} has sha256 {found[:12]}..., "
             f"not the known {expected[:12]}...; delete {path} and run again (it is downloaded anew)"
         )
 
@@ -365,32 +363,25 @@ def _drop_loading_flags(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-class _quiet_transformers:
+@contextlib.contextmanager
+def _quiet_transformers():
     """No progress bars or info lines from transformers while a model is built inside another command
     (which may be just about to print a one-line error)."""
+    from unittest import mock
 
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
 
-        self._bars = hf_logging.is_progress_bar_enabled()
-        self._level = hf_logging.get_verbosity()
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
         # The GGUF loader's own tqdm bar ignores transformers' switch: hand it a silent one.
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-        self._gguf_tqdm = gguf_utils.tqdm
-        gguf_utils.tqdm = lambda iterable, **kwargs: iterable
-        return self
-
-    def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
-
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
-        gguf_utils.tqdm = self._gguf_tqdm
-        hf_logging.set_verbosity(self._level)
-        if self._bars:
+        with mock.patch.object(gguf_utils, "tqdm", lambda iterable, **kwargs: iterable):
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
             hf_logging.enable_progress_bar()
 
 

@@ -242,7 +242,7 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     final_eval: dict[str, Any] = {}
     if prepared.eval is not None:
         final_eval = _evaluation_of_final_weights(trainer, scorer) or trainer.evaluate()
-    forgetting_report = forgetting.report(model) if forgetting is not None else None
+    forgetting_report = forgetting.report(model, trained=not baseline) if forgetting is not None else None
     if forgetting_report:
         print(f"Forgetting: loss on {forgetting_report['texts']} general texts {forgetting_report['loss_before']:.4f} "
               f"before, {forgetting_report['loss_after']:.4f} after (delta {forgetting_report['delta']:+.4f})")

@@ -181,27 +181,22 @@ def build_trainer(model, tokenizer, training_args, data, task_scorer=None, callb
         label_pad_token_id=IGNORE_INDEX,
         pad_to_multiple_of=8 if torch.cuda.is_available() else None,  # tensor-core friendly shapes
     )
+    from unittest import mock
+
     import transformers.trainer as hf_trainer
 
-    validate = hf_trainer.validate_quantization_for_training
-    if evaluation_only:
-        hf_trainer.validate_quantization_for_training = lambda model: None
-    try:
-        return _recipe_trainer(model, tokenizer, training_args, data, collator, task_scorer, callbacks)
-    finally:
-        hf_trainer.validate_quantization_for_training = validate
-
-
-def _recipe_trainer(model, tokenizer, training_args, data, collator, task_scorer, callbacks) -> RecipeTrainer:
-    return RecipeTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=collator,
-        processing_class=tokenizer,
-        compute_metrics=answer_token_accuracy if data.eval is not None else None,
-        preprocess_logits_for_metrics=keep_argmax if data.eval is not None else None,
-        task_scorer=task_scorer,
-        callbacks=list(callbacks),
-    )
+    accept_quantized = (mock.patch.object(hf_trainer, "validate_quantization_for_training", lambda model: None)
+                        if evaluation_only else contextlib.nullcontext())
+    with accept_quantized:
+        return RecipeTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            data_collator=collator,
+            processing_class=tokenizer,
+            compute_metrics=answer_token_accuracy if data.eval is not None else None,
+            preprocess_logits_for_metrics=keep_argmax if data.eval is not None else None,
+            task_scorer=task_scorer,
+            callbacks=list(callbacks),
+        )
