@@ -61,7 +61,8 @@ def _rank_plot(plt, rows, metric: str, ylabel: str, title: str):
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    if axes.get_legend_handles_labels()[0]:  # nothing measured this metric: an empty plot, no legend
+        axes.legend(fontsize=8)
     figure.tight_layout()
     return figure
 
