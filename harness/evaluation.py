@@ -8,6 +8,7 @@ measures exactly what training optimises.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Any
 
@@ -86,27 +87,47 @@ def _uses_virtual_tokens(model) -> bool:
 
 
 @torch.no_grad()
-def shared_prompt_logprobs(model, prompts: list[list[int]], candidates: list[list[list[int]]]) -> list[float]:
-    """Sum of log p(candidate | prompt) for every candidate of every prompt, the prompt run once and its
+def shared_prompt_logprobs(model, prompts: list[list[int]], candidates: list[list[list[int]]], batch_size: int = 8) -> list[float]:
+    """Sum of log p(candidate | prompt) for every candidate of every prompt, each prompt run once and its
     key/value cache reused for all its candidates: about half the work of candidate_logprobs for two
-    labels, same numbers up to float rounding. Not for prompt-learning models (they own the cache)."""
+    labels, same numbers up to float rounding. Not for prompt-learning models (they own the cache).
+
+    Prompts of the same length with the same candidates (most reviews are cut to the same length) run
+    together in batches, with no padding, so no model has to honour padded positions; only the last
+    prompt position goes through the output layer, where the model supports logits_to_keep."""
     device = next(p for p in model.parameters()).device
-    scores: list[float] = []
-    for prompt, options in zip(prompts, candidates):
-        out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts every candidate's first token
-        ids, option_attention = right_padded(options, 0)  # shorter candidates padded on the right
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(len(options))
-        attention = torch.cat([torch.ones((len(options), len(prompt)), dtype=torch.long), option_attention], dim=1)
-        rest = model(input_ids=ids.to(device), attention_mask=attention.to(device), past_key_values=cache).logits
-        for row, option in enumerate(options):
-            total = float(first[option[0]])
-            if len(option) > 1:
-                logprobs = torch.log_softmax(rest[row, : len(option) - 1].float(), dim=-1)
-                total += float(logprobs.gather(1, torch.tensor(option[1:], device=device)[:, None]).sum())
-            scores.append(total)
-    return scores
+    last_only = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    scores = [[0.0] * len(options) for options in candidates]
+    groups: dict[tuple, list[int]] = {}
+    for index, (prompt, options) in enumerate(zip(prompts, candidates)):
+        groups.setdefault((len(prompt), tuple(map(tuple, options))), []).append(index)
+    for (length, options), members in groups.items():
+        k = len(options)
+        option_ids, option_attention = right_padded([list(o) for o in options], 0)  # shorter ones padded right
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            out = model(input_ids=torch.tensor([prompts[i] for i in chunk], device=device), use_cache=True, **last_only)
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts every candidate's first token
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(k)  # row r * k + j: prompt r followed by candidate j
+            attention = torch.cat([torch.ones((len(chunk) * k, length), dtype=torch.long),
+                                   option_attention.repeat(len(chunk), 1)], dim=1)
+            rest = model(input_ids=option_ids.repeat(len(chunk), 1).to(device), attention_mask=attention.to(device),
+                         past_key_values=cache).logits
+            for r, index in enumerate(chunk):
+                for j, option in enumerate(options):
+                    total = float(first[r, option[0]])
+                    if len(option) > 1:
+                        logprobs = torch.log_softmax(rest[r * k + j, : len(option) - 1].float(), dim=-1)
+                        total += float(logprobs.gather(1, torch.tensor(option[1:], device=device)[:, None]).sum())
+                    scores[index][j] = total
+    return [score for row in scores for score in row]
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the (PEFT-wrapped) model's forward can skip the output layer for all but the last positions."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class ClassificationScorer:
@@ -134,7 +155,8 @@ class ClassificationScorer:
             else:
                 k = len(self.labels)
                 scores = shared_prompt_logprobs(
-                    model, self.prompts[::k], [self.candidates[i:i + k] for i in range(0, len(self.candidates), k)])
+                    model, self.prompts[::k], [self.candidates[i:i + k] for i in range(0, len(self.candidates), k)],
+                    self.batch_size)
         predicted = np.array(scores).reshape(len(self.gold), len(self.labels)).argmax(axis=1)
         accuracy = float((predicted == self.gold).mean())
         return {

@@ -242,6 +242,9 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     final_eval: dict[str, Any] = {}
     if prepared.eval is not None:
         final_eval = _evaluation_of_final_weights(trainer, scorer) or trainer.evaluate()
+    before = _evaluation_before_training(trainer.state.log_history)
+    if before:
+        print(_before_and_after(before, final_eval.get("eval_loss"), trainer.last_task_metrics, trainer.state.global_step))
     forgetting_report = forgetting.report(model, trained=not baseline) if forgetting is not None else None
     if forgetting_report:
         print(f"Forgetting: loss on {forgetting_report['texts']} general texts {forgetting_report['loss_before']:.4f} "
@@ -273,6 +276,7 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
             **trainer.last_task_metrics,
         },
         "forgetting": forgetting_report,
+        "before_training": before,  # --eval_on_start: the untrained model's scores, the run's own baseline
         "data": {"data_file": cfg.data.data_file, "data_sha256": folder.settings["data_file_sha256"],  # hashed once
                  **prepared.stats, "rows_left_out": plan.left_out()},
         "log_history": trainer.state.log_history,
@@ -280,6 +284,33 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     if schedule is not None:
         record["adalora"] = _report_ranks(model, cfg, schedule, staging, final_adalora_ranks)
     return record
+
+
+def _evaluation_before_training(log_history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The evaluation --eval_on_start ran before the first optimizer step (the Trainer logs eval_loss and
+    the task's scores as separate step-0 entries), merged; None when there was none or nothing trained."""
+    if not any("loss" in entry or "train_loss" in entry for entry in log_history):
+        return None  # method none: no before and after
+    merged: dict[str, Any] = {}
+    for entry in log_history:
+        if entry.get("step") == 0:
+            merged.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    return merged or None
+
+
+def _before_and_after(before: dict[str, Any], after_loss: float | None, after: dict[str, Any], steps: int) -> str:
+    """One line a newcomer reads: the held-out score of the untrained model and of the trained one."""
+    from harness.report import gain_beyond_noise
+
+    if "eval_accuracy" in before and "accuracy" in after:
+        gain = after["accuracy"] - before["eval_accuracy"]
+        verdict = ("beyond noise" if gain_beyond_noise(gain, after.get("accuracy_se"), before.get("eval_accuracy_se"))
+                   else "within noise: more steps or more held-out examples would tell")
+        return (f"Held-out accuracy on {after['examples']} examples: {before['eval_accuracy']:.3f} untrained -> "
+                f"{after['accuracy']:.3f} after {steps} steps ({gain:+.3f}, {verdict})")
+    if "eval_loss" in before and after_loss is not None:
+        return f"Held-out eval loss: {before['eval_loss']:.4f} untrained -> {after_loss:.4f} after {steps} steps"
+    return ""
 
 
 def _evaluation_of_final_weights(trainer, scorer) -> dict[str, Any] | None:

@@ -204,8 +204,12 @@ def _add_gain_over_baseline(rows: list[dict[str, Any]]) -> None:
         if row["method"] == BASELINE or base is None or row.get(accuracy) is None or base.get(accuracy) is None:
             continue
         row[GAIN] = row[accuracy] - base[accuracy]
-        noise = 1.96 * math.sqrt((row.get(se) or 0) ** 2 + (base.get(se) or 0) ** 2)
-        row[NOISE] = "yes" if abs(row[GAIN]) > noise else "within noise"
+        row[NOISE] = "yes" if gain_beyond_noise(row[GAIN], row.get(se), base.get(se)) else "within noise"
+
+
+def gain_beyond_noise(gain: float, se: float | None, baseline_se: float | None) -> bool:
+    """Whether a difference of two accuracies exceeds 1.96 x their combined binomial standard error."""
+    return abs(gain) > 1.96 * math.sqrt((se or 0) ** 2 + (baseline_se or 0) ** 2)
 
 
 def _number_format(column: str) -> str:

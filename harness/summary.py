@@ -57,6 +57,8 @@ def _evaluation_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
             trained = True
         elif "eval_loss" in entry:
             when = f"{entry.get('step')} (final, best checkpoint restored)" if trained else entry.get("step")
+            if entry.get("step") == 0:
+                when = "0 (untrained: the baseline)"
             rows.append({"when": when, **entry})
         elif rows and any(k.startswith("eval_") for k in entry):
             rows[-1].update(entry)
@@ -101,6 +103,8 @@ def render(record: dict[str, Any]) -> str:
               else [("adapter file bytes", record.get("adapter_bytes"))]),
             ("train loss (mean over the run)", record.get("train_loss")),
             ("eval loss (restored best checkpoint)", record.get("eval_loss")),
+            *[(f"untrained (baseline, step 0) {k}", v) for k, v in (record.get("before_training") or {}).items()
+              if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")],
             *[(f"eval {k}", v) for k, v in eval_scores.items() if not isinstance(v, dict)],
         ]),
         "",

@@ -19,6 +19,7 @@ Trade-offs
 Run it
   python recipes/qwen2_7b_qlora.py                               # GPU + Hugging Face Hub
   python recipes/qwen2_7b_qlora.py --model stories260k           # offline, CPU
+  python recipes/qwen2_7b_qlora.py --config recipes/configs/smollm2_imdb_demo.yaml  # offline, CPU, ~7 min: learns
   python recipes/qwen2_7b_qlora.py --r 16 --lora_alpha 32         # any setting; --help lists them
 
 Then ask it (the prompt is laid out as in training, and the base is loaded in 4-bit as trained):

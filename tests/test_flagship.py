@@ -184,3 +184,28 @@ def test_summary_renders_the_record_it_is_given(recipe_argv, tmp_path):
               if line.startswith("|") and line.split("|")[1].strip().isdigit()]
     assert len(totals) == 2  # tiny-qwen2's two layers
     assert sum(totals) == record["adalora"]["total_rank"]
+
+
+def test_eval_on_start_scores_the_untrained_model_as_the_runs_baseline(recipe_argv, tmp_path, capsys):
+    from harness import summary
+
+    run(recipe_argv("--max_steps", "4", "--eval_on_start", "true", "--load_best_model_at_end", "false"))
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    before = record["before_training"]
+    step0 = [e for e in record["log_history"] if e.get("step") == 0 and "eval_loss" in e]
+    assert before["eval_loss"] == step0[0]["eval_loss"]  # the step-0 evaluation, before any update
+    assert 0 <= before["eval_accuracy"] <= 1 and before["eval_accuracy_se"] >= 0
+    assert before["eval_loss"] != record["eval_loss"]  # four steps moved the held-out loss
+    printed = capsys.readouterr().out
+    assert (f"Held-out accuracy on 4 examples: {before['eval_accuracy']:.3f} untrained -> "
+            f"{record['eval']['accuracy']:.3f} after 4 steps") in printed
+    out = tmp_path / "summary.md"
+    summary.main([str(tmp_path / "run" / "result.json"), "--out", str(out)])
+    evaluations = out.read_text().split("## Evaluations", 1)[1].splitlines()
+    first_row = next(line for line in evaluations if line.startswith("| ") and "step" not in line)
+    assert first_row.startswith("| 0 (untrained: the baseline)")
+
+
+def test_a_run_without_eval_on_start_has_no_before_training(recipe_argv, tmp_path):
+    run(recipe_argv("--max_steps", "2", "--load_best_model_at_end", "false"))
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["before_training"] is None

@@ -159,15 +159,18 @@ def test_shared_prompt_scoring_equals_scoring_each_pair_alone(name):
 
     path = resolve_offline_model(name)
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
-    prompts = [tokenizer("Review: a fine film. Sentiment:")["input_ids"],
-               tokenizer("Review: dull and far too long, I left early. Sentiment: it is")["input_ids"]]
+    fine = tokenizer("Review: a fine film. Sentiment:")["input_ids"]
+    prompts = [fine,
+               tokenizer("Review: dull and far too long, I left early. Sentiment: it is")["input_ids"],
+               fine[:-2] + fine[-1:] + fine[-2:-1],  # same length as the first: they run in one batch
+               fine[:-1] + fine[-2:-1]]
     options = [tokenizer(" positive", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
                tokenizer(" negative", add_special_tokens=False)["input_ids"]]  # different lengths on purpose
     pairs = [(p, c) for p in prompts for c in options]
     alone = candidate_logprobs(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], batch_size=3)
-    shared = shared_prompt_logprobs(model, prompts, [options, options])
+    shared = shared_prompt_logprobs(model, prompts, [options] * len(prompts), batch_size=2)
     assert shared == pytest.approx(alone, abs=1e-3)
-    assert len(set(round(s, 3) for s in shared)) == 4  # real, distinct scores
+    assert len(set(round(s, 3) for s in shared)) == 8  # real, distinct scores
 
 
 # ---------------------------------------------------------------------------- forgetting
