@@ -378,12 +378,16 @@ def _saved_weights_bytes(output_dir: Path) -> dict[str, int]:
 
 def _provenance(cfg: RunConfig, start: RunStart, folder: RunFolder, memory=None) -> dict[str, Any]:
     from harness.measure import command_line, device_name, peak_rss_mb, versions
+    from harness.offline_models import OFFLINE_MODELS
 
     return {
         "recipe": cfg.run.recipe,
         "method": cfg.method.method,
         "backend": cfg.model.backend,
         "model": cfg.model.model,
+        # What an offline model's weights are (random, or smollm2's Q4_1-dequantized ones): a reader of the
+        # record must not mistake them for the Hub's originals.
+        **({"model_weights": OFFLINE_MODELS[cfg.model.model]} if cfg.model.model in OFFLINE_MODELS else {}),
         "quantization": cfg.model.quantization,
         "device": device_name(),
         **(memory.read() if memory is not None else {"process_peak_rss_mb": round(peak_rss_mb(), 1)}),

@@ -74,6 +74,7 @@ def render(record: dict[str, Any]) -> str:
     lines = [
         f"# {record.get('recipe')} on {record.get('model')}",
         "",
+        *([f"Model weights: {record['model_weights']}", ""] if record.get("model_weights") else []),
         f"Status: **{record.get('status')}**. Device: {record.get('device')}. "
         f"Commit: `{(record.get('git') or {}).get('commit')}`"
         + (" (with uncommitted changes)" if (record.get("git") or {}).get("dirty") else "")

@@ -79,6 +79,7 @@ def test_result_json_holds_real_values(recipe_argv, tmp_path):
     assert saved["status"] == "ok"
     assert saved["recipe"] == "qwen2_7b_adalora" and saved["method"] == "adalora"
     assert saved["model"] == "tiny-qwen2" and saved["quantization"] == "4bit"
+    assert saved["model_weights"].startswith("Random-weight")  # an offline model's record says what its weights are
     assert saved["device"].startswith("cpu")
     assert saved["peak_memory_kind"] == "cpu_rss" and saved["peak_memory_mb"] > 100  # torch alone is ~200 MB
     assert "cuda_reserved_mb" not in saved  # not measured here, so absent rather than 0

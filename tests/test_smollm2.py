@@ -106,6 +106,8 @@ def test_short_training_run_beats_the_untrained_model_on_held_out_reviews(smollm
     assert trained["eval_loss"] < untrained["eval_loss"] - 0.05, (untrained["eval_loss"], trained["eval_loss"])
     assert trained["eval"]["accuracy"] >= untrained["eval"]["accuracy"]
     assert trained["forgetting"]["loss_before"] == pytest.approx(untrained["forgetting"]["loss_before"], abs=1e-4)
+    saved = json.loads((tmp_path / "lora" / "result.json").read_text())
+    assert "Q4_1-dequantized" in saved["model_weights"]  # never mistaken for the Hub's bf16 weights
 
 
 def _defaults(recipe: str) -> dict:
