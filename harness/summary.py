@@ -107,6 +107,8 @@ def render(record: dict[str, Any]) -> str:
             *[(f"untrained (baseline, step 0) {k}", v) for k, v in (record.get("before_training") or {}).items()
               if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")],
             *[(f"eval {k}", v) for k, v in eval_scores.items() if not isinstance(v, dict)],
+            *([("forgetting: change of the loss on general text the run never trained on",
+                (record.get("forgetting") or {}).get("delta"))] if record.get("forgetting") else []),
         ]),
         "",
     ]
