@@ -243,8 +243,10 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     if prepared.eval is not None:
         final_eval = _evaluation_of_final_weights(trainer, scorer) or trainer.evaluate()
     before = _evaluation_before_training(trainer.state.log_history)
-    if before:
-        print(_before_and_after(before, final_eval.get("eval_loss"), trainer.last_task_metrics, trainer.state.global_step))
+    line = _before_and_after(before, final_eval.get("eval_loss"), trainer.last_task_metrics,
+                             trainer.state.global_step) if before else ""
+    if line:
+        print(line)
     forgetting_report = forgetting.report(model, trained=not baseline) if forgetting is not None else None
     if forgetting_report:
         print(f"Forgetting: loss on {forgetting_report['texts']} general texts {forgetting_report['loss_before']:.4f} "
@@ -287,15 +289,14 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
 
 
 def _evaluation_before_training(log_history: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The evaluation --eval_on_start ran before the first optimizer step (the Trainer logs eval_loss and
-    the task's scores as separate step-0 entries), merged; None when there was none or nothing trained."""
+    """The scores of the evaluation --eval_on_start ran before the first optimizer step; None when there
+    was none or nothing trained."""
+    from harness.summary import evaluation_rows
+
     if not any("loss" in entry or "train_loss" in entry for entry in log_history):
-        return None  # method none: no before and after
-    merged: dict[str, Any] = {}
-    for entry in log_history:
-        if entry.get("step") == 0:
-            merged.update({k: v for k, v in entry.items() if k.startswith("eval_")})
-    return merged or None
+        return None  # method none: its only evaluation is at step 0 too, but there is no before and after
+    first = next(iter(evaluation_rows(log_history)), {})
+    return {k: v for k, v in first.items() if k.startswith("eval_")} if first.get("step") == 0 else None
 
 
 def _before_and_after(before: dict[str, Any], after_loss: float | None, after: dict[str, Any], steps: int) -> str:

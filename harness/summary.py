@@ -48,8 +48,8 @@ def _rank_pivot(ranks: dict[str, int]) -> str:
     return frame.to_markdown()
 
 
-def _evaluation_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per evaluation: the Trainer logs eval_loss and the task scores as separate entries."""
+def evaluation_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per evaluation, in order: the Trainer logs eval_loss and the task scores as separate entries."""
     rows: list[dict[str, Any]] = []
     trained = False
     for entry in history:
@@ -120,7 +120,7 @@ def render(record: dict[str, Any]) -> str:
             lines += [f"True labels: {json.dumps(gold)} (always answering the most common label scores "
                       f"{max(gold.values()) / sum(gold.values()):.2f} accuracy)."]
         lines += [""]
-    evals = _evaluation_rows(record.get("log_history", []))
+    evals = evaluation_rows(record.get("log_history", []))
     if evals:
         from tabulate import tabulate
 
