@@ -432,6 +432,7 @@ class PreparedData:
     eval: Any | None
     eval_examples: list[Example]
     eval_prompts: list[list[int]]  # truncated prompt ids of eval examples, for task scoring
+    eval_answers: list[list[int]]  # the tokens after each eval prompt: those the eval loss is taken on
     stats: dict[str, Any]
 
 
@@ -464,7 +465,8 @@ def prepare(rows_train: list[dict], rows_eval: list[dict], args: DataArguments, 
         "examples_cut_to_fit": sum(e.body_cut for e in train_enc + eval_enc),
     }
     eval_prompts = [e.input_ids[: e.prompt_len] for e in eval_enc]
-    return PreparedData(train_ds, eval_ds, eval_examples, eval_prompts, stats)
+    eval_answers = [e.input_ids[e.prompt_len:] for e in eval_enc]
+    return PreparedData(train_ds, eval_ds, eval_examples, eval_prompts, eval_answers, stats)
 
 
 def data_identity(path: str) -> dict[str, Any]:

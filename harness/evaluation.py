@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -58,11 +58,25 @@ def evaluating(model):
         model.train(was_training)
 
 
+class CandidateScore(NamedTuple):
+    """How well a model predicts a candidate answer after a prompt."""
+    logprob: float  # sum of log p(token | everything before it) over the candidate's tokens
+    argmax_hits: int  # how many of those tokens were the model's most likely next token
+
+
+def _scored(logprobs: torch.Tensor, tokens: list[int]) -> CandidateScore:
+    """Score of `tokens` from log-softmax rows of shape (len(tokens), vocab), row i predicting tokens[i]."""
+    targets = torch.tensor(tokens, device=logprobs.device)
+    return CandidateScore(float(logprobs.gather(1, targets[:, None]).sum()),
+                          int((logprobs.argmax(dim=-1) == targets).sum()))
+
+
 @torch.no_grad()
-def candidate_logprobs(model, tokenizer, prompts: list[list[int]], candidates: list[list[int]], batch_size: int) -> list[float]:
-    """Sum of log p(candidate tokens | prompt) for each (prompt, candidate) pair."""
+def candidate_scores(model, tokenizer, prompts: list[list[int]], candidates: list[list[int]],
+                     batch_size: int) -> list[CandidateScore]:
+    """The score of each (prompt, candidate) pair, each pair run as one sequence."""
     device = next(p for p in model.parameters()).device
-    scores: list[float] = []
+    scores: list[CandidateScore] = []
     pad = tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
         batch = list(zip(prompts[start:start + batch_size], candidates[start:start + batch_size]))
@@ -74,9 +88,7 @@ def candidate_logprobs(model, tokenizer, prompts: list[list[int]], candidates: l
             # Only the few positions that predict the candidate go through float32 log-softmax: a 7B
             # vocabulary over the whole batch would need gigabytes.
             predicting = logits[row, len(p) - 1: len(p) + len(c) - 1].float()
-            logprobs = torch.log_softmax(predicting, dim=-1)
-            targets = torch.tensor(c, device=logprobs.device)
-            scores.append(float(logprobs.gather(1, targets[:, None]).sum()))
+            scores.append(_scored(torch.log_softmax(predicting, dim=-1), c))
     return scores
 
 
@@ -87,17 +99,18 @@ def _uses_virtual_tokens(model) -> bool:
 
 
 @torch.no_grad()
-def shared_prompt_logprobs(model, prompts: list[list[int]], candidates: list[list[list[int]]], batch_size: int = 8) -> list[float]:
-    """Sum of log p(candidate | prompt) for every candidate of every prompt, each prompt run once and its
-    key/value cache reused for all its candidates: about half the work of candidate_logprobs for two
-    labels, same numbers up to float rounding. Not for prompt-learning models (they own the cache).
+def shared_prompt_scores(model, prompts: list[list[int]], candidates: list[list[list[int]]],
+                         batch_size: int = 8) -> list[CandidateScore]:
+    """The score of every candidate of every prompt, each prompt run once and its key/value cache reused
+    for all its candidates: about half the work of candidate_scores for two labels, same numbers up to
+    float rounding. Not for prompt-learning models (they own the cache).
 
     Prompts of the same length with the same candidates (most reviews are cut to the same length) run
     together in batches, with no padding, so no model has to honour padded positions; only the last
     prompt position goes through the output layer, where the model supports logits_to_keep."""
     device = next(p for p in model.parameters()).device
     last_only = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    scores = [[0.0] * len(options) for options in candidates]
+    scores: list[list[CandidateScore | None]] = [[None] * len(options) for options in candidates]
     groups: dict[tuple, list[int]] = {}
     for index, (prompt, options) in enumerate(zip(prompts, candidates)):
         groups.setdefault((len(prompt), tuple(map(tuple, options))), []).append(index)
@@ -116,11 +129,8 @@ def shared_prompt_logprobs(model, prompts: list[list[int]], candidates: list[lis
                          past_key_values=cache).logits
             for r, index in enumerate(chunk):
                 for j, option in enumerate(options):
-                    total = float(first[r, option[0]])
-                    if len(option) > 1:
-                        logprobs = torch.log_softmax(rest[r * k + j, : len(option) - 1].float(), dim=-1)
-                        total += float(logprobs.gather(1, torch.tensor(option[1:], device=device)[:, None]).sum())
-                    scores[index][j] = total
+                    later = torch.log_softmax(rest[r * k + j, : len(option) - 1].float(), dim=-1)
+                    scores[index][j] = _scored(torch.cat([first[r:r + 1], later]), list(option))
     return [score for row in scores for score in row]
 
 
@@ -130,36 +140,58 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+# Figures the Trainer's own evaluation loop would compute, when the scorer was given the answers.
+ANSWER_METRICS = ("loss", "answer_token_accuracy")
+
+
 class ClassificationScorer:
     """Accuracy and macro-F1 of label-likelihood predictions on held-out examples.
 
+    Given `answers` (each example's answer tokens exactly as the eval set holds them, end-of-sequence
+    included), it also reports the loss and answer-token accuracy of those tokens: the figures the
+    Trainer's evaluation loop computes, from the same forward passes, so one pass over the eval set gives
+    every evaluation figure instead of two. Its loss is the mean over all answer tokens; the Trainer's is
+    the mean of per-batch means: the same number, up to float rounding, when every answer has as many
+    tokens (as with labels of one token each), and one that does not depend on the batch size otherwise.
+
     Built once (candidate answers are tokenized up front), called at every evaluation."""
 
-    def __init__(self, tokenizer, examples: list[Example], prompts: list[list[int]], labels: list[str], batch_size: int = 4):
+    def __init__(self, tokenizer, examples: list[Example], prompts: list[list[int]], labels: list[str],
+                 batch_size: int = 4, answers: list[list[int]] | None = None):
         self.tokenizer, self.labels, self.batch_size = tokenizer, labels, batch_size
         self.gold = np.array([example.label for example in examples])
-        self.prompts, self.candidates = [], []
-        for example, prompt in zip(examples, prompts):
-            for candidate in example.meta["candidates"]:
-                # The candidate's tokens as they follow this prompt: the seam is the prompt's tail,
-                # the same whether or not the text inside the prompt was cut to fit.
-                self.prompts.append(prompt)
-                self.candidates.append(answer_ids(tokenizer, example.prompt, candidate))
+        self.answers = answers
+        self.prompts = list(prompts)
+        # Each prompt's options: the candidates' tokens as they follow this prompt (the seam is the prompt's
+        # tail, the same whether or not the text inside the prompt was cut to fit), then its answer if given.
+        self.options = [[answer_ids(tokenizer, example.prompt, candidate) for candidate in example.meta["candidates"]]
+                        + ([answers[i]] if answers is not None else []) for i, example in enumerate(examples)]
+
+    @property
+    def scores_answers(self) -> bool:
+        return self.answers is not None
 
     def __call__(self, model) -> dict[str, Any]:
         if not len(self.gold):
             return {}
         with evaluating(model):
             if _uses_virtual_tokens(model):
-                scores = candidate_logprobs(model, self.tokenizer, self.prompts, self.candidates, self.batch_size)
+                flat = candidate_scores(model, self.tokenizer, [p for p, options in zip(self.prompts, self.options)
+                                                                for _ in options],
+                                        [o for options in self.options for o in options], self.batch_size)
             else:
-                k = len(self.labels)
-                scores = shared_prompt_logprobs(
-                    model, self.prompts[::k], [self.candidates[i:i + k] for i in range(0, len(self.candidates), k)],
-                    self.batch_size)
-        predicted = np.array(scores).reshape(len(self.gold), len(self.labels)).argmax(axis=1)
+                flat = shared_prompt_scores(model, self.prompts, self.options, self.batch_size)
+        width, k = len(self.options[0]), len(self.labels)
+        rows = [flat[i:i + width] for i in range(0, len(flat), width)]
+        predicted = np.array([[score.logprob for score in row[:k]] for row in rows]).argmax(axis=1)
         accuracy = float((predicted == self.gold).mean())
+        answer_metrics = {}
+        if self.answers is not None:
+            tokens = sum(map(len, self.answers))
+            answer_metrics = {"loss": -sum(row[k].logprob for row in rows) / tokens,
+                              "answer_token_accuracy": sum(row[k].argmax_hits for row in rows) / tokens}
         return {
+            **answer_metrics,
             "accuracy": accuracy,
             # How far this accuracy could move by the luck of which reviews were held out: compare two
             # runs' accuracies only when they differ by more than about two standard errors.

@@ -222,6 +222,8 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
         scorer = ClassificationScorer(
             tokenizer, prepared.eval_examples[:limit], prepared.eval_prompts[:limit],
             data_mod.label_set(cfg.data), targs.per_device_eval_batch_size,
+            # Scoring every eval example, it also gives the eval loss: no second pass over the eval set.
+            answers=prepared.eval_answers if limit >= len(prepared.eval_examples) else None,
         )
     clock = TrainClock(cfg.run.budget_seconds, cfg.run.budget_tokens)
     callbacks = [clock] + ([AdaLoraAllocation(model)] if schedule is not None else [])

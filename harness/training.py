@@ -8,10 +8,10 @@ from typing import Any, Callable
 
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from harness.data import IGNORE_INDEX
-from harness.evaluation import answer_token_accuracy, keep_argmax
+from harness.evaluation import ANSWER_METRICS, answer_token_accuracy, keep_argmax
 from harness.methods import (
     is_adalora,
     load_adalora_allocator,
@@ -112,6 +112,7 @@ class RecipeTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.task_scorer = task_scorer
         self.last_task_metrics: dict[str, Any] = {}
+        self._scorer_is_the_loop = False
 
     # AdaLoRA checkpoints are saved pruned to their kept ranks; the Trainer's own loading cannot put
     # them back into the full-size model that is training (see methods.load_adalora_checkpoint).
@@ -134,18 +135,36 @@ class RecipeTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        # On the run's own eval set, a scorer that also scores the answers replaces the evaluation loop.
+        self._scorer_is_the_loop = eval_dataset is None and getattr(self.task_scorer, "scores_answers", False)
         with orth_penalty_scaled(self.model, 0.0):
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.task_scorer is not None:
-            self.last_task_metrics = self.task_scorer(self.model)
-            numeric = {
-                f"{metric_key_prefix}_{k}": v
-                for k, v in self.last_task_metrics.items()
-                if isinstance(v, float)
-            }
+        if self.task_scorer is not None and not self._scorer_is_the_loop:
+            numeric = self._score_task(metric_key_prefix, with_answer_metrics=False)
             self.log(numeric)
             metrics.update(numeric)
         return metrics
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The Trainer's loop, or (see evaluate) the task scorer's one pass: its label scores and the loss and
+        answer-token accuracy of the same answer tokens, from the forward passes that score the labels.
+        The Trainer still logs the metrics, adds its speed figures and runs the callbacks (best checkpoint,
+        early stopping) as after its own loop."""
+        if not self._scorer_is_the_loop:
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                           metric_key_prefix)
+        metrics = self._score_task(metric_key_prefix, with_answer_metrics=True)
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics,
+                              num_samples=self.last_task_metrics["examples"])
+
+    def _score_task(self, prefix: str, with_answer_metrics: bool) -> dict[str, float]:
+        """Run the task scorer; keep its task scores in last_task_metrics, return the numeric metrics, prefixed."""
+        scores = dict(self.task_scorer(self.model))
+        answer_metrics = {k: scores.pop(k) for k in ANSWER_METRICS if k in scores}
+        self.last_task_metrics = scores
+        numeric = {**(answer_metrics if with_answer_metrics else {}), **scores}
+        return {f"{prefix}_{k}": v for k, v in numeric.items() if isinstance(v, float)}
 
 
 @contextlib.contextmanager

@@ -140,18 +140,20 @@ def test_loftq_refuses_an_8bit_base():
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning"])
 def test_label_scores_stay_aligned_with_virtual_tokens(method):
     """Batched, padded scoring equals scoring each example alone, read at the real tokens' positions."""
-    from harness.evaluation import candidate_logprobs
+    from harness.evaluation import candidate_scores
 
     torch.manual_seed(0)
     model = adapted("tiny-opt", method=method, num_virtual_tokens=5).eval()
     tokenizer = load_tokenizer(ModelArguments(model="tiny-opt"))
     prompts = [tokenizer("A short review.")["input_ids"], tokenizer("A somewhat longer review of a film.")["input_ids"]]
     candidates = [tokenizer(" positive", add_special_tokens=False)["input_ids"]] * 2
-    batched = candidate_logprobs(model, tokenizer, prompts, candidates, batch_size=2)
+    batched = candidate_scores(model, tokenizer, prompts, candidates, batch_size=2)
     for prompt, candidate, score in zip(prompts, candidates, batched):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([prompt + candidate])).logits[0]
         logits = logits[-len(prompt + candidate):]  # prompt/P-tuning put the virtual tokens first
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         expected = sum(float(logprobs[len(prompt) - 1 + i, token]) for i, token in enumerate(candidate))
-        assert score == pytest.approx(expected, abs=1e-4)
+        assert score.logprob == pytest.approx(expected, abs=1e-4)
+        hits = sum(int(logprobs[len(prompt) - 1 + i].argmax()) == token for i, token in enumerate(candidate))
+        assert score.argmax_hits == hits

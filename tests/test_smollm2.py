@@ -17,7 +17,7 @@ import torch
 from harness import offline_models
 from harness.errors import UserError
 from harness.evaluation import (
-    ForgettingProbe, accuracy_standard_error, candidate_logprobs, shared_prompt_logprobs, wilson_interval,
+    ForgettingProbe, accuracy_standard_error, candidate_scores, shared_prompt_scores, wilson_interval,
 )
 from harness.offline_models import build_offline_model, resolve_offline_model
 from harness.recipe import run_recipe
@@ -169,10 +169,11 @@ def test_shared_prompt_scoring_equals_scoring_each_pair_alone(name):
     options = [tokenizer(" positive", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
                tokenizer(" negative", add_special_tokens=False)["input_ids"]]  # different lengths on purpose
     pairs = [(p, c) for p in prompts for c in options]
-    alone = candidate_logprobs(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], batch_size=3)
-    shared = shared_prompt_logprobs(model, prompts, [options] * len(prompts), batch_size=2)
-    assert shared == pytest.approx(alone, abs=1e-3)
-    assert len(set(round(s, 3) for s in shared)) == 8  # real, distinct scores
+    alone = candidate_scores(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], batch_size=3)
+    shared = shared_prompt_scores(model, prompts, [options] * len(prompts), batch_size=2)
+    assert [s.logprob for s in shared] == pytest.approx([s.logprob for s in alone], abs=1e-3)
+    assert [s.argmax_hits for s in shared] == [s.argmax_hits for s in alone]
+    assert len(set(round(s.logprob, 3) for s in shared)) == 8  # real, distinct scores
 
 
 # ---------------------------------------------------------------------------- forgetting
@@ -210,3 +211,44 @@ def test_a_missing_forgetting_file_is_refused_before_anything_runs(tmp_path):
             "--output_dir", str(tmp_path / "run")])
     assert stopped.value.code == 2
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- one-pass evaluation
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("layout,prompt_tuning", [("human_assistant", False), ("chat_template", False),
+                                                  ("chat_template", True)])
+def test_one_pass_evaluation_gives_the_trainers_own_loss_and_answer_token_accuracy(layout, prompt_tuning, tmp_path):
+    """The scorer's one pass replaces the Trainer's evaluation loop only because it computes the same figures
+    (prompt tuning: scored through its own virtual tokens, one sequence per candidate)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from harness.config import DataArguments
+    from harness.data import label_set, prepare, read_table
+    from harness.evaluation import ClassificationScorer
+    from harness.training import build_trainer
+
+    path = resolve_offline_model("tiny-qwen2")
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    if prompt_tuning:
+        from peft import PromptTuningConfig, get_peft_model
+
+        model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    args = DataArguments(prompt_format=layout, max_seq_length=80, labels="yes,no")  # one token each here
+    rows = [{**row, "label": {"positive": "yes", "negative": "no"}[row["label"]]}
+            for row in read_table(str(REPO_ROOT / "data/imdb_samples_2000.csv"))[:20]]
+    prepared = prepare(rows[:8], rows[8:], args, tokenizer)
+    assert len(set(map(len, prepared.eval_answers))) == 1  # then the Trainer's mean of batch means is the token mean
+    scorer = ClassificationScorer(tokenizer, prepared.eval_examples, prepared.eval_prompts, label_set(args), 4,
+                                  answers=prepared.eval_answers)
+    targs = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=5, report_to=[])  # 12 = 5 + 5 + 2
+    trainer = build_trainer(model, tokenizer, targs, prepared, scorer)
+    one_pass = trainer.evaluate()
+    trainers_loop = trainer.evaluate(prepared.eval)  # a dataset passed in: the Trainer's own loop, then the scorer
+    assert one_pass["eval_loss"] == pytest.approx(trainers_loop["eval_loss"], rel=1e-5)
+    assert one_pass["eval_answer_token_accuracy"] == trainers_loop["eval_answer_token_accuracy"]
+    assert one_pass["eval_accuracy"] == trainers_loop["eval_accuracy"] and one_pass["eval_samples_per_second"] > 0
+    assert math.isfinite(one_pass["eval_loss"]) and one_pass["eval_loss"] > 0
+    assert "loss" not in trainer.last_task_metrics  # the loss is the loop's figure, not a task score
+    logged = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert logged[0]["eval_accuracy"] == one_pass["eval_accuracy"]  # one log entry holds every figure
