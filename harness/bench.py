@@ -96,6 +96,8 @@ class Trial:
 # ---------------------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
+    from harness.offline_models import OFFLINE_MODELS
+
     parser = OneLineArgumentParser(
         prog="python -m harness.bench",
         description=(
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", default=None,
         help="Run every recipe on this model instead of its own (Hub id, local folder, or an offline "
-             "model: stories260k, tiny-qwen2, tiny-llama, tiny-opt).",
+             f"model: {', '.join(OFFLINE_MODELS)}).",
     )
     parser.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=V1,V2",

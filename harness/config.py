@@ -21,6 +21,7 @@ from transformers import TrainingArguments
 
 from harness import REPO_ROOT  # noqa: F401  (imported from here by most modules)
 from harness.errors import UserError, raise_usage_error
+from harness.offline_models import OFFLINE_MODELS
 
 
 def _help(text: str) -> dict:
@@ -33,7 +34,7 @@ class ModelArguments:
         default="stories260k",
         metadata=_help(
             "Hub id (e.g. Qwen/Qwen2-7B-Instruct), a local folder, or an offline model name: "
-            "stories260k, tiny-qwen2, tiny-llama, tiny-opt."
+            f"{', '.join(OFFLINE_MODELS)}."
         ),
     )
     quantization: str = field(

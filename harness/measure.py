@@ -154,7 +154,11 @@ def versions() -> dict[str, str]:
 
 
 def git_state() -> dict[str, Any]:
-    """Commit and whether the working tree differs from it; None where this isn't a git checkout."""
+    """Commit and whether the working tree differs from it; None where this isn't a git checkout.
+
+    Changes under results/ do not count: the project's own tools write there (a sweep appends each
+    trial's record and redraws its tables), so counting them would mark every trial after a sweep's
+    first as made from uncommitted code."""
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -163,7 +167,7 @@ def git_state() -> dict[str, Any]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return {"commit": commit, "dirty": bool(status) if commit else None}
 
 

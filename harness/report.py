@@ -121,6 +121,7 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
     result = record.get("result") or {}
     adapter, model_bytes = result.get("adapter_bytes"), result.get("model_bytes")
     forgetting = result.get("forgetting") or {}
+    trained = record["method"] != BASELINE  # a baseline's training time and forgetting are not measured: blank, not 0
     row = {
         "recipe": recipe_label(record),
         "method": record["method"],
@@ -135,7 +136,7 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
         "CUDA allocated (MiB)": result.get("cuda_allocated_mb"),
         "NVML device peak (MiB)": result.get("nvml_used_mb"),
         "trial process peak RSS (MiB)": record.get("process_peak_rss_mb"),
-        "train (s)": result.get("train_seconds"),
+        "train (s)": result.get("train_seconds") if trained else None,
         "total (s)": result.get("total_seconds"),
         "trial wall (s)": record.get("wall_seconds"),
         "tokens/s": result.get("tokens_per_second"),
@@ -146,7 +147,7 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
         "saved model (MiB)": model_bytes / MIB if model_bytes is not None else None,  # full fine-tuning
         "train loss": result.get("train_loss"),
         "eval loss": result.get("eval_loss"),
-        "forgetting (Δ loss)": forgetting.get("delta"),
+        "forgetting (Δ loss)": forgetting.get("delta") if trained else None,
         "_scored_on": record.get("scored_on"),
     }
     for key, value in (result.get("eval") or {}).items():

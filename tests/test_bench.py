@@ -390,6 +390,37 @@ def test_baseline_heads_the_table_and_gains_are_judged_against_noise(tmp_path):
     assert rows["ia3"][head.index(report.GAIN)] == "+0.020" and rows["ia3"][head.index(report.NOISE)] == "within noise"
     assert rows["none"][head.index(report.GAIN)] == ""
     assert rows["lora"][head.index("forgetting (Δ loss)")] == "+0.2500"
+    # the baseline trains nothing: no training time or forgetting measured, so blank cells rather than 0
+    assert rows["none"][head.index("forgetting (Δ loss)")] == "" and rows["none"][head.index("train (s)")] == ""
+    assert rows["lora"][head.index("train (s)")] == "1.00"
     assert rows["lora"][head.index("eval accuracy SE")] == "0.028"
     for name in ("params_vs_score", "train_time_vs_score", "memory_vs_score", "rank_vs_score"):
         assert (results / f"s_{name}.png").is_file()
+
+
+def test_records_the_tools_write_under_results_do_not_mark_a_trial_as_uncommitted_code(tmp_path, monkeypatch):
+    """A sweep appends to results/runs.jsonl after each trial; the next trial's provenance must still
+    say it ran the committed code, and a changed source file must still say it did not."""
+    import subprocess
+
+    from harness import measure
+
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    (repo / "harness").mkdir()
+    (repo / "results" / "runs.jsonl").write_text("{}\n")
+    (repo / "harness" / "code.py").write_text("x = 1\n")
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    monkeypatch.setattr(measure, "REPO_ROOT", repo)
+    assert measure.git_state()["dirty"] is False
+    (repo / "results" / "runs.jsonl").write_text("{}\n{}\n")  # the sweep's own record of a finished trial
+    assert measure.git_state()["dirty"] is False
+    (repo / "harness" / "code.py").write_text("x = 2\n")
+    assert measure.git_state()["dirty"] is True
