@@ -240,7 +240,7 @@ def test_killing_the_sweep_mid_trial_leaves_runs_jsonl_valid(sig, tmp_path):
     assert after.startswith(before)
     records = read_records(results / RUNS_FILE, warn=pytest.fail)
     if sig == signal.SIGINT:
-        assert sweep_process.returncode == 130 and b"rerun the same command to resume" in err
+        assert sweep_process.returncode == 130 and b"rerun the same command to resume" in err, err.decode()[-2000:]
         assert len(records) == before.count(b"\n") + 1 and records[-1]["status"] == "interrupted"
     else:
         assert after == before

@@ -231,7 +231,11 @@ def test_a_stopped_run_records_itself_and_says_so_on_a_line_of_its_own(sig, said
     process = _recipe_process(tmp_path, "--disable_tqdm", "false")
     _wait_for_first_checkpoint(tmp_path, process)
     process.send_signal(sig)
-    _, err = process.communicate(timeout=120)
+    try:
+        _, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # say what the run was doing instead of stopping
+        process.kill()
+        pytest.fail(f"the run did not stop within 120 s of {sig.name}; its stderr ends: {process.communicate()[1][-2000:]}")
     assert process.returncode == 130, err
     last = err.rstrip("\n").split("\n")[-1]  # split on \n only: a bar's \r-redraws stay on its line
     assert last.startswith(f"{QLORA}: {said}; ") and "rerun the same command to resume" in last, err[-500:]
