@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +17,19 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import pytest  # noqa: E402
+
+
+def _sigint_as_default() -> None:  # runs in the child between fork and exec
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def interruptible() -> dict:
+    """Popen keyword arguments that let a SIGINT reach the child as a Ctrl-C would. A shell without job
+    control that starts the tests in the background (`bash -c 'pytest &'`, some CI runners) starts them
+    with SIGINT ignored; children inherit that, Python then installs no KeyboardInterrupt handler, and a
+    test that interrupts a run would wait for a run that never hears it."""
+    return {"preexec_fn": _sigint_as_default}
 
 
 @pytest.fixture

@@ -212,7 +212,7 @@ def test_trial_past_its_time_limit_is_killed_and_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_killing_the_sweep_mid_trial_leaves_runs_jsonl_valid(sig, tmp_path):
+def test_killing_the_sweep_mid_trial_leaves_runs_jsonl_valid(sig, tmp_path, interruptible):
     results = tmp_path / "results"
     for n in range(3):  # records of earlier sweeps, which must survive untouched
         append_record(results / RUNS_FILE, {"sweep": "earlier", "trial_hash": str(n), "status": "ok"})
@@ -220,7 +220,7 @@ def test_killing_the_sweep_mid_trial_leaves_runs_jsonl_valid(sig, tmp_path):
     sleeping = write_recipe(tmp_path, "sleeping", SLEEPING_RECIPE)
     argv = sweep_argv(tmp_path, "--recipes", sleeping, "--name", "killed", "--no-baseline")
     sweep_process = subprocess.Popen([sys.executable, "-m", "harness.bench", *argv], cwd=REPO_ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **interruptible)
     trials = tmp_path / "outputs" / "killed"
     # Wait until the trial itself is running (it says so), however loaded the machine is: a fixed sleep
     # here once timed out on a busy 2-core machine.

@@ -208,12 +208,12 @@ def test_null_instruction_or_output_is_left_out_not_trained_as_none(tmp_path):
                                      for r in loaded.rows])
 
 
-def _recipe_process(tmp_path, *flags: str):
+def _recipe_process(tmp_path, *flags: str, **popen):
     return subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "recipes" / f"{QLORA}.py"), *TINY[:-4], "--output_dir", str(tmp_path / "X"),
          "--max_steps", "4000", "--save_steps", "2", "--eval_steps", "1000", "--load_best_model_at_end", "false", *flags],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, **popen,
     )
 
 
@@ -226,9 +226,9 @@ def _wait_for_first_checkpoint(tmp_path, process, timeout_s: float = 240) -> Non
 
 
 @pytest.mark.parametrize("sig, said", [(signal.SIGTERM, "stopped by SIGTERM"), (signal.SIGINT, "interrupted")])
-def test_a_stopped_run_records_itself_and_says_so_on_a_line_of_its_own(sig, said, tmp_path):
+def test_a_stopped_run_records_itself_and_says_so_on_a_line_of_its_own(sig, said, tmp_path, interruptible):
     # Progress bars on (no --disable_tqdm): the message must still start on its own line.
-    process = _recipe_process(tmp_path, "--disable_tqdm", "false")
+    process = _recipe_process(tmp_path, "--disable_tqdm", "false", **interruptible)
     _wait_for_first_checkpoint(tmp_path, process)
     process.send_signal(sig)
     try:
