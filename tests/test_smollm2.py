@@ -244,6 +244,8 @@ def test_one_pass_evaluation_gives_the_trainers_own_loss_and_answer_token_accura
     targs = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=5, report_to=[])  # 12 = 5 + 5 + 2
     trainer = build_trainer(model, tokenizer, targs, prepared, scorer)
     one_pass = trainer.evaluate()
+    # The scorer was the loop for that call only: predict() still gets the model's own predictions.
+    assert trainer.predict(prepared.eval).predictions.shape[0] == len(prepared.eval)
     trainers_loop = trainer.evaluate(prepared.eval)  # a dataset passed in: the Trainer's own loop, then the scorer
     assert one_pass["eval_loss"] == pytest.approx(trainers_loop["eval_loss"], rel=1e-5)
     assert one_pass["eval_answer_token_accuracy"] == trainers_loop["eval_answer_token_accuracy"]
