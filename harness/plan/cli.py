@@ -1,0 +1,221 @@
+"""Will it fit? Planned peak GPU memory before anything is downloaded (only a config.json, or nothing for the
+recipes' own models).
+
+  python -m harness.plan --model Qwen/Qwen2-7B-Instruct --gpu T4      # every method x rank: fits or not
+  python -m harness.plan recipes/qwen2_7b_adalora.py --gpu 16         # one recipe, its defaults + any flags
+  python -m harness.plan recipes/llama2_7b_lora.py --r 32 --max_seq_length 2048 --per_device_train_batch_size 2
+  python -m harness.plan --model smollm2-135m --ranks 8 --json        # for machines
+
+Any recipe setting can follow (--r, --quantization, --max_seq_length, --optim, ...). Without a recipe
+the table uses the 7B recipes' T4 training (batch 1, 512 tokens, checkpointing, paged 8-bit AdamW).
+How each part is computed, and how accurate it is: harness/plan/memory.py and README "Will it fit?".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from harness.errors import UserError, raise_usage_error, reported_as_one_line
+
+TABLE_TRAINING = dict(
+    per_device_train_batch_size=1,
+    gradient_accumulation_steps=8,
+    max_seq_length=512,
+    optim="paged_adamw_8bit",
+    activation_checkpointing=True,
+)
+
+# (label, method, quantization, takes a rank) for every method the recipes offer
+TABLE_METHODS = [
+    ("full fine-tuning", "full", "none", False),
+    ("LoRA", "lora", "none", True),
+    ("DoRA", "dora", "none", True),
+    ("rsLoRA", "rslora", "none", True),
+    ("QLoRA 4-bit", "lora", "4bit", True),
+    ("QLoRA 8-bit", "lora", "8bit", True),
+    ("LoftQ (4-bit base)", "loftq", "4bit", True),
+    ("AdaLoRA (4-bit base; rank = init_r)", "adalora", "4bit", True),
+    ("IA3", "ia3", "none", False),
+    ("prompt tuning", "prompt_tuning", "none", False),
+    ("prefix tuning (no checkpointing)", "prefix_tuning", "none", False),
+    ("P-tuning", "p_tuning", "none", False),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness.plan [RECIPE]", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.error = raise_usage_error
+    parser.add_argument("--gpu", help="a GPU name (T4, L4, A10G, RTX 4090, A100-80, H100, ...) or its memory in GiB; "
+                                      "default: this machine's GPU, if any")
+    parser.add_argument("--ranks", default="4,8,16,32", help="ranks for the table of every method (no recipe)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    with reported_as_one_line("plan"):
+        argv = list(sys.argv[1:] if argv is None else argv)
+        # A recipe file comes first; a parser positional would also take the value of an unknown flag.
+        recipe = argv.pop(0) if argv and not argv[0].startswith("-") else None
+        options, settings = _parser().parse_known_args(argv)
+        options.recipe = recipe
+        gpu = _gpu(options.gpu)
+        with _quiet_libraries():
+            plans, table = _plans(options, settings)
+        if options.json:
+            print(json.dumps({"gpu": gpu and {"name": gpu[0], "bytes": int(gpu[1] * 2**30)},
+                              "plans": [p.to_dict() for p in plans]}, indent=1))
+        else:
+            print(_table(plans, gpu) if table else _breakdown(plans[0], gpu))
+    return 0
+
+
+def _gpu(spec: str | None):
+    from harness.plan.gpus import gpu_memory
+
+    if spec is not None:
+        return gpu_memory(spec)
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.name, props.total_memory / 2**30
+    return None
+
+
+def _plans(options, settings: list[str]):
+    from harness.config import parse_args
+    from harness.plan.architectures import model_config
+    from harness.plan.memory import plan_run
+
+    if options.recipe:
+        from harness.bench import load_defaults
+
+        path = Path(options.recipe)
+        if not path.is_file():
+            raise UserError(f"recipe file {options.recipe} not found; recipes are in recipes/, e.g. recipes/qwen2_7b_adalora.py")
+        cfg = parse_args(load_defaults(path.stem, path.resolve()), settings)
+        _check(cfg)
+        return [plan_run(cfg, model_config(cfg.model.model, cfg.model.trust_remote_code))], False
+    ranks = _ranks(options.ranks)
+    if not any(s == "--model" or s.startswith("--model=") for s in settings):
+        raise UserError("name a model (--model Qwen/Qwen2-7B-Instruct, a local folder, an offline name) or a recipe file")
+    base = parse_args({"output_dir": "outputs/plan", **TABLE_TRAINING}, settings)
+    config = model_config(base.model.model, base.model.trust_remote_code)
+    plans = []
+    for label, method, quantization, ranked in TABLE_METHODS:
+        for rank in ranks if ranked else [None]:
+            extra = ["--method", method, "--quantization", quantization]
+            if rank is not None:
+                extra += ["--init_r" if method == "adalora" else "--r", str(rank)]
+                extra += ["--target_r", str(max(1, rank // 2))] if method == "adalora" else []
+            if method == "prefix_tuning":
+                extra += ["--activation_checkpointing", "false"]
+            cfg = parse_args({"output_dir": "outputs/plan", **TABLE_TRAINING}, [*settings, *extra])
+            plan = plan_run(cfg, config)
+            plan.label = label
+            plans.append(plan)
+    return plans, True
+
+
+def _check(cfg) -> None:
+    """The recipe's own refusals, less those about this machine (planning needs no GPU and no scipy)."""
+    from harness.methods import check_method
+
+    if cfg.method.method == "loftq":
+        if cfg.model.quantization == "8bit":
+            raise UserError("LoftQ works on a 4-bit base or a 16-bit one, not 8-bit: use --quantization 4bit or none")
+        return
+    check_method(cfg.method, cfg.model.quantization, cfg.train.activation_checkpointing)
+
+
+def _ranks(text: str) -> list[int]:
+    ranks = []
+    for part in text.split(","):
+        if not part.strip().isdigit() or int(part) < 1:
+            raise UserError(f"--ranks: {part.strip()!r} is not a whole number of at least 1")
+        ranks.append(int(part))
+    return ranks
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _table(plans, gpu) -> str:
+    from tabulate import tabulate
+
+    gpu_bytes = gpu[1] * 2**30 if gpu else None
+    rows = []
+    for p in plans:
+        parts = {part.name.split(" (")[0]: part.bytes for part in p.parts}
+        row = {
+            "method": p.label, "rank": p.rank if p.rank is not None else "",
+            "trainable (M)": f"{p.trainable_params / 1e6:.2f}",
+            "weights": _gib(parts.get("weights", 0) + (parts.get("trainable parameters", 0) if p.method == "full" else 0)),
+            "grads + optimizer": _gib(parts.get("gradients", 0) + parts.get("optimizer states", 0)
+                                      + parts.get("AdaLoRA importance scores", 0)),
+            "activations": _gib(parts.get("activations saved for backward", 0)),
+            "planned peak (GiB)": _gib(p.total_bytes),
+        }
+        if gpu_bytes:
+            row[f"fits {gpu[0]}"] = "yes" if p.fits(gpu_bytes) else "no"
+            row["largest batch"] = p.max_batch_size(gpu_bytes)
+        rows.append(row)
+    first = plans[0]
+    head = (f"Planned peak GPU memory of {first.model}: {first.seq_length} tokens, batch {first.batch_size}, "
+            f"{first.optim}, checkpointing {'on' if first.checkpointing else 'off'}, {first.compute_dtype} compute"
+            + (f", on {gpu[0]} ({gpu[1]:.1f} GiB)" if gpu else "") + ".\n\n")
+    return head + tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True) + "\n\n" + _legend()
+
+
+def _breakdown(p, gpu) -> str:
+    from tabulate import tabulate
+
+    rows = [{"part": part.name, "GiB": _gib(part.bytes), "how": part.how} for part in p.parts if part.bytes]
+    rows.append({"part": "planned peak", "GiB": _gib(p.total_bytes), "how": ""})
+    rank = f" rank {p.rank}" if p.rank is not None else ""
+    head = (f"{p.model}, {p.method}{rank}, quantization {p.quantization}: {p.trainable_params / 1e6:.2f} M trainable of "
+            f"{p.total_params / 1e6:.0f} M; {p.seq_length} tokens, batch {p.batch_size}, {p.optim}, "
+            f"checkpointing {'on' if p.checkpointing else 'off'}, {p.compute_dtype} compute.\n\n")
+    text = head + tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True) + "\n"
+    if gpu:
+        gpu_bytes = gpu[1] * 2**30
+        margin = (gpu_bytes - p.total_bytes) / 2**30
+        verdict = f"fits, {margin:.2f} GiB to spare" if margin >= 0 else f"does not fit: {-margin:.2f} GiB over"
+        text += (f"\n{gpu[0]} ({gpu[1]:.1f} GiB): {verdict}; the largest batch that fits at {p.seq_length} tokens: "
+                 f"{p.max_batch_size(gpu_bytes)}.\n")
+    return text + "\n" + _legend()
+
+
+def _legend() -> str:
+    return ("counted: from the model's tensors, built on the meta device with the run's real PEFT config; "
+            "formula: bitsandbytes' storage formats; modelled: fused attention, transient buffers, CUDA context "
+            "(not yet checked against a GPU).")
+
+
+class _quiet_libraries:
+    """Library warnings (deprecations, PEFT's notes) are noise before a plan; errors still surface."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        self._verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        logging.set_verbosity(self._verbosity)
+        self._warnings.__exit__(*exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Planned peak GPU memory of one training run, and its parts, without loading a weight.
+
+The model is built from its config on the meta device (shapes, no memory) and wrapped with the run's
+real PEFT config, so every method and architecture is accounted the same way:
+
+- counted from the tensors (exact): parameters by storage format, trainable parameters, gradients,
+  optimizer states, AdaLoRA's importance scores, and the activations one forward saves for backward
+  (a saved-tensor hook on the meta forward; gradient checkpointing keeps each layer's inputs and
+  recomputes one layer at a time).
+- formulas (exact for bitsandbytes' formats): 4-bit NF4/FP4 weights and their block scales, 8-bit
+  weights and their row scales, 8-bit optimizer states and their block scales.
+- modelled (to be checked on a GPU): attention as a fused kernel keeps it (flash / memory-efficient
+  SDPA: inputs, output and a log-sum-exp, never the T x T matrix); the logits' transient copies; one
+  dequantized weight at a time; 16-bit copies of fp32 weights under autocast; the CUDA context.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+GIB = 2**30
+
+# Modelled: what a process holds before its first tensor (CUDA context, cuBLAS workspace). Measured on a
+# GPU it ranges ~0.3-0.6 GiB by driver and card; a GPU run of the benchmark replaces this with a figure.
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)
+
+# bitsandbytes' formats
+NF4_BLOCK = 64  # one absmax per 64 weights
+DOUBLE_QUANT_BLOCK = 256  # double quantization: the absmaxes themselves in 8 bits, one fp32 per 256 of them
+OPTIMIZER_8BIT_BLOCK = 256  # blockwise 8-bit optimizer states: one fp32 absmax per 256 values
+OPTIMIZER_8BIT_MIN_SIZE = 4096  # smaller tensors keep 32-bit states (bnb's min_8bit_size)
+
+PLANNED_ATTENTION = "planned_fused_attention"
+
+
+@dataclass
+class Part:
+    name: str
+    bytes: int
+    how: str  # "counted" (from the meta model's tensors), "formula" or "modelled"
+    scales_with_batch: bool = False
+
+
+@dataclass
+class Plan:
+    model: str
+    method: str
+    rank: int | None
+    quantization: str
+    optim: str
+    batch_size: int
+    seq_length: int
+    checkpointing: bool
+    compute_dtype: str
+    trainable_params: int
+    total_params: int
+    parts: list[Part] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(part.bytes for part in self.parts)
+
+    def fits(self, gpu_bytes: float) -> bool:
+        return self.total_bytes <= gpu_bytes
+
+    def max_batch_size(self, gpu_bytes: float) -> int:
+        """The largest per-device batch at this sequence length that fits (0: not even one sequence)."""
+        per_batch = sum(part.bytes for part in self.parts if part.scales_with_batch)
+        fixed = self.total_bytes - per_batch
+        if per_batch == 0:
+            return self.batch_size if fixed <= gpu_bytes else 0
+        return max(0, int((gpu_bytes - fixed) // (per_batch / self.batch_size)))
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "method": self.method, "rank": self.rank, "quantization": self.quantization,
+            "optim": self.optim, "per_device_train_batch_size": self.batch_size, "max_seq_length": self.seq_length,
+            "activation_checkpointing": self.checkpointing, "compute_dtype": self.compute_dtype,
+            "trainable_params": self.trainable_params, "total_params": self.total_params,
+            "planned_peak_bytes": self.total_bytes,
+            "parts": [{"name": p.name, "bytes": p.bytes, "how": p.how} for p in self.parts],
+        }
+
+
+# ---------------------------------------------------------------------------- the meta model
+
+class _FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel keeps for backward: q, k, v, its output and one fp32 log-sum-exp per
+    query and head. Runs on meta tensors only (the planner never computes)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = torch.empty_like(query)
+        ctx.save_for_backward(query, key, value, out, query.new_empty(query.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+
+
+def _planned_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # with a padding mask, SDPA gets the key/value heads repeated
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    return _FusedAttention.apply(query, key, value).transpose(1, 2).contiguous(), None
+
+
+def _register_planned_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PLANNED_ATTENTION, _planned_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PLANNED_ATTENTION, sdpa_mask)
+
+
+def meta_model(config, dtype: torch.dtype, attention: str = PLANNED_ATTENTION, trust_remote_code: bool = False):
+    """The model with every tensor on the meta device: any size builds in seconds and holds no memory."""
+    from transformers import AutoModelForCausalLM
+
+    if attention == PLANNED_ATTENTION:
+        _register_planned_attention()
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention,
+                                                trust_remote_code=trust_remote_code)
+
+
+def quantized_linears(model) -> dict[int, torch.nn.Linear]:
+    """The Linear layers bitsandbytes quantizes, by id of their weight: all but the output head (transformers
+    keeps lm_head, and anything tied to it, in 16 bits)."""
+    head = model.get_output_embeddings()
+    keep = {id(head.weight)} if head is not None else set()
+    return {id(m.weight): m for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and id(m.weight) not in keep}
+
+
+def quantized_weight_bytes(numel: int, out_features: int, quantization: str, double_quant: bool) -> int:
+    if quantization == "8bit":  # int8 weights, one fp32 scale per output row
+        return numel + 4 * out_features
+    blocks = math.ceil(numel / NF4_BLOCK)  # 4-bit: two weights per byte, one absmax per block
+    scales = blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) if double_quant else 4 * blocks
+    return math.ceil(numel / 2) + scales
+
+
+def optimizer_state_bytes(optim: str, params: list[torch.Tensor]) -> tuple[int, str]:
+    """(bytes, how) of the optimizer's state for these trainable parameters, once it has stepped."""
+    optim = optim.lower()
+    if "8bit" in optim:  # bitsandbytes blockwise: uint8 states, fp32 states for small tensors
+        states = 1 if "lion" in optim else 2
+        total = 0
+        for p in params:
+            if p.numel() < OPTIMIZER_8BIT_MIN_SIZE:
+                total += states * 4 * p.numel()
+            else:
+                total += states * (p.numel() + 4 * math.ceil(p.numel() / OPTIMIZER_8BIT_BLOCK))
+        return total, "formula"
+    if optim.startswith("sgd"):
+        return 0, "formula"  # the Trainer's SGD has no momentum
+    if "lion" in optim or "adagrad" in optim or "rmsprop" in optim:
+        return sum(p.numel() * 4 for p in params), "formula"
+    if optim.startswith("adafactor"):  # factored second moment for matrices, no first moment
+        return sum(4 * (sum(p.shape) if p.dim() == 2 else p.numel()) for p in params), "modelled"
+    if "adam" in optim:  # exp_avg and exp_avg_sq, like the parameter (32-bit for bnb's 32-bit variants)
+        width = 4 if ("32bit" in optim or "bnb" in optim) else None
+        return sum(2 * p.numel() * (width or p.element_size()) for p in params), "counted"
+    return sum(2 * p.numel() * p.element_size() for p in params), "modelled"  # unknown: assumed Adam-like
+
+
+# ---------------------------------------------------------------------------- activations
+
+@dataclass
+class SavedActivations:
+    outside_layers: int  # embeddings, final norm, head, loss
+    per_layer: list[int]  # what each decoder layer saves
+    layer_inputs: int  # what gradient checkpointing keeps per layer instead (its inputs)
+    log_probs: torch.Size | None  # the loss's fp32 log-softmax (the largest tensor for a big vocabulary)
+
+    def total(self, checkpointing: bool) -> int:
+        if not checkpointing or not self.per_layer:
+            return self.outside_layers + sum(self.per_layer)
+        return self.outside_layers + self.layer_inputs * len(self.per_layer) + max(self.per_layer)
+
+
+def saved_for_backward(model, batch_size: int, seq_length: int, vocab_size: int) -> SavedActivations:
+    """Run one training forward on meta tensors and measure what it saves for backward (parameters, which
+    the optimizer accounts for, excluded; a tensor saved twice counted once)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: set[int] = set()
+    outside, per_layer, inputs = [0], [], {}
+    current: list[int | None] = [None]
+    log_probs: list[torch.Size] = []
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in params and storage._cdata not in seen:
+            seen.add(storage._cdata)
+            if current[0] is None:
+                outside[0] += storage.nbytes()
+            else:
+                per_layer[current[0]] += storage.nbytes()
+            if tensor.dtype == torch.float32 and tensor.dim() >= 2 and tensor.shape[-1] == vocab_size:
+                log_probs.append(tensor.shape)
+        return tensor
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    handles = []
+    for index, layer in enumerate(layers):
+        per_layer.append(0)
+
+        def enter(module, args, kwargs, index=index):
+            current[0] = index
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            inputs[index] = sum(t.untyped_storage().nbytes() for t in tensors[:1])  # the hidden states
+
+        def leave(module, args, kwargs, output):
+            current[0] = None
+
+        handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(layer.register_forward_hook(leave, with_kwargs=True))
+    ids = torch.zeros(batch_size, seq_length, dtype=torch.long, device="meta")
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=ids, labels=ids)  # no mask: masks are checked with .item(), which meta cannot do
+    finally:
+        for handle in handles:
+            handle.remove()
+    return SavedActivations(outside[0], per_layer, max(inputs.values(), default=0),
+                            max(log_probs, key=lambda s: s.numel(), default=None))
+
+
+# ---------------------------------------------------------------------------- the plan
+
+def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention: str = PLANNED_ATTENTION,
+             context_bytes: int = CUDA_CONTEXT_BYTES) -> Plan:
+    """Plan the peak memory of the run `cfg` (a RunConfig) on a model with this transformers config."""
+    from harness.methods import adalora_schedule, peft_config
+
+    method, quantization = cfg.method.method, cfg.model.quantization
+    targs = cfg.train
+    # As harness.models loads it: full fine-tuning keeps fp32 master weights; 4/8-bit bases get their
+    # remaining 16-bit weights (embeddings, norms, head) cast to fp32 by prepare_model_for_kbit_training.
+    master_fp32 = method == "full" and cfg.model.dtype == "auto"
+    model = meta_model(config, compute_dtype, attention, cfg.model.trust_remote_code)
+    quantized = quantized_linears(model) if quantization in ("4bit", "8bit") else {}
+    if method == "full":
+        model.requires_grad_(True)
+    else:
+        model.requires_grad_(False)
+        peft = peft_config(cfg.method, model, adalora_schedule(cfg.method, 1000) if method == "adalora" else None)
+        if peft is not None:
+            from peft import get_peft_model
+
+            if method == "loftq":  # LoftQ's initial values cost no memory of their own; skip computing them
+                peft.init_lora_weights, peft.loftq_config = True, {}
+            model = get_peft_model(model, peft)
+            for name, p in model.named_parameters():  # AdaLoRA's rank counters never train (on meta they
+                if ".ranknum." in name:                # come out trainable, and would save extra activations)
+                    p.requires_grad_(False)
+
+    weights = trainable = trainable_count = total_count = 0
+    trainable_params: list[torch.Tensor] = []
+    for name, p in model.named_parameters():
+        total_count += p.numel()
+        if p.requires_grad:
+            size = 4 if master_fp32 else p.element_size()
+            trainable += p.numel() * size
+            trainable_count += p.numel()
+            trainable_params.append(p if not master_fp32 else torch.empty(p.shape, dtype=torch.float32, device="meta"))
+        elif id(p) in quantized:
+            weights += quantized_weight_bytes(p.numel(), quantized[id(p)].out_features, quantization,
+                                              cfg.model.bnb_4bit_use_double_quant)
+        else:
+            weights += p.numel() * (4 if quantized and p.is_floating_point() else p.element_size())
+    parts = [
+        Part(f"weights ({_format_label(quantization, compute_dtype, master_fp32)})", weights,
+             "formula" if quantized else "counted"),
+        Part("trainable parameters", trainable, "counted"),
+        Part("gradients", trainable, "counted"),
+    ]
+    optimizer, how = optimizer_state_bytes(targs.optim.value if hasattr(targs.optim, "value") else str(targs.optim),
+                                           trainable_params)
+    parts.append(Part(f"optimizer states ({targs.optim.value if hasattr(targs.optim, 'value') else targs.optim})",
+                      optimizer, how))
+    if method == "adalora":  # importance scores: ipt, exp_avg_ipt, exp_avg_unc per adapter parameter
+        scores = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+        parts.append(Part("AdaLoRA importance scores", 3 * scores, "counted"))
+    if master_fp32 and compute_dtype != torch.float32:
+        copies = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        parts.append(Part("16-bit weight copies (autocast)", copies * torch.finfo(compute_dtype).bits // 8, "modelled"))
+
+    seq_length = cfg.data.max_seq_length  # dynamic padding: the longest sequence of a batch, at most this
+    saved = saved_for_backward(model, targs.per_device_train_batch_size, seq_length, config.vocab_size)
+    parts.append(Part("activations saved for backward" + (" (checkpointed)" if targs.activation_checkpointing else ""),
+                      saved.total(targs.activation_checkpointing), "counted", scales_with_batch=True))
+    # The loss: the logits in the compute dtype and their fp32 copy exist beside the saved log-softmax
+    # (forward), as do the gradients of both (backward).
+    if saved.log_probs is not None:
+        positions = saved.log_probs.numel() // saved.log_probs[-1]
+        width = compute_dtype.itemsize + (0 if compute_dtype == torch.float32 else 4)
+        parts.append(Part("logits and their fp32 copy (transient)", positions * config.vocab_size * width,
+                          "modelled", scales_with_batch=True))
+    if quantized:
+        largest = max(m.weight.numel() for m in quantized.values())
+        parts.append(Part("one dequantized weight (transient)", largest * compute_dtype.itemsize, "modelled"))
+    parts.append(Part("CUDA context", context_bytes, "modelled"))
+    rank = cfg.method.init_r if method == "adalora" else (cfg.method.r if method in ("lora", "dora", "rslora", "loftq") else None)
+    return Plan(
+        model=cfg.model.model, method=method, rank=rank, quantization=quantization,
+        optim=str(getattr(targs.optim, "value", targs.optim)), batch_size=targs.per_device_train_batch_size,
+        seq_length=seq_length,
+        checkpointing=bool(targs.activation_checkpointing), compute_dtype=str(compute_dtype).removeprefix("torch."),
+        trainable_params=trainable_count, total_params=total_count, parts=parts,
+    )
+
+
+def _format_label(quantization: str, compute_dtype: torch.dtype, master_fp32: bool) -> str:
+    if quantization == "4bit":
+        return "4-bit, the rest fp32"
+    if quantization == "8bit":
+        return "8-bit, the rest fp32"
+    return "fp32" if master_fp32 else str(compute_dtype).removeprefix("torch.")
+
