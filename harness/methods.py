@@ -176,8 +176,10 @@ def peft_config(args: MethodArguments, model: torch.nn.Module, schedule: AdaLora
     raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def check_method(args: MethodArguments, quantization: str, gradient_checkpointing: bool = False) -> None:
-    """Refuse impossible combinations before anything heavy is loaded."""
+def check_method(args: MethodArguments, quantization: str, gradient_checkpointing: bool = False,
+                 this_machine: bool = True) -> None:
+    """Refuse impossible combinations before anything heavy is loaded. this_machine=False leaves out what
+    only the machine running it decides (a GPU, scipy): the memory planner plans runs for other machines."""
     if args.method not in METHODS:
         raise UserError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.method == "prefix_tuning" and gradient_checkpointing:
@@ -194,9 +196,9 @@ def check_method(args: MethodArguments, quantization: str, gradient_checkpointin
             )
         if quantization == "4bit" and args.loftq_bits != 4:
             raise UserError(f"on a 4-bit base LoftQ needs --loftq_bits 4 (got {args.loftq_bits}); or use --quantization none")
-        if quantization == "none" and importlib.util.find_spec("scipy") is None:
+        if this_machine and quantization == "none" and importlib.util.find_spec("scipy") is None:
             raise UserError("LoftQ on a 16-bit base needs scipy (PEFT requires it): pip install scipy, or use --quantization 4bit")
-        if not torch.cuda.is_available():
+        if this_machine and not torch.cuda.is_available():
             raise UserError(
                 "LoftQ needs an NVIDIA GPU: PEFT computes its initialisation with CUDA; run it on a GPU "
                 "machine, or use --method lora here"

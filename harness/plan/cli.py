@@ -13,6 +13,7 @@ How each part is computed, and how accurate it is: harness/plan/memory.py and RE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
@@ -21,6 +22,7 @@ from pathlib import Path
 from harness.errors import UserError, raise_usage_error, reported_as_one_line
 
 TABLE_TRAINING = dict(
+    output_dir="outputs/plan",  # never written: parsing a run's settings needs one
     per_device_train_batch_size=1,
     gradient_accumulation_steps=8,
     max_seq_length=512,
@@ -88,7 +90,9 @@ def _gpu(spec: str | None):
 
 
 def _plans(options, settings: list[str]):
+    from harness.bench import parse_int_list
     from harness.config import parse_args
+    from harness.methods import check_method
     from harness.plan.architectures import model_config
     from harness.plan.memory import plan_run
 
@@ -99,12 +103,13 @@ def _plans(options, settings: list[str]):
         if not path.is_file():
             raise UserError(f"recipe file {options.recipe} not found; recipes are in recipes/, e.g. recipes/qwen2_7b_adalora.py")
         cfg = parse_args(load_defaults(path.stem, path.resolve()), settings)
-        _check(cfg)
+        # The recipe's own refusals, less those about this machine: planning needs no GPU and no scipy.
+        check_method(cfg.method, cfg.model.quantization, cfg.train.activation_checkpointing, this_machine=False)
         return [plan_run(cfg, model_config(cfg.model.model, cfg.model.trust_remote_code))], False
-    ranks = _ranks(options.ranks)
+    ranks = parse_int_list(options.ranks, "--ranks", 1)
     if not any(s == "--model" or s.startswith("--model=") for s in settings):
         raise UserError("name a model (--model Qwen/Qwen2-7B-Instruct, a local folder, an offline name) or a recipe file")
-    base = parse_args({"output_dir": "outputs/plan", **TABLE_TRAINING}, settings)
+    base = parse_args(TABLE_TRAINING, settings)
     config = model_config(base.model.model, base.model.trust_remote_code)
     plans = []
     for label, method, quantization, ranked in TABLE_METHODS:
@@ -115,31 +120,9 @@ def _plans(options, settings: list[str]):
                 extra += ["--target_r", str(max(1, rank // 2))] if method == "adalora" else []
             if method == "prefix_tuning":
                 extra += ["--activation_checkpointing", "false"]
-            cfg = parse_args({"output_dir": "outputs/plan", **TABLE_TRAINING}, [*settings, *extra])
-            plan = plan_run(cfg, config)
-            plan.label = label
-            plans.append(plan)
+            cfg = parse_args(TABLE_TRAINING, [*settings, *extra])
+            plans.append(plan_run(cfg, config, label=label))
     return plans, True
-
-
-def _check(cfg) -> None:
-    """The recipe's own refusals, less those about this machine (planning needs no GPU and no scipy)."""
-    from harness.methods import check_method
-
-    if cfg.method.method == "loftq":
-        if cfg.model.quantization == "8bit":
-            raise UserError("LoftQ works on a 4-bit base or a 16-bit one, not 8-bit: use --quantization 4bit or none")
-        return
-    check_method(cfg.method, cfg.model.quantization, cfg.train.activation_checkpointing)
-
-
-def _ranks(text: str) -> list[int]:
-    ranks = []
-    for part in text.split(","):
-        if not part.strip().isdigit() or int(part) < 1:
-            raise UserError(f"--ranks: {part.strip()!r} is not a whole number of at least 1")
-        ranks.append(int(part))
-    return ranks
 
 
 def _gib(n: float) -> str:
@@ -198,23 +181,19 @@ def _legend() -> str:
             "(not yet checked against a GPU).")
 
 
-class _quiet_libraries:
+@contextlib.contextmanager
+def _quiet_libraries():
     """Library warnings (deprecations, PEFT's notes) are noise before a plan; errors still surface."""
+    from transformers.utils import logging
 
-    def __enter__(self):
-        from transformers.utils import logging
-
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
-        self._verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()
-
-    def __exit__(self, *exc):
-        from transformers.utils import logging
-
-        logging.set_verbosity(self._verbosity)
-        self._warnings.__exit__(*exc)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 if __name__ == "__main__":

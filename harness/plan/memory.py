@@ -57,6 +57,7 @@ class Plan:
     trainable_params: int
     total_params: int
     parts: list[Part] = field(default_factory=list)
+    label: str = ""  # the method as a table row names it
 
     @property
     def total_bytes(self) -> int:
@@ -239,12 +240,14 @@ def saved_for_backward(model, batch_size: int, seq_length: int, vocab_size: int)
 # ---------------------------------------------------------------------------- the plan
 
 def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention: str = PLANNED_ATTENTION,
-             context_bytes: int = CUDA_CONTEXT_BYTES) -> Plan:
+             context_bytes: int = CUDA_CONTEXT_BYTES, label: str = "") -> Plan:
     """Plan the peak memory of the run `cfg` (a RunConfig) on a model with this transformers config."""
-    from harness.methods import adalora_schedule, peft_config
+    from harness.methods import LORA_FAMILY, adalora_schedule, peft_config
 
     method, quantization = cfg.method.method, cfg.model.quantization
     targs = cfg.train
+    optim = str(getattr(targs.optim, "value", targs.optim))  # an OptimizerNames member, or a name
+    dtype_name = str(compute_dtype).removeprefix("torch.")
     # As harness.models loads it: full fine-tuning keeps fp32 master weights; 4/8-bit bases get their
     # remaining 16-bit weights (embeddings, norms, head) cast to fp32 by prepare_model_for_kbit_training.
     master_fp32 = method == "full" and cfg.model.dtype == "auto"
@@ -280,21 +283,19 @@ def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention
         else:
             weights += p.numel() * (4 if quantized and p.is_floating_point() else p.element_size())
     parts = [
-        Part(f"weights ({_format_label(quantization, compute_dtype, master_fp32)})", weights,
+        Part(f"weights ({_format_label(quantization, dtype_name, master_fp32)})", weights,
              "formula" if quantized else "counted"),
         Part("trainable parameters", trainable, "counted"),
         Part("gradients", trainable, "counted"),
     ]
-    optimizer, how = optimizer_state_bytes(targs.optim.value if hasattr(targs.optim, "value") else str(targs.optim),
-                                           trainable_params)
-    parts.append(Part(f"optimizer states ({targs.optim.value if hasattr(targs.optim, 'value') else targs.optim})",
-                      optimizer, how))
+    optimizer, how = optimizer_state_bytes(optim, trainable_params)
+    parts.append(Part(f"optimizer states ({optim})", optimizer, how))
     if method == "adalora":  # importance scores: ipt, exp_avg_ipt, exp_avg_unc per adapter parameter
         scores = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
         parts.append(Part("AdaLoRA importance scores", 3 * scores, "counted"))
     if master_fp32 and compute_dtype != torch.float32:
         copies = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-        parts.append(Part("16-bit weight copies (autocast)", copies * torch.finfo(compute_dtype).bits // 8, "modelled"))
+        parts.append(Part("16-bit weight copies (autocast)", copies * compute_dtype.itemsize, "modelled"))
 
     seq_length = cfg.data.max_seq_length  # dynamic padding: the longest sequence of a batch, at most this
     saved = saved_for_backward(model, targs.per_device_train_batch_size, seq_length, config.vocab_size)
@@ -311,20 +312,19 @@ def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention
         largest = max(m.weight.numel() for m in quantized.values())
         parts.append(Part("one dequantized weight (transient)", largest * compute_dtype.itemsize, "modelled"))
     parts.append(Part("CUDA context", context_bytes, "modelled"))
-    rank = cfg.method.init_r if method == "adalora" else (cfg.method.r if method in ("lora", "dora", "rslora", "loftq") else None)
+    rank = cfg.method.init_r if method == "adalora" else (cfg.method.r if method in LORA_FAMILY else None)
     return Plan(
         model=cfg.model.model, method=method, rank=rank, quantization=quantization,
-        optim=str(getattr(targs.optim, "value", targs.optim)), batch_size=targs.per_device_train_batch_size,
-        seq_length=seq_length,
-        checkpointing=bool(targs.activation_checkpointing), compute_dtype=str(compute_dtype).removeprefix("torch."),
-        trainable_params=trainable_count, total_params=total_count, parts=parts,
+        optim=optim, batch_size=targs.per_device_train_batch_size, seq_length=seq_length,
+        checkpointing=bool(targs.activation_checkpointing), compute_dtype=dtype_name,
+        trainable_params=trainable_count, total_params=total_count, parts=parts, label=label,
     )
 
 
-def _format_label(quantization: str, compute_dtype: torch.dtype, master_fp32: bool) -> str:
+def _format_label(quantization: str, dtype_name: str, master_fp32: bool) -> str:
     if quantization == "4bit":
         return "4-bit, the rest fp32"
     if quantization == "8bit":
         return "8-bit, the rest fp32"
-    return "fp32" if master_fp32 else str(compute_dtype).removeprefix("torch.")
+    return "fp32" if master_fp32 else dtype_name
 
