@@ -16,6 +16,7 @@ real PEFT config, so every method and architecture is accounted the same way:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -188,32 +189,24 @@ class SavedActivations:
 
 
 def saved_for_backward(model, batch_size: int, seq_length: int, vocab_size: int) -> SavedActivations:
-    """Run one training forward on meta tensors and measure what it saves for backward (parameters, which
-    the optimizer accounts for, excluded; a tensor saved twice counted once)."""
+    """Run one training forward on meta tensors and measure what it saves for backward: the tensors still
+    held when the forward ends (a branch whose graph was dropped, like DoRA's detached weight norm, frees
+    its saved tensors at once), each storage once, parameters excluded (the optimizer accounts for them)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     params = {p.untyped_storage()._cdata for p in model.parameters()}
-    seen: set[int] = set()
-    outside, per_layer, inputs = [0], [], {}
+    saved: list[tuple[weakref.ref, int | None]] = []  # weak: a tensor the graph lets go of is not held
     current: list[int | None] = [None]
-    log_probs: list[torch.Size] = []
+    inputs: dict[int, int] = {}
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage._cdata not in params and storage._cdata not in seen:
-            seen.add(storage._cdata)
-            if current[0] is None:
-                outside[0] += storage.nbytes()
-            else:
-                per_layer[current[0]] += storage.nbytes()
-            if tensor.dtype == torch.float32 and tensor.dim() >= 2 and tensor.shape[-1] == vocab_size:
-                log_probs.append(tensor.shape)
+        if tensor.untyped_storage()._cdata not in params:
+            saved.append((weakref.ref(tensor), current[0]))
         return tensor
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     handles = []
     for index, layer in enumerate(layers):
-        per_layer.append(0)
 
         def enter(module, args, kwargs, index=index):
             current[0] = index
@@ -229,12 +222,26 @@ def saved_for_backward(model, batch_size: int, seq_length: int, vocab_size: int)
     model.train()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model(input_ids=ids, labels=ids)  # no mask: masks are checked with .item(), which meta cannot do
+            output = model(input_ids=ids, labels=ids)  # no mask: masks are checked with .item(), which meta cannot do
     finally:
         for handle in handles:
             handle.remove()
-    return SavedActivations(outside[0], per_layer, max(inputs.values(), default=0),
-                            max(log_probs, key=lambda s: s.numel(), default=None))
+    held: dict[int, tuple[torch.Tensor, int | None]] = {}
+    for ref, layer in saved:
+        tensor = ref()
+        if tensor is not None:  # every storage still held is alive, so no two of them share an address
+            held.setdefault(tensor.untyped_storage()._cdata, (tensor, layer))
+    del output
+    outside, per_layer = 0, [0] * len(layers)
+    for tensor, layer in held.values():
+        if layer is None:
+            outside += tensor.untyped_storage().nbytes()
+        else:
+            per_layer[layer] += tensor.untyped_storage().nbytes()
+    log_probs = [t.shape for t, _ in held.values()
+                 if t.dtype == torch.float32 and t.dim() >= 2 and t.shape[-1] == vocab_size]
+    return SavedActivations(outside, per_layer, max(inputs.values(), default=0),
+                            max(log_probs, key=lambda shape: shape.numel(), default=None))
 
 
 # ---------------------------------------------------------------------------- the plan
