@@ -202,6 +202,13 @@ class RecipeArguments:
             "it); going past it is an out-of-memory error. CPU: not enforced (harness.bench checks peak RSS)."
         ),
     )
+    memory_check: bool = field(
+        default=True,
+        metadata=_help(
+            "Before loading, plan the run's peak memory (python -m harness.plan) and stop with what would fit when "
+            "it exceeds the GPU's free memory or --memory_budget_gb. false: print the plan, run anyway."
+        ),
+    )
     init_adapter: str | None = field(
         default=None,
         metadata=_help(

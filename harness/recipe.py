@@ -95,11 +95,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     from harness.measure import PeakMemory, apply_memory_budget
     from harness.methods import check_targets
     from harness.models import load_tokenizer
+    from harness.plan.preflight import check_memory_plan
 
     start = RunStart.now()
     plan = preflight(cfg)
     for line in plan.left_out_lines():
         print(f"Data: {line}")
+    memory_plan = check_memory_plan(cfg, plan.targs)  # before anything is downloaded or loaded
     tokenizer = load_tokenizer(cfg.model)
     check_targets(cfg.method, cfg.model, cfg.run.init_adapter)  # layer names, before any weights load
     prepared = data_mod.prepare(plan.train_rows, plan.eval_rows, cfg.data, tokenizer)  # refuses a too-short window
@@ -116,7 +118,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         set_seed(plan.targs.seed)
         memory_budget = apply_memory_budget(cfg.run.memory_budget_gb)  # before CUDA allocates anything
         memory = PeakMemory()
-        with recorded_run(folder, cfg, start, memory, memory_budget) as record:
+        with recorded_run(folder, cfg, start, memory, {**memory_budget, "memory_plan": memory_plan}) as record:
             record.update(_train_and_evaluate(cfg, plan, tokenizer, prepared, folder, memory))
     print(f"\nResult written to {folder.path / RESULT_FILE}")
     return record

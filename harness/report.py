@@ -28,10 +28,14 @@ GAIN = "Δ accuracy vs baseline"
 NOISE = "beyond noise?"
 RANK_HEADER = "rank (r / target_r ← init_r)"
 NO_RANK = "no rank"
+PLANNED = "planned peak (MiB)"
+PLANNED_RATIO = "measured / planned"
 
 # Comparison-table columns after the identifying ones, with their number format.
 METRIC_FORMATS: dict[str, str] = {
     "peak memory (MiB)": "{:.1f}",
+    PLANNED: "{:.1f}",
+    PLANNED_RATIO: "{:.2f}",
     "CUDA reserved (MiB)": "{:.1f}",
     "CUDA allocated (MiB)": "{:.1f}",
     "NVML device peak (MiB)": "{:.1f}",
@@ -108,6 +112,18 @@ def eval_name(key: str) -> str:
 BASELINE = "none"  # harness.bench's baseline trials: the untrained model, scored like every trial
 
 
+def planned_memory(result: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's memory plan beside its measurement. The CUDA context is left out of the plan, as the
+    measurement (reserved above the baseline after CUDA init) leaves it out; the ratio checks the planner
+    only against GPU memory (a CPU run's peak RSS also holds Python, the libraries and the data)."""
+    plan = result.get("memory_plan") or {}
+    if plan.get("planned_peak_mb") is None:
+        return {PLANNED: None, PLANNED_RATIO: None}
+    planned = plan["planned_peak_mb"] - (plan.get("cuda_context_mb") or 0)
+    measured = result.get("peak_memory_mb") if result.get("peak_memory_kind") == "cuda_reserved" else None
+    return {PLANNED: planned, PLANNED_RATIO: measured / planned if measured and planned else None}
+
+
 def recipe_label(record: dict[str, Any]) -> str:
     if record.get("method") != BASELINE:
         return record["recipe"]
@@ -132,6 +148,7 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
         "_rank": record.get("rank") if record.get("rank") is not None else math.inf,
         "peak memory (MiB)": result.get("peak_memory_mb"),
         "memory kind": result.get("peak_memory_kind"),
+        **planned_memory(result),
         "CUDA reserved (MiB)": result.get("cuda_reserved_mb"),
         "CUDA allocated (MiB)": result.get("cuda_allocated_mb"),
         "NVML device peak (MiB)": result.get("nvml_used_mb"),
@@ -391,7 +408,9 @@ def header(sweep: str, records: list[dict[str, Any]]) -> list[str]:
 COLUMN_NOTES = (
     "Columns: *peak memory* is the recipe's own measurement of the kind named in *memory kind* "
     "(`cuda_reserved`: PyTorch's peak reserved memory above the baseline after CUDA init; `cpu_rss`: the trial "
-    "process's peak RSS); *trial process peak RSS* is the same process measured from outside (`wait4`), from "
+    "process's peak RSS); *planned peak* is what the recipe's memory plan (harness.plan) predicted before loading, "
+    "without the CUDA context (for a CPU run, for its fp32 compute), and *measured / planned* checks it against "
+    "GPU memory only; *trial process peak RSS* is the same process measured from outside (`wait4`), from "
     "start to exit; *train* is optimizer steps only (no evaluation, no saving), *total* the recipe's whole run "
     "(load, train, evaluate, save), *trial wall* the process from start to exit (imports included); "
     "*tokens/s* counts non-padding tokens trained on; *MFU* uses 4N FLOPs per token for adapters (6N with "
@@ -461,7 +480,7 @@ def write_report(results_dir: Path, sweep: str, records: list[dict[str, Any]] | 
     return [path, *plots]
 
 
-SAMPLE_COLUMNS = ("recipe", RANK_HEADER, "peak memory (MiB)", "train (s)", "tokens/s", "trainable params",
+SAMPLE_COLUMNS = ("recipe", RANK_HEADER, "peak memory (MiB)", PLANNED, PLANNED_RATIO, "train (s)", "tokens/s", "trainable params",
                   "adapter (MiB)", "eval loss")
 
 

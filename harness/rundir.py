@@ -52,7 +52,7 @@ NOT_FINGERPRINTED = frozenset({
     "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica",
     "log_on_each_node", "save_total_limit", "per_device_eval_batch_size", "eval_accumulation_steps",
     "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-    "dataloader_prefetch_factor", "memory_budget_gb", "push_to_hub",
+    "dataloader_prefetch_factor", "memory_budget_gb", "memory_check", "push_to_hub",
 })
 
 

@@ -73,6 +73,7 @@ CASES = [
     ("learning-rate-text", [*FLAGSHIP, "--learning_rate", "fast"], "qwen2_7b_adalora", "invalid float value: 'fast'", "see --help"),
     ("negative-seed", [*FLAGSHIP, "--seed", "-1"], "qwen2_7b_adalora", "--seed must be in [0, 4294967295]", "got -1"),
     ("memory-budget", [*FLAGSHIP, "--memory_budget_gb", "-4"], "qwen2_7b_adalora", "--memory_budget_gb must be greater than 0", "got -4"),
+    ("memory-plan-over-budget", [*FLAGSHIP, "--memory_budget_gb", "0.0001"], "qwen2_7b_adalora", "the memory plan says this run needs", "--memory_check false runs it anyway"),
     # recipes: command line and config files
     ("unknown-flag", [*FLAGSHIP, "--no_such_flag", "1"], "qwen2_7b_adalora", "unknown setting(s): --no_such_flag 1", "see --help"),
     ("config-equals-missing", [*FLAGSHIP, "--config={tmp}/none.yaml"], "qwen2_7b_adalora", "config file {tmp}/none.yaml not found", "config file"),

@@ -152,3 +152,103 @@ def test_a_recipe_with_its_flags_and_a_verdict():
 def test_bad_input_is_one_line(argv, message):
     done = _plan(*argv)
     assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+
+
+# ---------------------------------------------------------------------------- the recipes' memory check
+
+def _over_budget(plan_small, plan_large) -> float:
+    """A --memory_budget_gb between two plans."""
+    return (plan_small.total_bytes + plan_large.total_bytes) / 2 / 2**30
+
+
+def test_a_run_over_its_memory_budget_stops_naming_what_would_fit(capsys):
+    from harness.errors import UserError
+    from harness.plan.preflight import check_memory_plan
+
+    config = model_config("tiny-qwen2")
+    small = plan_run(_cfg("--per_device_train_batch_size", "1"), config, compute_dtype=torch.float32, context_bytes=0)
+    large = plan_run(_cfg("--per_device_train_batch_size", "64"), config, compute_dtype=torch.float32, context_bytes=0)
+    budget = _over_budget(small, large)
+    cfg = _cfg("--per_device_train_batch_size", "64", "--gradient_accumulation_steps", "2",
+               "--memory_budget_gb", str(budget))
+    with pytest.raises(UserError) as refused:
+        check_memory_plan(cfg, cfg.train)
+    message = str(refused.value)
+    assert "the memory plan says this run needs" in message and "--memory_check false runs it anyway" in message
+    assert "Memory plan: planned peak" in capsys.readouterr().out
+    batch = int(message.split("--per_device_train_batch_size ")[1].split()[0].rstrip(".;"))
+    accumulation = int(message.split("--gradient_accumulation_steps ")[1].split()[0].rstrip(".;"))
+    assert batch * accumulation == 64 * 2 and 64 % batch == 0  # the same effective batch
+    fitting = plan_run(_cfg("--per_device_train_batch_size", str(batch)), config, compute_dtype=torch.float32, context_bytes=0)
+    too_big = plan_run(_cfg("--per_device_train_batch_size", str(batch * 2)), config, compute_dtype=torch.float32,
+                       context_bytes=0)  # the next batch that divides 64
+    assert fitting.fits(budget * 2**30) and not too_big.fits(budget * 2**30)
+
+    relaxed = _cfg("--per_device_train_batch_size", "64", "--memory_budget_gb", str(budget), "--memory_check", "false")
+    record = check_memory_plan(relaxed, relaxed.train)  # planned and recorded, not refused
+    assert record["planned_peak_mb"] > budget * 1024 and record["checked_against"] == "memory_budget"
+
+
+def test_what_would_fit_names_checkpointing_4bit_and_the_largest_rank_that_fit():
+    from harness.plan.preflight import what_would_fit
+
+    config = model_config("tiny-qwen2")
+    cfg = _cfg("--r", "64", "--per_device_train_batch_size", "1")
+    plan = plan_run(cfg, config, context_bytes=0)
+    checkpointed = plan_run(_cfg("--r", "64", "--per_device_train_batch_size", "1", "--activation_checkpointing", "true"),
+                            config, context_bytes=0)
+    fixes = what_would_fit(cfg, config, plan, checkpointed.total_bytes, 0)
+    assert "--activation_checkpointing true" in fixes
+    rank = int(next(f for f in fixes if f.startswith("--r ")).split()[1])
+    assert plan_run(_cfg("--r", str(rank), "--per_device_train_batch_size", "1"), config,
+                    context_bytes=0).total_bytes <= checkpointed.total_bytes  # it fits
+    assert not plan_run(_cfg("--r", str(rank * 2), "--per_device_train_batch_size", "1"), config,
+                        context_bytes=0).fits(checkpointed.total_bytes)  # the next rank up does not
+
+
+def test_no_budget_on_cpu_prints_the_plan_and_checks_nothing(capsys):
+    from harness.plan.preflight import check_memory_plan
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the plan is checked against its free memory")
+    cfg = _cfg()
+    record = check_memory_plan(cfg, cfg.train)
+    assert record["status"] == "planned" and "checked_against" not in record and record["cuda_context_mb"] == 0
+    assert record["compute_dtype"] == "float32"  # a CPU run computes in fp32: the plan is of this run
+    assert capsys.readouterr().out.startswith("Memory plan: planned peak")
+
+
+def test_the_largest_batch_and_sequence_that_fit_are_where_the_plans_cross_the_budget():
+    config = model_config("tiny-qwen2")
+    plan = plan_run(_cfg("--max_seq_length", "64"), config)
+    capacity = plan.total_bytes * 1.5
+    longest = plan.max_seq_length(capacity)
+    assert longest > 64
+    assert plan_run(_cfg("--max_seq_length", str(longest)), config).total_bytes <= capacity * 1.01  # linear in T
+    assert not plan_run(_cfg("--max_seq_length", str(int(longest * 1.1))), config).fits(capacity)
+
+
+def test_a_table_on_a_gpu_names_the_largest_rank_and_sequence():
+    done = _plan("--model", "tiny-qwen2", "--ranks", "4,8", "--gpu", "1", "--max_seq_length", "64")
+    assert done.returncode == 0, done.stderr
+    assert "| longest sequence " in done.stdout and "Largest rank that fits: LoRA " in done.stdout
+
+
+def test_planned_qwen2_7b_nf4_weights_match_the_guides_5_5_gb():
+    from harness.plan.published import PUBLISHED, planned
+
+    entry = next(e for e in PUBLISHED if e.what.startswith("Qwen2-7B-Instruct in NF4"))
+    figure, _ = planned(entry)
+    assert abs(figure - 5.5) / 5.5 < 0.05, figure
+
+
+def test_the_report_puts_the_plan_beside_the_gpu_measurement():
+    from harness.report import PLANNED, PLANNED_RATIO, planned_memory
+
+    plan = {"planned_peak_mb": 1524.0, "cuda_context_mb": 512.0}
+    gpu = planned_memory({"memory_plan": plan, "peak_memory_mb": 1100.0, "peak_memory_kind": "cuda_reserved"})
+    assert gpu[PLANNED] == 1012.0 and gpu[PLANNED_RATIO] == pytest.approx(1100 / 1012)
+    cpu = planned_memory({"memory_plan": {"planned_peak_mb": 900.0, "cuda_context_mb": 0}, "peak_memory_mb": 2000.0,
+                          "peak_memory_kind": "cpu_rss"})
+    assert cpu[PLANNED] == 900.0 and cpu[PLANNED_RATIO] is None  # RSS is not what the plan plans
+    assert planned_memory({})[PLANNED] is None  # runs from before the plan: blank, not 0

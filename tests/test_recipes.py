@@ -88,6 +88,9 @@ def test_recipe_runs_on_its_offline_model(name, tmp_path, capsys):
     assert saved["backend"] == backend
     assert saved["quantization"] == recipe.DEFAULTS.get("quantization", "none")
     assert f"Trainable parameters: {saved['trainable_params']:,} of {saved['total_params']:,}" in printed
+    # The memory plan was made before loading, from the architecture alone, and it counted the same adapter.
+    assert "Memory plan: planned peak" in printed and saved["memory_plan"]["status"] == "planned"
+    assert saved["memory_plan"]["trainable_params"] == saved["trainable_params"]
     assert math.isfinite(saved["train_loss"]) and math.isfinite(saved["eval_loss"])
     assert 0 <= saved["eval"]["answer_token_accuracy"] <= 1
     if recipe.DEFAULTS["task"] == "classification":

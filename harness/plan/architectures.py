@@ -24,6 +24,17 @@ BUILT_IN: dict[str, dict] = {
         model_type="opt", hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16,
         vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=512, do_layer_norm_before=False,
         activation_function="relu", enable_bias=True),
+    # The anchors' models (README "Will it fit?": the planner beside their published figures)
+    "meta-llama/Llama-3.2-3B": dict(
+        model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-05, tie_word_embeddings=True,
+        hidden_act="silu"),
+    "meta-llama/Llama-3.1-8B": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-05, tie_word_embeddings=False,
+        hidden_act="silu"),
 }
 
 

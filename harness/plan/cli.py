@@ -13,10 +13,8 @@ How each part is computed, and how accurate it is: harness/plan/memory.py and RE
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from harness.errors import UserError, raise_usage_error, reported_as_one_line
@@ -55,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                                       "default: this machine's GPU, if any")
     parser.add_argument("--ranks", default="4,8,16,32", help="ranks for the table of every method (no recipe)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    parser.add_argument("--published", action="store_true",
+                        help="the planner beside the memory figures others published (results/plan_vs_published.md)")
     return parser
 
 
@@ -65,14 +65,22 @@ def main(argv: list[str] | None = None) -> int:
         recipe = argv.pop(0) if argv and not argv[0].startswith("-") else None
         options, settings = _parser().parse_known_args(argv)
         options.recipe = recipe
+        from harness.plan.memory import quiet_libraries
+
+        if options.published:
+            from harness.plan.published import table
+
+            with quiet_libraries():
+                print(table())
+            return 0
         gpu = _gpu(options.gpu)
-        with _quiet_libraries():
-            plans, table = _plans(options, settings)
+        with quiet_libraries():
+            plans, table, config = _plans(options, settings)
         if options.json:
             print(json.dumps({"gpu": gpu and {"name": gpu[0], "bytes": int(gpu[1] * 2**30)},
                               "plans": [p.to_dict() for p in plans]}, indent=1))
         else:
-            print(_table(plans, gpu) if table else _breakdown(plans[0], gpu))
+            print(_table(plans, gpu, config.hidden_size) if table else _breakdown(plans[0], gpu))
     return 0
 
 
@@ -105,7 +113,8 @@ def _plans(options, settings: list[str]):
         cfg = parse_args(load_defaults(path.stem, path.resolve()), settings)
         # The recipe's own refusals, less those about this machine: planning needs no GPU and no scipy.
         check_method(cfg.method, cfg.model.quantization, cfg.train.activation_checkpointing, this_machine=False)
-        return [plan_run(cfg, model_config(cfg.model.model, cfg.model.trust_remote_code))], False
+        config = model_config(cfg.model.model, cfg.model.trust_remote_code)
+        return [plan_run(cfg, config, compute_dtype=_compute_dtype(cfg))], False, config
     ranks = parse_int_list(options.ranks, "--ranks", 1)
     if not any(s == "--model" or s.startswith("--model=") for s in settings):
         raise UserError("name a model (--model Qwen/Qwen2-7B-Instruct, a local folder, an offline name) or a recipe file")
@@ -121,15 +130,24 @@ def _plans(options, settings: list[str]):
             if method == "prefix_tuning":
                 extra += ["--activation_checkpointing", "false"]
             cfg = parse_args(TABLE_TRAINING, [*settings, *extra])
-            plans.append(plan_run(cfg, config, label=label))
-    return plans, True
+            plans.append(plan_run(cfg, config, compute_dtype=_compute_dtype(cfg), label=label))
+    return plans, True, config
+
+
+def _compute_dtype(cfg):
+    """--dtype as given; auto plans a GPU's bf16 (a T4's fp16 takes the same bytes)."""
+    import torch
+
+    from harness.models import DTYPES
+
+    return DTYPES.get(cfg.model.dtype, torch.bfloat16)
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def _table(plans, gpu) -> str:
+def _table(plans, gpu, hidden_size: int) -> str:
     from tabulate import tabulate
 
     gpu_bytes = gpu[1] * 2**30 if gpu else None
@@ -148,12 +166,36 @@ def _table(plans, gpu) -> str:
         if gpu_bytes:
             row[f"fits {gpu[0]}"] = "yes" if p.fits(gpu_bytes) else "no"
             row["largest batch"] = p.max_batch_size(gpu_bytes)
+            longest = p.max_seq_length(gpu_bytes)
+            row["longest sequence"] = longest if longest is not None else ""
         rows.append(row)
     first = plans[0]
     head = (f"Planned peak GPU memory of {first.model}: {first.seq_length} tokens, batch {first.batch_size}, "
             f"{first.optim}, checkpointing {'on' if first.checkpointing else 'off'}, {first.compute_dtype} compute"
             + (f", on {gpu[0]} ({gpu[1]:.1f} GiB)" if gpu else "") + ".\n\n")
-    return head + tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True) + "\n\n" + _legend()
+    ranks = _largest_ranks(plans, gpu_bytes, hidden_size) if gpu_bytes else ""
+    return head + tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True) + "\n\n" + ranks + _legend()
+
+
+def _largest_ranks(plans, gpu_bytes: float, hidden_size: int) -> str:
+    """The largest rank of each ranked method that fits, at the table's batch and length: every byte a rank
+    adds (adapter, its gradients and optimizer state, its activations) grows linearly with it, so the
+    line through the smallest and largest planned rank gives it. A rank above the hidden size adds nothing
+    (an update of a hidden x hidden matrix has at most that rank), so the search stops there."""
+    by_method: dict[str, list] = {}
+    for p in plans:
+        if p.rank is not None:
+            by_method.setdefault(p.label, []).append(p)
+    found = []
+    for label, group in by_method.items():
+        low, high = min(group, key=lambda p: p.rank), max(group, key=lambda p: p.rank)
+        if high.rank == low.rank or high.total_bytes <= low.total_bytes:
+            continue
+        per_rank = (high.total_bytes - low.total_bytes) / (high.rank - low.rank)
+        largest = int(low.rank + (gpu_bytes - low.total_bytes) // per_rank)
+        found.append(f"{label}: none" if largest < 1 else f"{label} {largest:,}" if largest < hidden_size
+                     else f"{label} any (up to the hidden size, {hidden_size:,})")
+    return f"Largest rank that fits: {'; '.join(found)}.\n\n" if found else ""
 
 
 def _breakdown(p, gpu) -> str:
@@ -170,8 +212,10 @@ def _breakdown(p, gpu) -> str:
         gpu_bytes = gpu[1] * 2**30
         margin = (gpu_bytes - p.total_bytes) / 2**30
         verdict = f"fits, {margin:.2f} GiB to spare" if margin >= 0 else f"does not fit: {-margin:.2f} GiB over"
+        longest = p.max_seq_length(gpu_bytes)
         text += (f"\n{gpu[0]} ({gpu[1]:.1f} GiB): {verdict}; the largest batch that fits at {p.seq_length} tokens: "
-                 f"{p.max_batch_size(gpu_bytes)}.\n")
+                 f"{p.max_batch_size(gpu_bytes)}" + (f"; the longest sequence at batch {p.batch_size}: {longest:,} tokens"
+                                                     if longest is not None else "") + ".\n")
     return text + "\n" + _legend()
 
 
@@ -179,21 +223,6 @@ def _legend() -> str:
     return ("counted: from the model's tensors, built on the meta device with the run's real PEFT config; "
             "formula: bitsandbytes' storage formats; modelled: fused attention, transient buffers, CUDA context "
             "(not yet checked against a GPU).")
-
-
-@contextlib.contextmanager
-def _quiet_libraries():
-    """Library warnings (deprecations, PEFT's notes) are noise before a plan; errors still surface."""
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.set_verbosity(verbosity)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ real PEFT config, so every method and architecture is accounted the same way:
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -75,6 +77,15 @@ class Plan:
             return self.batch_size if fixed <= gpu_bytes else 0
         return max(0, int((gpu_bytes - fixed) // (per_batch / self.batch_size)))
 
+    def max_seq_length(self, gpu_bytes: float) -> int | None:
+        """The longest sequence at this batch that fits (0: none), taking what scales with the batch to grow
+        linearly with the sequence too (fused attention keeps no T x T matrix); None if nothing scales."""
+        per_batch = sum(part.bytes for part in self.parts if part.scales_with_batch)
+        if per_batch == 0:
+            return None
+        fixed = self.total_bytes - per_batch
+        return max(0, int((gpu_bytes - fixed) // (per_batch / self.seq_length)))
+
     def to_dict(self) -> dict:
         return {
             "model": self.model, "method": self.method, "rank": self.rank, "quantization": self.quantization,
@@ -84,6 +95,21 @@ class Plan:
             "planned_peak_bytes": self.total_bytes,
             "parts": [{"name": p.name, "bytes": p.bytes, "how": p.how} for p in self.parts],
         }
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Library warnings (deprecations, PEFT's notes) are noise before a plan; errors still surface."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 # ---------------------------------------------------------------------------- the meta model

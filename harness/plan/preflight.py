@@ -1,0 +1,179 @@
+"""The memory plan a recipe prints before it loads the model, and its stop when the plan does not fit.
+
+Checked against the GPU's free memory (and --memory_budget_gb when smaller) on a GPU, against
+--memory_budget_gb alone on CPU (the plan is then for this machine's fp32 run), not at all otherwise.
+--memory_check false prints the plan and runs anyway: the plan is an estimate (README "Will it fit?").
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from harness.errors import UserError
+
+GIB = 2**30
+
+
+@dataclasses.dataclass
+class Budget:
+    bytes: float  # what the run may use beside the CUDA context
+    where: str  # "Tesla T4 has 14.58 GiB free" or "--memory_budget_gb is 4 GiB"
+    kind: str  # recorded: cuda_free | memory_budget
+
+
+def check_memory_plan(cfg, targs) -> dict[str, Any]:
+    """Print the run's planned peak memory; stop with one line when it does not fit. Returns the record
+    for result.json ("memory_plan")."""
+    import torch
+
+    from harness.models import compute_dtype
+    from harness.plan.memory import CUDA_CONTEXT_BYTES, quiet_libraries
+
+    cuda = torch.cuda.is_available()
+    cfg = dataclasses.replace(cfg, train=targs)
+    context = CUDA_CONTEXT_BYTES if cuda else 0
+    try:
+        with quiet_libraries():
+            config, plan = _plan(cfg, compute_dtype(cfg.model.dtype), context)
+    except Exception as exc:  # noqa: BLE001 - a plan is advice: a model it cannot plan still trains
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        print(f"Memory plan: not made ({reason.splitlines()[0][:300]}); the run goes on unchecked.")
+        return {"status": "not_made", "reason": reason[:500]}
+    budget = _budget(cfg, cuda)
+    unsloth = cfg.model.backend == "unsloth"
+    needed = plan.total_bytes - context  # the budget is what is left beside the context
+    record = {
+        "status": "planned", "planned_peak_mb": round(plan.total_bytes / 2**20, 1),
+        "cuda_context_mb": round(context / 2**20, 1), "compute_dtype": plan.compute_dtype,
+        "trainable_params": plan.trainable_params,
+        "parts_mb": {part.name: round(part.bytes / 2**20, 1) for part in plan.parts},
+    }
+    print(f"Memory plan: {_summary(plan, context)}{' (Unsloth: an estimate, its own kernels save less)' if unsloth else ''}"
+          + (f"; {budget.where}: {'fits' if needed <= budget.bytes else 'does not fit'}" if budget else "")
+          + f". Breakdown: {_plan_command(cfg)}")
+    if budget is None:
+        return record
+    record.update(checked_against=budget.kind, available_mb=round(budget.bytes / 2**20, 1))
+    if needed <= budget.bytes or unsloth or not cfg.run.memory_check:
+        return record
+    with quiet_libraries():
+        fixes = what_would_fit(cfg, config, plan, budget.bytes + context, context)
+    raise UserError(
+        f"the memory plan says this run needs {_size(needed)} but {budget.where}: {_size(needed - budget.bytes)} short. "
+        + (f"Would fit: {'; or '.join(fixes)}. " if fixes else
+           "Neither a smaller batch, checkpointing, 4-bit nor a lower rank fits: use a bigger GPU or a smaller model. ")
+        + "--memory_check false runs it anyway (the plan is an estimate)"
+    )
+
+
+def _plan(cfg, dtype, context: int):
+    from harness.plan.architectures import model_config
+    from harness.plan.memory import plan_run
+
+    config = model_config(cfg.model.model, cfg.model.trust_remote_code)
+    return config, plan_run(cfg, config, compute_dtype=dtype, context_bytes=context)
+
+
+def _budget(cfg, cuda: bool) -> Budget | None:
+    import torch
+
+    limit = cfg.run.memory_budget_gb
+    budget = Budget(limit * GIB, f"--memory_budget_gb is {limit:g} GiB", "memory_budget") if limit else None
+    if cuda:
+        free, _ = torch.cuda.mem_get_info()
+        name = torch.cuda.get_device_name()
+        if budget is None or free < budget.bytes:
+            budget = Budget(free, f"{name} has {_size(free)} free", "cuda_free")
+    return budget
+
+
+def _summary(plan, context: int) -> str:
+    parts = {part.name.split(" (")[0]: part.bytes for part in plan.parts}
+    training = sum(parts.get(name, 0) for name in
+                   ("trainable parameters", "gradients", "optimizer states", "AdaLoRA importance scores"))
+    transient = sum(part.bytes for part in plan.parts if "transient" in part.name or "autocast" in part.name)
+    pieces = [f"weights {_size(parts.get('weights', 0))}", f"trainable + gradients + optimizer {_size(training)}",
+              f"activations {_size(parts.get('activations saved for backward', 0))}",
+              f"transient {_size(transient)}"] + ([f"CUDA context {_size(context)}"] if context else [])
+    return (f"planned peak {_size(plan.total_bytes)} ({', '.join(pieces)}; {plan.compute_dtype}, "
+            f"batch {plan.batch_size} x {plan.seq_length} tokens)")
+
+
+def _plan_command(cfg) -> str:
+    """The harness.plan command for this run's breakdown (its own flags; a recipe script when there is one)."""
+    from harness.measure import command_line
+
+    command = command_line(cfg.run.recipe, cfg.argv)
+    if command.startswith("python recipes/"):
+        return command.replace("python ", "python -m harness.plan ", 1)
+    return "python -m harness.plan with this recipe and its flags"
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 2 else f"{n / 2**20:.1f} MiB"
+
+
+def what_would_fit(cfg, config, plan, capacity: float, context: int) -> list[str]:
+    """The changes, each alone, after which the plan fits in capacity bytes (context included): a smaller
+    batch (the same effective batch through accumulation), checkpointing, a 4-bit base, a lower rank."""
+    from harness.methods import LORA_FAMILY, check_method
+    from harness.plan.memory import plan_run
+
+    targs, method = cfg.train, cfg.method
+    fixes = []
+    largest, batch_now = plan.max_batch_size(capacity), targs.per_device_train_batch_size
+    if 1 <= largest < batch_now:
+        # The largest batch that fits and divides the current one keeps the effective batch exactly.
+        batch = max(b for b in range(1, largest + 1) if batch_now % b == 0)
+        accumulation = targs.gradient_accumulation_steps * batch_now // batch
+        fixes.append(f"--per_device_train_batch_size {batch} --gradient_accumulation_steps {accumulation}")
+
+    def fits(quantization=None, checkpointing=None, **method_changes) -> bool:
+        changed = dataclasses.replace(
+            cfg, method=dataclasses.replace(method, **method_changes),
+            model=dataclasses.replace(cfg.model, quantization=quantization or cfg.model.quantization),
+            train=dataclasses.replace(targs, activation_checkpointing=(
+                targs.activation_checkpointing if checkpointing is None else checkpointing)))
+        try:
+            check_method(changed.method, changed.model.quantization, changed.train.activation_checkpointing,
+                         this_machine=False)
+            return plan_run(changed, config, compute_dtype=_dtype(plan), context_bytes=context).fits(capacity)
+        except UserError:  # a combination the recipe would refuse fits nothing
+            return False
+
+    if not targs.activation_checkpointing and fits(checkpointing=True):
+        fixes.append("--activation_checkpointing true")
+    if cfg.model.quantization == "none" and method.method in (*LORA_FAMILY, "adalora") and fits(quantization="4bit"):
+        fixes.append("--quantization 4bit")
+    lower_ranks = [_rank_changes(method, r) for r in _halvings(_rank(method))]
+    if lower_ranks and fits(**lower_ranks[-1]):  # rank 1 first: when even it does not fit, no rank does
+        changes = next(c for c in lower_ranks if fits(**c))  # the largest that fits
+        fixes.append(" ".join(f"--{name} {value}" for name, value in changes.items()))
+    return fixes
+
+
+def _rank(method) -> int:
+    from harness.methods import LORA_FAMILY
+
+    return method.init_r if method.method == "adalora" else method.r if method.method in LORA_FAMILY else 1
+
+
+def _rank_changes(method, rank: int) -> dict[str, int]:
+    if method.method == "adalora":  # target_r may not exceed the initial rank
+        return {"init_r": rank, "target_r": min(method.target_r, rank)}
+    return {"r": rank}
+
+
+def _halvings(rank: int) -> list[int]:
+    """rank // 2, rank // 4, ..., 1."""
+    out = []
+    while rank > 1:
+        rank //= 2
+        out.append(rank)
+    return out
+
+
+def _dtype(plan):
+    import torch
+
+    return getattr(torch, plan.compute_dtype)
