@@ -137,13 +137,14 @@ class RecipeTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         # On the run's own eval set, a scorer that also scores the answers replaces the evaluation loop.
         # For this call only: predict() and an evaluation on another dataset run the Trainer's own loop.
-        self._scorer_is_the_loop = eval_dataset is None and getattr(self.task_scorer, "scores_answers", False)
+        scorer_is_the_loop = eval_dataset is None and getattr(self.task_scorer, "scores_answers", False)
+        self._scorer_is_the_loop = scorer_is_the_loop  # read by evaluation_loop
         try:
             with orth_penalty_scaled(self.model, 0.0):
                 metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._scorer_is_the_loop = False
-        if self.task_scorer is not None and not self._scorer_is_the_loop:
+        if self.task_scorer is not None and not scorer_is_the_loop:
             numeric = self._score_task(metric_key_prefix, with_answer_metrics=False)
             self.log(numeric)
             metrics.update(numeric)

@@ -218,7 +218,8 @@ def test_a_missing_forgetting_file_is_refused_before_anything_runs(tmp_path):
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("layout,prompt_tuning", [("human_assistant", False), ("chat_template", False),
                                                   ("chat_template", True)])
-def test_one_pass_evaluation_gives_the_trainers_own_loss_and_answer_token_accuracy(layout, prompt_tuning, tmp_path):
+def test_one_pass_evaluation_gives_the_trainers_own_loss_and_answer_token_accuracy(layout, prompt_tuning, tmp_path,
+                                                                                   monkeypatch):
     """The scorer's one pass replaces the Trainer's evaluation loop only because it computes the same figures
     (prompt tuning: scored through its own virtual tokens, one sequence per candidate)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
@@ -243,10 +244,15 @@ def test_one_pass_evaluation_gives_the_trainers_own_loss_and_answer_token_accura
                                   answers=prepared.eval_answers)
     targs = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=5, report_to=[])  # 12 = 5 + 5 + 2
     trainer = build_trainer(model, tokenizer, targs, prepared, scorer)
+    passes = []
+    score = type(scorer).__call__
+    monkeypatch.setattr(type(scorer), "__call__", lambda self, model: passes.append(1) or score(self, model))
     one_pass = trainer.evaluate()
+    assert len(passes) == 1  # the scorer is the loop: it is not run a second time after it
     # The scorer was the loop for that call only: predict() still gets the model's own predictions.
     assert trainer.predict(prepared.eval).predictions.shape[0] == len(prepared.eval)
     trainers_loop = trainer.evaluate(prepared.eval)  # a dataset passed in: the Trainer's own loop, then the scorer
+    assert len(passes) == 2
     assert one_pass["eval_loss"] == pytest.approx(trainers_loop["eval_loss"], rel=1e-5)
     assert one_pass["eval_answer_token_accuracy"] == trainers_loop["eval_answer_token_accuracy"]
     assert one_pass["eval_accuracy"] == trainers_loop["eval_accuracy"] and one_pass["eval_samples_per_second"] > 0
