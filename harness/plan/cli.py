@@ -153,14 +153,12 @@ def _table(plans, gpu, hidden_size: int) -> str:
     gpu_bytes = gpu[1] * 2**30 if gpu else None
     rows = []
     for p in plans:
-        parts = {part.name.split(" (")[0]: part.bytes for part in p.parts}
         row = {
             "method": p.label, "rank": p.rank if p.rank is not None else "",
             "trainable (M)": f"{p.trainable_params / 1e6:.2f}",
-            "weights": _gib(parts.get("weights", 0) + (parts.get("trainable parameters", 0) if p.method == "full" else 0)),
-            "grads + optimizer": _gib(parts.get("gradients", 0) + parts.get("optimizer states", 0)
-                                      + parts.get("AdaLoRA importance scores", 0)),
-            "activations": _gib(parts.get("activations saved for backward", 0)),
+            "weights": _gib(p.bytes_of("weights", *(["trainable parameters"] if p.method == "full" else []))),
+            "grads + optimizer": _gib(p.bytes_of("gradients", "optimizer states", "AdaLoRA importance scores")),
+            "activations": _gib(p.bytes_of("activations saved for backward")),
             "planned peak (GiB)": _gib(p.total_bytes),
         }
         if gpu_bytes:

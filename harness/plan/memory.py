@@ -66,6 +66,11 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(part.bytes for part in self.parts)
 
+    def bytes_of(self, *names: str) -> int:
+        """The bytes of the parts with these names, a part's name taken without its detail in brackets
+        ("optimizer states" for "optimizer states (paged_adamw_8bit)")."""
+        return sum(part.bytes for part in self.parts if part.name.split(" (")[0] in names)
+
     def fits(self, gpu_bytes: float) -> bool:
         return self.total_bytes <= gpu_bytes
 

@@ -88,12 +88,10 @@ def _budget(cfg, cuda: bool) -> Budget | None:
 
 
 def _summary(plan, context: int) -> str:
-    parts = {part.name.split(" (")[0]: part.bytes for part in plan.parts}
-    training = sum(parts.get(name, 0) for name in
-                   ("trainable parameters", "gradients", "optimizer states", "AdaLoRA importance scores"))
+    training = plan.bytes_of("trainable parameters", "gradients", "optimizer states", "AdaLoRA importance scores")
     transient = sum(part.bytes for part in plan.parts if "transient" in part.name or "autocast" in part.name)
-    pieces = [f"weights {_size(parts.get('weights', 0))}", f"trainable + gradients + optimizer {_size(training)}",
-              f"activations {_size(parts.get('activations saved for backward', 0))}",
+    pieces = [f"weights {_size(plan.bytes_of('weights'))}", f"trainable + gradients + optimizer {_size(training)}",
+              f"activations {_size(plan.bytes_of('activations saved for backward'))}",
               f"transient {_size(transient)}"] + ([f"CUDA context {_size(context)}"] if context else [])
     return (f"planned peak {_size(plan.total_bytes)} ({', '.join(pieces)}; {plan.compute_dtype}, "
             f"batch {plan.batch_size} x {plan.seq_length} tokens)")

@@ -155,7 +155,7 @@ def planned(entry: Published) -> tuple[float, float]:
     if entry.measures == WEIGHTS:
         return loaded_weight_bytes(config, cfg.model.quantization, cfg.model.bnb_4bit_use_double_quant, dtype) / unit, None
     plan = plan_run(cfg, config, compute_dtype=dtype)
-    context = sum(part.bytes for part in plan.parts if part.name == "CUDA context")
+    context = plan.bytes_of("CUDA context")
     total = plan.total_bytes - (context if entry.measures == PEAK else 0)
     return total / unit, plan.trainable_params / 1e6
 
