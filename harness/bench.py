@@ -199,8 +199,10 @@ def parse_int_list(text: str, option: str, minimum: int) -> list[int]:
 def setting_names() -> set[str]:
     """Every setting a single training run has (what --set may name and a recipe's DEFAULTS may hold)."""
     from harness.config import ARGUMENT_CLASSES
+    from harness.objectives import all_training_classes
 
-    return {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+    classes = (*ARGUMENT_CLASSES, *all_training_classes())  # DPO's and GRPO's recipes have TRL's settings too
+    return {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
 
 
 def parse_sets(items: list[str]) -> dict[str, list[str]]:
@@ -459,7 +461,8 @@ def _flags(settings: dict[str, str]) -> list[str]:
 
 
 def config_hash(config: dict[str, Any], cpu_threads: int | None = None) -> str:
-    kept = {k: v for k, v in config.items() if k not in LOCATION_SETTINGS}
+    # objective sft is left out: the setting is newer than the SFT sweeps already run, whose hashes stay.
+    kept = {k: v for k, v in config.items() if k not in LOCATION_SETTINGS and (k, v) != ("objective", "sft")}
     if cpu_threads is not None:  # it changes the timings a benchmark is for
         kept["bench_cpu_threads"] = cpu_threads
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]

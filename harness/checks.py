@@ -24,7 +24,9 @@ def check_settings(cfg) -> None:
     check_method(method, cfg.model.quantization, train.activation_checkpointing)
     _one_of("dtype", cfg.model.dtype, ("auto", *DTYPES))
     _check_attention(cfg.model.attn_implementation)
-    _one_of("task", data.task, ("classification", "instruction"))
+    from harness.objectives import TASKS
+
+    _one_of("task", data.task, TASKS[run.objective])
     _one_of("prompt_format", data.prompt_format, PROMPT_FORMATS)
 
     _at_least("max_samples", data.max_samples, 1, optional=True)

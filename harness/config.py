@@ -185,6 +185,13 @@ class RecipeArguments:
     """Settings of the run itself rather than of the model, data or method."""
 
     recipe: str = field(default="custom", metadata=_help("Name recorded in result.json (set by the recipe)."))
+    objective: str = field(
+        default="sft",
+        metadata=_help(
+            "Set by the recipe: sft (supervised, the Trainer), dpo (TRL's DPOTrainer, preference pairs) or grpo "
+            "(TRL's GRPOTrainer, reward functions). Its training settings are TRL's DPOConfig / GRPOConfig."
+        ),
+    )
     resume: bool = field(
         default=True, metadata=_help("Resume from the last checkpoint in output_dir when there is one.")
     )
@@ -230,6 +237,7 @@ class RunConfig:
     train: TrainingArguments
     argv: list[str] = field(default_factory=list)  # the command-line arguments these came from
     extras: tuple = ()  # instances of a recipe's own argument classes (parse_args' extra_classes), in order
+    reward_funcs: tuple = ()  # GRPO: the recipe's reward functions (code, not settings: run_recipe passes them)
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, flat, JSON-safe: what result.json records as the run's config."""
@@ -265,10 +273,14 @@ def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_cl
 
     extra_classes: dataclasses of settings only some recipes have (e.g. a judge's), parsed with the
     rest so that they too come from the CLI, a --config file or DEFAULTS; other recipes' --help
-    stays free of them."""
+    stays free of them. The training settings are the recipe objective's class (TrainingArguments,
+    or TRL's DPOConfig / GRPOConfig, which extend it)."""
     from trl import TrlParser
 
-    parser = TrlParser((*ARGUMENT_CLASSES, *extra_classes))
+    from harness.objectives import training_class
+
+    objective = defaults.get("objective", "sft")
+    parser = TrlParser((*ARGUMENT_CLASSES[:-1], training_class(objective), *extra_classes))
     parser.error = raise_usage_error  # argparse's default prints the ~150-line usage before the message
     unknown = parser.set_defaults_with_config(**{**BASE_TRAINING_DEFAULTS, **defaults})
     if unknown:
@@ -279,6 +291,11 @@ def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_cl
     _check_config_file(args)
     model, data, method, run, train, *extras = _checked(
         lambda: parser.parse_args_and_config(args=args, return_remaining_strings=True))
+    if hasattr(train, "trust_remote_code"):  # TRL's configs have their own copy of the model's flag
+        train.trust_remote_code = model.trust_remote_code
+    if run.objective != objective:
+        raise UserError(f"--objective is the recipe's own ({objective}); run a recipe of objective {run.objective} instead "
+                        "(the README's recipe table lists them)")
     # Throughput counts the non-padding tokens trained on; the Trainer counts them when asked to.
     train = dataclasses.replace(train, include_num_input_tokens_seen="non_padding")
     return RunConfig(model, data, method, run, train, args, tuple(extras))

@@ -140,6 +140,11 @@ def load_records(args: DataArguments, option: str = "--data_file") -> RecordFile
         kept, reason = _check_classification_rows(rows, args)
     elif args.task == "instruction":
         kept, reason = _check_instruction_rows(rows, args)
+    elif args.task in ("preference", "math"):  # DPO's pairs, GRPO's problems: a bad row is refused, not left out
+        from harness.objectives import gsm8k, preference
+
+        checked = (preference if args.task == "preference" else gsm8k).checked_rows(rows, args.data_file)
+        return RecordFile(args.data_file, checked, len(rows))
     else:
         raise UserError(f"unknown --task {args.task!r}; use classification or instruction")
     kept_ids = {id(row) for row in kept}

@@ -141,11 +141,11 @@ def fit_prompt(tokenizer, prompt_for, instruction: str, given_input: str, max_pr
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], setting: DecodingSetting, max_new_tokens: int,
+def generate(model, tokenizer, prompts: list[str], setting: DecodingSetting | None, max_new_tokens: int,
              seed: int, batch_size: int, stop_strings: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """Sampled answers, one per prompt, reproducible for a given seed and batch size. An answer ends
-    at the end-of-sequence token or where it starts one of stop_strings (e.g. the next turn of a
-    text layout, which a base model happily writes itself)."""
+    """Sampled answers (greedy ones when setting is None), one per prompt, reproducible for a given seed and
+    batch size. An answer ends at the end-of-sequence token or where it starts one of stop_strings (e.g. the
+    next turn of a text layout, which a base model happily writes itself)."""
     from transformers import set_seed
 
     if not prompts:
@@ -162,10 +162,9 @@ def generate(model, tokenizer, prompts: list[str], setting: DecodingSetting, max
                               add_special_tokens=True).to(device)
             out = model.generate(
                 **batch,
-                do_sample=True,
-                temperature=setting.temperature,
-                top_p=setting.top_p,
-                top_k=0,  # nucleus sampling alone, as the grid says (transformers' default adds top_k 50)
+                **(dict(do_sample=True, temperature=setting.temperature, top_p=setting.top_p,
+                        top_k=0)  # nucleus sampling alone, as the grid says (transformers' default adds top_k 50)
+                   if setting is not None else dict(do_sample=False, temperature=None, top_p=None, top_k=None)),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),

@@ -28,11 +28,12 @@ INTERRUPTED_NOTE = (
 )
 
 
-def run_recipe(name: str, defaults: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of every recipe script."""
+def run_recipe(name: str, defaults: dict[str, Any], argv: list[str] | None = None,
+               reward_funcs: tuple = ()) -> dict[str, Any]:
+    """Entry point of every recipe script. reward_funcs: a GRPO recipe's reward functions (TRL's signature)."""
     with reported_as_one_line(name, INTERRUPTED_NOTE):
         config = parse_args({**defaults, "recipe": name}, argv)
-        return train(config)
+        return train(dataclasses.replace(config, reward_funcs=tuple(reward_funcs)))
 
 
 @dataclass
@@ -61,10 +62,16 @@ def preflight(cfg: RunConfig, output_dir: bool = True) -> Plan:
     method / backend / quantization combination, what is in output_dir (unless output_dir=False), the
     data, the AdaLoRA schedule. harness.bench calls it for every planned trial, so a sweep never starts
     a trial its recipe would refuse."""
-    from harness import data as data_mod
+    from harness.objectives import objective_of
+
+    return objective_of(cfg).preflight(cfg, output_dir)
+
+
+def common_checks(cfg: RunConfig, output_dir: bool) -> None:
+    """The checks every objective makes first: ranges, method / backend / quantization, output_dir."""
     from harness.backends import check_backend, resolve_backend
     from harness.checks import check_settings
-    from harness.methods import adalora_schedule, check_init_adapter, count_optimizer_steps
+    from harness.methods import check_init_adapter
     from harness.models import check_quantization
 
     check_settings(cfg)
@@ -74,6 +81,13 @@ def preflight(cfg: RunConfig, output_dir: bool = True) -> Plan:
     check_quantization(cfg.model)
     if output_dir:
         check_output_dir(cfg)
+
+
+def _sft_preflight(cfg: RunConfig, output_dir: bool = True) -> Plan:
+    from harness import data as data_mod
+    from harness.methods import adalora_schedule, count_optimizer_steps
+
+    common_checks(cfg, output_dir)
     loaded, eval_loaded = data_mod.load_records(cfg.data), data_mod.load_eval_records(cfg.data)
     train_rows, eval_rows = data_mod.split_records(loaded.rows, cfg.data, eval_loaded)
     targs = cfg.train
@@ -88,23 +102,39 @@ def preflight(cfg: RunConfig, output_dir: bool = True) -> Plan:
     return Plan(loaded, eval_loaded, train_rows, eval_rows, targs, schedule, forgetting)
 
 
+def _sft_prepare(cfg: RunConfig, plan: Plan, tokenizer):
+    from harness import data as data_mod
+
+    return data_mod.prepare(plan.train_rows, plan.eval_rows, cfg.data, tokenizer)  # refuses a too-short window
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The three steps a run's objective supplies to the shared flow of train()."""
+
+    preflight: Any  # (cfg, output_dir) -> Plan: every check that needs no model or tokenizer
+    prepare: Any  # (cfg, plan, tokenizer) -> data with .stats: every check that needs the tokenizer
+    train_and_evaluate: Any  # (cfg, plan, tokenizer, prepared, folder, memory) -> the record's fields
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     from transformers import set_seed
 
-    from harness import data as data_mod
     from harness.measure import PeakMemory, apply_memory_budget
     from harness.methods import check_targets
     from harness.models import load_tokenizer
+    from harness.objectives import objective_of
     from harness.plan.preflight import check_memory_plan
 
+    objective = objective_of(cfg)
     start = RunStart.now()
-    plan = preflight(cfg)
+    plan = objective.preflight(cfg, True)
     for line in plan.left_out_lines():
         print(f"Data: {line}")
     memory_plan = check_memory_plan(cfg, plan.targs)  # before anything is downloaded or loaded
     tokenizer = load_tokenizer(cfg.model)
     check_targets(cfg.method, cfg.model, cfg.run.init_adapter)  # layer names, before any weights load
-    prepared = data_mod.prepare(plan.train_rows, plan.eval_rows, cfg.data, tokenizer)  # refuses a too-short window
+    prepared = objective.prepare(cfg, plan, tokenizer)
     print(f"Data: {json.dumps(prepared.stats)}")
 
     with claimed(cfg) as folder:  # from here on output_dir is this run's (see harness.rundir)
@@ -119,7 +149,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         memory_budget = apply_memory_budget(cfg.run.memory_budget_gb)  # before CUDA allocates anything
         memory = PeakMemory()
         with recorded_run(folder, cfg, start, memory, {**memory_budget, "memory_plan": memory_plan}) as record:
-            record.update(_train_and_evaluate(cfg, plan, tokenizer, prepared, folder, memory))
+            record.update(objective.train_and_evaluate(cfg, plan, tokenizer, prepared, folder, memory))
     print(f"\nResult written to {folder.path / RESULT_FILE}")
     return record
 
@@ -292,6 +322,9 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     return record
 
 
+SFT = Objective(_sft_preflight, _sft_prepare, _train_and_evaluate)
+
+
 def _evaluation_before_training(log_history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The scores of the evaluation --eval_on_start ran before the first optimizer step; None when there
     was none or nothing trained."""
@@ -387,6 +420,7 @@ def _provenance(cfg: RunConfig, start: RunStart, folder: RunFolder, memory=None)
 
     return {
         "recipe": cfg.run.recipe,
+        "objective": cfg.run.objective,
         "method": cfg.method.method,
         "backend": cfg.model.backend,
         "model": cfg.model.model,
@@ -411,7 +445,7 @@ def _provenance(cfg: RunConfig, start: RunStart, folder: RunFolder, memory=None)
 
 
 _FIRST_KEYS = (
-    "status", "recipe", "method", "backend", "model", "quantization", "device", "peak_memory_mb", "peak_memory_kind",
+    "status", "recipe", "objective", "method", "backend", "model", "quantization", "device", "peak_memory_mb", "peak_memory_kind",
     "train_seconds", "total_seconds", "tokens_per_second", "trainable_params", "total_params",
     "adapter_bytes", "model_bytes", "train_loss", "eval_loss", "eval", "adalora", "seed",
 )

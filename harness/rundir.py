@@ -53,6 +53,7 @@ NOT_FINGERPRINTED = frozenset({
     "log_on_each_node", "save_total_limit", "per_device_eval_batch_size", "eval_accumulation_steps",
     "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
     "dataloader_prefetch_factor", "memory_budget_gb", "memory_check", "push_to_hub",
+    "objective",  # the recipe's own; a DPO or GRPO run differs from an SFT one by its TRL settings anyway
 })
 
 

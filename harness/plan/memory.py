@@ -336,16 +336,28 @@ def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention
         parts.append(Part("16-bit weight copies (autocast)", copies * compute_dtype.itemsize, "modelled"))
 
     seq_length = cfg.data.max_seq_length  # dynamic padding: the longest sequence of a batch, at most this
-    saved = saved_for_backward(model, targs.per_device_train_batch_size, seq_length, config.vocab_size)
+    objective = cfg.run.objective
+    # DPO runs each pair's chosen and rejected answer in one batch: twice the sequences of its batch of pairs.
+    sequences = targs.per_device_train_batch_size * (2 if objective == "dpo" else 1)
+    saved = saved_for_backward(model, sequences, seq_length, config.vocab_size)
     parts.append(Part("activations saved for backward" + (" (checkpointed)" if targs.activation_checkpointing else ""),
                       saved.total(targs.activation_checkpointing), "counted", scales_with_batch=True))
     # The loss: the logits in the compute dtype and their fp32 copy exist beside the saved log-softmax
     # (forward), as do the gradients of both (backward).
-    if saved.log_probs is not None:
+    # TRL's DPOTrainer computes the answers' log-probabilities through a fused head in chunks: no full logits.
+    if saved.log_probs is not None and objective != "dpo":
         positions = saved.log_probs.numel() // saved.log_probs[-1]
         width = compute_dtype.itemsize + (0 if compute_dtype == torch.float32 else 4)
         parts.append(Part("logits and their fp32 copy (transient)", positions * config.vocab_size * width,
                           "modelled", scales_with_batch=True))
+    if objective == "dpo" and method == "full" and not targs.precompute_ref_log_probs:
+        # With an adapter the reference is the base with the adapter off; full fine-tuning needs a frozen copy.
+        reference = sum(p.numel() for p in model.parameters()) * compute_dtype.itemsize
+        parts.append(Part(f"reference model ({dtype_name}, frozen copy)", reference, "counted"))
+    if objective == "grpo":
+        parts.append(Part("generation KV cache beyond the activations (transient)",
+                          _generation_cache_beyond(config, targs, seq_length, compute_dtype, parts), "modelled",
+                          scales_with_batch=True))
     if quantized:
         largest = max(m.weight.numel() for m in quantized.values())
         parts.append(Part("one dequantized weight (transient)", largest * compute_dtype.itemsize, "modelled"))
@@ -357,6 +369,19 @@ def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention
         checkpointing=bool(targs.activation_checkpointing), compute_dtype=dtype_name,
         trainable_params=trainable_count, total_params=total_count, parts=parts, label=label,
     )
+
+
+def _generation_cache_beyond(config, targs, seq_length: int, dtype: torch.dtype, parts: list[Part]) -> int:
+    """GRPO generates the completions of a whole generation batch (batch x steps per generation) at once; their
+    key/value cache (prompt + completion tokens, every layer) lives while the loss's activations do not, so
+    only what it needs beyond those activations and logits adds to the peak."""
+    layers = config.num_hidden_layers
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    sequences = targs.per_device_train_batch_size * (targs.steps_per_generation or targs.gradient_accumulation_steps)
+    cache = 2 * layers * heads * head_dim * sequences * seq_length * dtype.itemsize
+    training = sum(part.bytes for part in parts if part.scales_with_batch)
+    return max(0, cache - training)
 
 
 def _format_label(quantization: str, dtype_name: str, master_fp32: bool) -> str:

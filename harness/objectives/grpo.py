@@ -1,0 +1,211 @@
+"""GRPO with TRL's GRPOTrainer on GSM8K, in the recipe flow (harness.recipe.train).
+
+The recipe brings its reward functions (TRL's signature: completions and the dataset's columns, here the
+reference `answer`, in; one float per completion out). The run scores greedy answers to held-out problems
+before and after training (accuracy read flexibly and strictly, as lm-evaluation-harness does, and how often
+the answer is where the prompt asks for it) and times how much of each step is generation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig, GRPOTrainer
+
+from harness.errors import UserError
+from harness.objectives import gsm8k, trl_run
+
+
+@dataclass
+class GRPOSettings(GRPOConfig):
+    """TRL's GRPOConfig, refusing a group size that does not divide the batch in words a user can act on
+    before TRL's own check does. Its trust_remote_code is the model's (--trust_remote_code, one flag for both)."""
+
+    trust_remote_code: bool = field(default=False, init=False)
+
+    def __post_init__(self):
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            # A copy (dataclasses.replace) of settings TRL already derived both of: derive them again.
+            self.generation_batch_size = None
+        steps = self.steps_per_generation or self.gradient_accumulation_steps
+        batch = self.per_device_train_batch_size * steps
+        if self.generation_batch_size is None and self.num_generations >= 2 and batch % self.num_generations:
+            fitting = self.num_generations * max(1, round(batch / self.num_generations))
+            raise UserError(
+                f"--num_generations {self.num_generations} must divide the batch of completions, "
+                f"--per_device_train_batch_size x --gradient_accumulation_steps = {batch}: each prompt's group of "
+                f"completions is scored together. Use e.g. --per_device_train_batch_size {fitting} "
+                f"--gradient_accumulation_steps 1, or a --num_generations that divides {batch}"
+            )
+        super().__post_init__()
+
+
+def preflight(cfg, output_dir: bool = True):
+    plan = trl_run.preflight(cfg, output_dir, "grpo")
+    targs = cfg.train
+    if targs.max_completion_length >= cfg.data.max_seq_length:
+        raise UserError(
+            f"--max_completion_length {targs.max_completion_length} leaves no room for the prompt in --max_seq_length "
+            f"{cfg.data.max_seq_length} (prompt + completion): raise --max_seq_length or lower --max_completion_length"
+        )
+    if not plan.eval_rows:
+        raise UserError("GRPO is scored on held-out problems: pass --eval_file or set --validation_split above 0")
+    # Scored by its own greedy pass at the end, not by the Trainer's evaluation; TRL counts the prompt and
+    # completion tokens itself (the Trainer's own count finds no input_ids in a batch of prompts).
+    targs = dataclasses.replace(targs, eval_strategy="no", load_best_model_at_end=False,
+                                include_num_input_tokens_seen="no")
+    return dataclasses.replace(plan, targs=targs)
+
+
+def _names(cfg) -> list[str]:
+    return [getattr(f, "__name__", type(f).__name__) for f in cfg.reward_funcs]
+
+
+@dataclass
+class _Prepared:
+    train: Any  # datasets.Dataset: prompt, answer
+    eval_prompts: list[str]  # rendered for generate()
+    eval_answers: list[str]
+    stats: dict[str, Any]
+
+
+def prepare(cfg, plan, tokenizer) -> _Prepared:
+    """Prompts as conversations (system: --instruction; user: the problem) when the tokenizer has a chat
+    template, else as text; refuses prompts that leave no room for --max_completion_length."""
+    from datasets import Dataset
+
+    # Here rather than in preflight, which harness.bench runs without the recipe's functions.
+    if not cfg.reward_funcs:
+        raise UserError("GRPO needs reward functions: run a GRPO recipe (it passes its own to run_recipe)")
+    weights = plan.targs.reward_weights
+    if weights is not None and len(weights) != len(cfg.reward_funcs):
+        raise UserError(f"--reward_weights gives {len(weights)} weights for {len(cfg.reward_funcs)} reward "
+                        f"functions ({', '.join(_names(cfg))}): one each")
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    instruction = cfg.data.instruction
+
+    def prompt_of(question: str):
+        if chat:
+            return [{"role": "system", "content": instruction}, {"role": "user", "content": question}]
+        return f"{instruction}\n\nQuestion: {question}\nAnswer:"
+
+    def rendered(prompt) -> str:
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if chat else prompt
+
+    limit = cfg.data.eval_max_samples or len(plan.eval_rows)
+    eval_rows = plan.eval_rows[:limit]
+    train_prompts = [prompt_of(row["question"]) for row in plan.train_rows]
+    eval_prompts = [rendered(prompt_of(row["question"])) for row in eval_rows]
+    lengths = [len(tokenizer(rendered(p), add_special_tokens=False)["input_ids"]) for p in train_prompts] + \
+              [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in eval_prompts]
+    room = cfg.data.max_seq_length - plan.targs.max_completion_length
+    too_long = sum(n > room for n in lengths)
+    if too_long:
+        raise UserError(
+            f"{too_long} prompts are longer than the {room} tokens --max_seq_length {cfg.data.max_seq_length} leaves "
+            f"beside --max_completion_length {plan.targs.max_completion_length} (longest: {max(lengths)}): raise "
+            "--max_seq_length or lower --max_completion_length"
+        )
+    train = Dataset.from_list([{"prompt": p, "answer": row["answer"]} for p, row in zip(train_prompts, plan.train_rows)])
+    stats = {"train_problems": len(train_prompts), "eval_problems": len(eval_prompts), "longest_prompt_tokens": max(lengths),
+             "prompt_layout": "chat_template" if chat else "text"}
+    return _Prepared(train, eval_prompts, [row["answer"] for row in eval_rows], stats)
+
+
+class TimedGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer that adds up the time its training steps spend generating completions."""
+
+    generation_seconds = 0.0
+
+    def _generate(self, prompts):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            return super()._generate(prompts)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if self.model.training:
+                self.generation_seconds += time.perf_counter() - start
+
+
+def train_and_evaluate(cfg, plan, tokenizer, prepared: _Prepared, folder, memory) -> dict[str, Any]:
+    targs = trl_run.training_settings(cfg, plan.targs)
+    model, peft = trl_run.policy_model(cfg, targs)
+    clock, callbacks = trl_run.callbacks(cfg, folder)
+    trainer = TimedGRPOTrainer(model=model, reward_funcs=list(cfg.reward_funcs), args=targs,
+                               train_dataset=prepared.train, processing_class=tokenizer, peft_config=peft,
+                               callbacks=callbacks)
+    counts = trl_run.print_trainable(trainer.model)
+    before = score_problems(trainer.model, tokenizer, prepared, targs)  # the adapter is fresh: the untrained model
+    print(f"Untrained: {_scores_text(before)}")
+    if folder.resume_from:
+        print(f"Resuming from {folder.resume_from}")
+    outcome = trainer.train(resume_from_checkpoint=folder.resume_from)
+    after = score_problems(trainer.model, tokenizer, prepared, targs)
+    print(held_out_line(before, after, trainer.state.global_step))
+    trl_run.save_final(trainer, tokenizer, folder.staging)
+    record = trl_run.record(cfg, trainer, clock, outcome, counts, folder.staging, folder, plan, prepared.stats)
+    rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+    record.update(
+        eval_loss=None,
+        eval=after,
+        before_training=before,
+        grpo={
+            "reward_functions": _names(cfg),
+            "generation_seconds": round(trainer.generation_seconds, 3),
+            # Of the pure training time (the train clock): the rest is the loss's forward and backward passes.
+            "generation_share": round(trainer.generation_seconds / clock.seconds, 4) if clock.seconds > 0 else None,
+            "mean_reward_first_logged": rewards[0] if rewards else None,
+            "mean_reward_last_logged": rewards[-1] if rewards else None,
+        },
+    )
+    return record
+
+
+def score_problems(model, tokenizer, prepared: _Prepared, targs) -> dict[str, Any]:
+    """Greedy answers to the held-out problems, read flexibly (the marked or else the last number) and strictly
+    (the number after `####`), and how often the answer is marked."""
+    from harness.generation import generate
+
+    answers = generate(model, tokenizer, prepared.eval_prompts, None, targs.max_completion_length,
+                       seed=targs.seed, batch_size=targs.per_device_eval_batch_size)
+    n = len(answers)
+    flexible = sum(gsm8k.final_answer(a) == ref for a, ref in zip(answers, prepared.eval_answers)) / n
+    strict = sum(gsm8k.marked_answer(a) == ref for a, ref in zip(answers, prepared.eval_answers)) / n
+    marked = sum(gsm8k.marked_answer(a) is not None for a in answers) / n
+    return {
+        "problems": n,
+        "accuracy": round(flexible, 4), "accuracy_se": trl_run.proportion_se(flexible, n),
+        "accuracy_strict": round(strict, 4), "accuracy_strict_se": trl_run.proportion_se(strict, n),
+        "answer_marked": round(marked, 4), "answer_marked_se": trl_run.proportion_se(marked, n),
+        "example_answer": answers[0][:500] if answers else None,
+    }
+
+
+def _scores_text(scores: dict[str, Any]) -> str:
+    return (f"accuracy {scores['accuracy']:.3f} (strict {scores['accuracy_strict']:.3f}), answer marked "
+            f"{scores['answer_marked']:.3f} on {scores['problems']} held-out problems")
+
+
+def held_out_line(before: dict[str, Any], after: dict[str, Any], steps: int) -> str:
+    parts = []
+    for key, name in (("accuracy", "accuracy"), ("answer_marked", "answer marked with ####")):
+        gain = after[key] - before[key]
+        noise = trl_run.verdict(gain, after[f"{key}_se"], before[f"{key}_se"])
+        parts.append(f"{name} {before[key]:.3f} untrained -> {after[key]:.3f} after {steps} steps ({gain:+.3f}, {noise})")
+    return f"Held-out problems ({after['problems']}, greedy): " + "; ".join(parts)
+
+
+def _objective():
+    from harness.recipe import Objective
+
+    return Objective(preflight, prepare, train_and_evaluate)
+
+
+GRPO = _objective()

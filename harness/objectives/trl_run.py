@@ -1,0 +1,132 @@
+"""What the DPO and GRPO runs share: their checks, the policy model they hand to TRL's trainer, the
+callbacks every run has (train clock, sealed checkpoints) and the record fields every recipe writes."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+# Methods TRL's trainers train here. AdaLoRA's rank allocation and the prompt-learning methods are wired
+# into the SFT trainer only; method none (the untrained model) is what every DPO and GRPO run scores first.
+TRL_METHODS = ("lora", "dora", "rslora", "loftq", "ia3", "full")
+
+
+def preflight(cfg, output_dir: bool, objective: str):
+    """The shared checks and the data, read and split as an SFT run's is (harness.data); returns a Plan."""
+    from harness import data as data_mod
+    from harness.recipe import Plan, common_checks
+
+    if cfg.method.method not in TRL_METHODS:
+        raise UserError(
+            f"the {objective} recipes train {', '.join(TRL_METHODS)}, not {cfg.method.method}"
+            + (" (every run scores the untrained model before training: that is its baseline)"
+               if cfg.method.method == "none" else "")
+        )
+    common_checks(cfg, output_dir)
+    loaded, eval_loaded = data_mod.load_records(cfg.data), data_mod.load_eval_records(cfg.data)
+    train_rows, eval_rows = data_mod.split_records(loaded.rows, cfg.data, eval_loaded)
+    return Plan(loaded, eval_loaded, train_rows, eval_rows, cfg.train, schedule=None)
+
+
+def training_settings(cfg, targs):
+    """The Trainer settings as every recipe runs them: mixed precision from the model's dtype, non-reentrant
+    checkpointing, no pinned memory without a GPU."""
+    import torch
+
+    from harness.recipe import _mixed_precision
+
+    if targs.activation_checkpointing and not targs.activation_checkpointing_kwargs:
+        targs = dataclasses.replace(targs, activation_checkpointing_kwargs={"use_reentrant": False})
+    targs = _mixed_precision(cfg, targs)
+    if not torch.cuda.is_available():
+        targs = dataclasses.replace(targs, dataloader_pin_memory=False)
+    return targs
+
+
+def policy_model(cfg, targs):
+    """(model, peft_config) for TRL's trainer. A fresh adapter goes in as a peft_config, so TRL's reference is
+    the base with the adapter switched off (no second copy); with --init_adapter the model comes with that
+    adapter loaded, and TRL keeps a frozen copy of it as the reference (the model DPO starts from)."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from harness.methods import initialise_loftq, load_adapter_weights, peft_config
+    from harness.models import load_model, resolve_model
+
+    # TRL 1.16 still reads the Trainer's old checkpointing name around every reference and generation pass.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    if cfg.model.backend == "unsloth":
+        from harness.backends import unsloth_model
+
+        model = unsloth_model(cfg.model, cfg.method, cfg.data.max_seq_length, targs.activation_checkpointing, targs.seed)
+        return model, None
+    model = load_model(cfg.model, cfg.method.method, targs.activation_checkpointing)
+    config = peft_config(cfg.method, model, None)
+    if config is None or not (cfg.run.init_adapter or cfg.method.method == "loftq"):
+        return model, config
+    model = get_peft_model(model, config)
+    if cfg.method.method == "loftq" and cfg.model.quantization == "4bit":
+        initialise_loftq(model, resolve_model(cfg.model.model))
+    if cfg.run.init_adapter:
+        load_adapter_weights(model, cfg.run.init_adapter)
+    return model, None
+
+
+def callbacks(cfg, folder):
+    from harness.training import SealCheckpoints, TrainClock
+
+    clock = TrainClock(cfg.run.budget_seconds, cfg.run.budget_tokens)
+    return clock, [clock, SealCheckpoints(folder.fingerprint)]  # the seal last: see SealCheckpoints
+
+
+def print_trainable(model) -> tuple[int, int]:
+    from harness.models import parameter_counts
+
+    trainable, total = parameter_counts(model)
+    print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+    return trainable, total
+
+
+def save_final(trainer, tokenizer, staging: Path) -> None:
+    trainer.save_model(str(staging))
+    tokenizer.save_pretrained(str(staging))
+
+
+def record(cfg, trainer, clock, outcome, counts: tuple[int, int], staging: Path, folder, plan, stats) -> dict[str, Any]:
+    """The fields every recipe's result.json has, for a run of TRL's trainer."""
+    from harness.recipe import _saved_weights_bytes
+
+    trainable, total = counts
+    return {
+        "global_step": trainer.state.global_step,
+        "planned_steps": None,
+        "stopped_by": clock.stopped_by,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "resumed_from": folder.resume_from,
+        "train_seconds": round(clock.seconds, 3),
+        "tokens_trained": clock.tokens,
+        "tokens_per_second": round(clock.tokens / clock.seconds, 1) if clock.seconds > 0 else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 6),
+        **_saved_weights_bytes(staging),
+        "train_loss": round(outcome.training_loss, 6) if outcome is not None and outcome.global_step else None,
+        "data": {"data_file": cfg.data.data_file, "data_sha256": folder.settings["data_file_sha256"],
+                 **stats, "rows_left_out": plan.left_out()},
+        "log_history": trainer.state.log_history,
+    }
+
+
+def proportion_se(p: float, n: int) -> float | None:
+    """Standard error of a proportion over n items."""
+    return round((p * (1 - p) / n) ** 0.5, 4) if n > 1 else None
+
+
+def verdict(gain: float, se_after: float | None, se_before: float | None) -> str:
+    from harness.report import gain_beyond_noise
+
+    return ("beyond noise" if gain_beyond_noise(gain, se_after, se_before)
+            else "within noise: more steps or more held-out examples would tell")
