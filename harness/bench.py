@@ -91,6 +91,7 @@ class Trial:
     trial_id: str = ""
     rank_setting: dict[str, int] = field(default_factory=dict)
     scored_on: str = ""  # what its scores depend on besides training (model, quantization, eval data)
+    objective: str = "sft"  # dpo and grpo runs score their untrained model themselves: no baseline trial
 
 
 # ---------------------------------------------------------------------------- command line
@@ -374,7 +375,7 @@ def plan_trials(args: argparse.Namespace) -> list[Trial]:
                         recipe=name, script=script, method=method, model=config.model.model, rank=rank,
                         seed=seed, axes={k: combo[k] for k in varying}, argv=argv,
                         config_hash=config_hash(config.to_dict(), args.cpu_threads),
-                        rank_setting=rank_setting, scored_on=scored_on(config),
+                        rank_setting=rank_setting, scored_on=scored_on(config), objective=config.run.objective,
                     )
                     trial.trial_id = trial_id(trial, varying)
                     trials.append(trial)
@@ -403,9 +404,9 @@ def with_baselines(trials: list[Trial], recipe_defaults: dict[str, dict[str, Any
     scores do not depend on the seed, so each runs once."""
     from harness.config import parse_args
 
-    baselines: dict[str, Trial] = {}
+    baselines: dict[str, Trial] = {}  # (DPO and GRPO runs score the untrained model before training themselves)
     for trial in trials:
-        if trial.scored_on in baselines or trial.method == "none":
+        if trial.scored_on in baselines or trial.method == "none" or trial.objective != "sft":
             continue
         flags = dict(zip(trial.argv[::2], trial.argv[1::2]))
         for key in RANK_FLAGS:

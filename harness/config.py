@@ -291,13 +291,13 @@ def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_cl
     _check_config_file(args)
     model, data, method, run, train, *extras = _checked(
         lambda: parser.parse_args_and_config(args=args, return_remaining_strings=True))
-    if hasattr(train, "trust_remote_code"):  # TRL's configs have their own copy of the model's flag
-        train.trust_remote_code = model.trust_remote_code
     if run.objective != objective:
         raise UserError(f"--objective is the recipe's own ({objective}); run a recipe of objective {run.objective} instead "
                         "(the README's recipe table lists them)")
     # Throughput counts the non-padding tokens trained on; the Trainer counts them when asked to.
     train = dataclasses.replace(train, include_num_input_tokens_seen="non_padding")
+    if hasattr(train, "trust_remote_code"):  # TRL's configs have their own copy of the model's flag
+        train.trust_remote_code = model.trust_remote_code
     return RunConfig(model, data, method, run, train, args, tuple(extras))
 
 

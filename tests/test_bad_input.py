@@ -30,6 +30,8 @@ QLORA = ["recipes/qwen2_7b_qlora.py", "--model", "stories260k", "--output_dir", 
 OPT = ["recipes/opt_350m_prefix_tuning.py", "--model", "tiny-opt", "--output_dir", "{tmp}/out-{case}"]
 ALPACA100 = ["recipes/llama2_7b_lora_alpaca100.py", "--model", "stories260k", "--quantization", "none",
              "--output_dir", "{tmp}/out-{case}"]
+DPO = ["recipes/qwen2_5_0_5b_dpo.py", "--model", "tiny-qwen2", "--output_dir", "{tmp}/out-{case}"]
+GRPO = ["recipes/qwen2_5_0_5b_grpo.py", "--model", "tiny-qwen2", "--output_dir", "{tmp}/out-{case}"]
 BENCH = ["-m", "harness.bench", "--results-dir", "{tmp}/results-{case}", "--output-root", "{tmp}/bench-{case}", "--dry-run"]
 
 # (case, command after `python`, program prefix, the problem, the fix)
@@ -99,6 +101,18 @@ CASES = [
     ("select-k-zero", [*ALPACA100, "--select_k", "0", "--judge_backend", "local"], "llama2_7b_lora_alpaca100", "--select_k must be at least 1", "got 0"),
     ("local-judge-missing", [*ALPACA100, "--judge_backend", "local", "--judge_model", "{tmp}/nowhere/"], "llama2_7b_lora_alpaca100", "model folder {tmp}/nowhere/ not found", "use a Hub id"),
     ("judge-cache-a-folder", [*ALPACA100, "--judge_backend", "local", "--judge_model", "stories260k", "--judge_cache", "{tmp}/foreign"], "llama2_7b_lora_alpaca100", "--judge_cache {tmp}/foreign is a folder", "pass a .jsonl file"),
+    # the DPO and GRPO recipes: their data and TRL's settings, refused before the model loads
+    ("dpo-no-rejected", [*DPO, "--data_file", "{tmp}/no_rejected.json"], "qwen2_5_0_5b_dpo", "row 2 has no rejected", "a preference pair needs chosen and rejected"),
+    ("dpo-empty-side", [*DPO, "--data_file", "{tmp}/empty_side.jsonl"], "qwen2_5_0_5b_dpo", "row 1: the chosen answer is empty", "fix the pair or delete the row"),
+    ("dpo-tool-turn", [*DPO, "--data_file", "{tmp}/tool_turn.json"], "qwen2_5_0_5b_dpo", "a turn from 'function_call'", "only system, human and gpt turns"),
+    ("dpo-mixed-formats", [*DPO, "--data_file", "{tmp}/mixed_pairs.jsonl"], "qwen2_5_0_5b_dpo", "mixes conversations and plain-text pairs", "convert them to one format"),
+    ("dpo-max-length", [*DPO, "--max_length", "300"], "qwen2_5_0_5b_dpo", "--max_length is TRL's name for --max_seq_length", "set --max_seq_length 300"),
+    ("dpo-adalora", [*DPO, "--method", "adalora"], "qwen2_5_0_5b_dpo", "the dpo recipes train lora", "not adalora"),
+    ("gsm8k-no-answer", [*GRPO, "--data_file", "{tmp}/gsm8k_bad.jsonl"], "qwen2_5_0_5b_grpo", "row 2: the answer has no `#### <number>`", "fix or delete the row"),
+    ("grpo-completion-too-long", [*GRPO, "--max_completion_length", "600"], "qwen2_5_0_5b_grpo", "--max_completion_length 600 leaves no room for the prompt", "raise --max_seq_length"),
+    ("grpo-group-size", [*GRPO, "--num_generations", "3"], "qwen2_5_0_5b_grpo", "--num_generations 3 must divide the batch of completions", "--per_device_train_batch_size 9"),
+    ("grpo-one-generation", [*GRPO, "--num_generations", "1", "--per_device_train_batch_size", "1"], "qwen2_5_0_5b_grpo", "at least 2 generations per prompt", "see --help"),
+    ("objective-not-the-recipes", [*DPO, "--objective", "grpo"], "qwen2_5_0_5b_dpo", "--objective is the recipe's own (dpo)", "run a recipe of objective grpo"),
     # harness.bench
     ("bench-ranks", [*BENCH, "--ranks", "4,x"], "bench", "--ranks: 'x' is not a whole number", "comma-separated integers"),
     ("bench-setting-typo", [*BENCH, "--set", "lerning_rate=1e-4"], "bench", "no recipe has a setting named 'lerning_rate'", "did you mean learning_rate"),
@@ -171,6 +185,16 @@ def _files(tmp: Path) -> None:
     (tmp / "empty-results" / "runs.jsonl").write_text("")
     (tmp / "selection").mkdir()
     (tmp / "selection" / "selected.json").write_text("[]")
+    pair = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}
+    chat = {"conversations": [{"from": "human", "value": "Say hi."}], "chosen": {"from": "gpt", "value": "Hi!"},
+            "rejected": {"from": "gpt", "value": "No."}}
+    (tmp / "no_rejected.json").write_text(json.dumps([pair, {"prompt": "x", "chosen": "y"}]))
+    (tmp / "empty_side.jsonl").write_text(json.dumps({**pair, "chosen": "  "}) + "\n")
+    (tmp / "tool_turn.json").write_text(json.dumps([{**chat, "conversations": [
+        {"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"}]}]))
+    (tmp / "mixed_pairs.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps(chat) + "\n")
+    (tmp / "gsm8k_bad.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n"
+                                         + json.dumps({"question": "2+2?", "answer": "It is four."}) + "\n")
 
 
 # One case per entry point, run as a fresh process with the warning path forced on.

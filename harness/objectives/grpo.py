@@ -73,7 +73,8 @@ class _Prepared:
 
 def prepare(cfg, plan, tokenizer) -> _Prepared:
     """Prompts as conversations (system: --instruction; user: the problem) when the tokenizer has a chat
-    template, else as text; refuses prompts that leave no room for --max_completion_length."""
+    template, else as text; a problem whose prompt leaves no room for --max_completion_length is left out
+    (and counted), as TRL would otherwise cut its completions short."""
     from datasets import Dataset
 
     # Here rather than in preflight, which harness.bench runs without the recipe's functions.
@@ -94,23 +95,31 @@ def prepare(cfg, plan, tokenizer) -> _Prepared:
     def rendered(prompt) -> str:
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if chat else prompt
 
-    limit = cfg.data.eval_max_samples or len(plan.eval_rows)
-    eval_rows = plan.eval_rows[:limit]
-    train_prompts = [prompt_of(row["question"]) for row in plan.train_rows]
-    eval_prompts = [rendered(prompt_of(row["question"])) for row in eval_rows]
-    lengths = [len(tokenizer(rendered(p), add_special_tokens=False)["input_ids"]) for p in train_prompts] + \
-              [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in eval_prompts]
     room = cfg.data.max_seq_length - plan.targs.max_completion_length
-    too_long = sum(n > room for n in lengths)
-    if too_long:
-        raise UserError(
-            f"{too_long} prompts are longer than the {room} tokens --max_seq_length {cfg.data.max_seq_length} leaves "
-            f"beside --max_completion_length {plan.targs.max_completion_length} (longest: {max(lengths)}): raise "
-            "--max_seq_length or lower --max_completion_length"
-        )
-    train = Dataset.from_list([{"prompt": p, "answer": row["answer"]} for p, row in zip(train_prompts, plan.train_rows)])
-    stats = {"train_problems": len(train_prompts), "eval_problems": len(eval_prompts), "longest_prompt_tokens": max(lengths),
-             "prompt_layout": "chat_template" if chat else "text"}
+
+    def fitting(rows):
+        """The rows whose prompt leaves --max_completion_length tokens in the window, and how many do not."""
+        kept = [(row, prompt_of(row["question"])) for row in rows]
+        kept = [(row, prompt) for row, prompt in kept
+                if len(tokenizer(rendered(prompt), add_special_tokens=False, verbose=False)["input_ids"]) <= room]
+        return kept, len(rows) - len(kept)
+
+    train_kept, train_out = fitting(plan.train_rows)
+    limit = cfg.data.eval_max_samples or len(plan.eval_rows)
+    eval_kept, eval_out = fitting(plan.eval_rows)
+    eval_kept = eval_kept[:limit]
+    if not train_kept or not eval_kept:
+        raise UserError(f"no {'training' if not train_kept else 'held-out'} problem's prompt fits the {room} tokens "
+                        f"--max_seq_length {cfg.data.max_seq_length} leaves beside --max_completion_length "
+                        f"{plan.targs.max_completion_length}: raise --max_seq_length or lower --max_completion_length")
+    if train_out or eval_out:
+        print(f"Data: left out {train_out} training and {eval_out} held-out problems whose prompt is longer than the "
+              f"{room} tokens --max_seq_length leaves beside --max_completion_length")
+    train = Dataset.from_list([{"prompt": prompt, "answer": row["answer"]} for row, prompt in train_kept])
+    stats = {"train_problems": len(train_kept), "eval_problems": len(eval_kept), "prompt_layout": "chat_template" if chat else "text",
+             "problems_left_out_prompt_too_long": {"train": train_out, "eval": eval_out}}
+    eval_rows = [row for row, _ in eval_kept]
+    eval_prompts = [rendered(prompt) for _, prompt in eval_kept]
     return _Prepared(train, eval_prompts, [row["answer"] for row in eval_rows], stats)
 
 

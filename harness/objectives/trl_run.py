@@ -42,6 +42,7 @@ def training_settings(cfg, targs):
     targs = _mixed_precision(cfg, targs)
     if not torch.cuda.is_available():
         targs = dataclasses.replace(targs, dataloader_pin_memory=False)
+    targs.trust_remote_code = cfg.model.trust_remote_code  # not an init field of ours: a copy resets it
     return targs
 
 
