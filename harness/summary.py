@@ -105,8 +105,13 @@ def render(record: dict[str, Any]) -> str:
             ("train loss (mean over the run)", record.get("train_loss")),
             ("eval loss (restored best checkpoint)", record.get("eval_loss")),
             *[(f"untrained (baseline, step 0) {k}", v) for k, v in (record.get("before_training") or {}).items()
-              if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")],
-            *[(f"eval {k}", v) for k, v in eval_scores.items() if not isinstance(v, dict)],
+              if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")
+              or (record.get("objective") in ("dpo", "grpo") and isinstance(v, (int, float)))],
+            *[(f"eval {k}", v) for k, v in eval_scores.items() if not isinstance(v, (dict, list))
+              and k != "example_answer"],
+            *[(f"GRPO {k.replace('_', ' ')}", v) for k, v in (record.get("grpo") or {}).items() if not isinstance(v, list)],
+            *[(f"data: {k.replace('_', ' ')}", v) for k, v in (record.get("data") or {}).items()
+              if record.get("objective") in ("dpo", "grpo") and isinstance(v, int)],
             *([("forgetting: change of the loss on general text the run never trained on",
                 (record.get("forgetting") or {}).get("delta"))] if record.get("forgetting") else []),
         ]),
@@ -133,6 +138,25 @@ def render(record: dict[str, Any]) -> str:
                      headers=["step", *keys], tablefmt="github"),
             "",
         ]
+    rewards = [row for row in record.get("log_history", []) if "reward" in row]
+    if rewards:
+        from tabulate import tabulate
+
+        keys = [k for k in rewards[0] if k == "reward" or k.startswith("rewards/") and k.endswith("/mean")
+                or k == "completions/mean_length"]
+        lines += [
+            "## Mean reward of every step (GRPO)",
+            "",
+            tabulate([[row.get("step")] + [_fmt(row.get(k)) for k in keys] for row in rewards],
+                     headers=["step", *keys], tablefmt="github"),
+            "",
+        ]
+    examples = [(when, (part or {}).get("example_answer")) for when, part in
+                (("untrained", record.get("before_training")), ("trained", eval_scores))]
+    if any(text for _, text in examples):
+        lines += ["## The first held-out problem's greedy answer", ""]
+        for when, text in examples:
+            lines += [f"{when}:", "", "```", str(text), "```", ""]
     adalora = record.get("adalora")
     if adalora:
         lines += [

@@ -198,6 +198,10 @@ def test_grpo_recipe_trains_with_its_rewards_and_times_generation(tmp_path, one_
     assert sum("reward" in entry for entry in saved["log_history"]) == 2  # the mean reward of every step
     # prompt and completion tokens: 2 steps x 4 completions of up to 8 tokens, plus their prompts
     assert saved["tokens_trained"] > 2 * 4 * 8
+    from harness.summary import render
+
+    summary = render(saved)  # results/'s page of the run: the before/after, the reward of every step
+    assert "untrained (baseline, step 0) accuracy" in summary and "## Mean reward of every step (GRPO)" in summary
 
 
 def test_grpo_without_reward_functions_is_refused(tmp_path):
