@@ -13,8 +13,9 @@ import torch
 from harness.config import REPO_ROOT, DataArguments, ModelArguments, parse_args
 
 RECIPES = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py"))
-# Tested in their own files: the flagship (test_flagship.py) and the select-train-judge pipeline.
-OWN_TESTS = {"qwen2_7b_adalora", "llama2_7b_lora_alpaca100"}
+# Tested in their own files: the flagship (test_flagship.py), the select-train-judge pipeline, and the DPO and
+# GRPO recipes (test_objectives.py: their records hold other scores, and GRPO's run needs its reward functions).
+OWN_TESTS = {"qwen2_7b_adalora", "llama2_7b_lora_alpaca100", "qwen2_5_0_5b_dpo", "qwen2_5_0_5b_grpo"}
 OFFLINE_MODEL = {"qwen2": "tiny-qwen2", "opt": "tiny-opt", "llama2": "tiny-llama"}  # by name prefix
 GPU_ONLY = {"llama2_7b_loftq"}  # PEFT computes LoftQ on CUDA
 CONFIGS = REPO_ROOT / "recipes" / "configs"
