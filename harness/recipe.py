@@ -197,7 +197,6 @@ def recorded_run(folder: RunFolder, cfg: RunConfig, start: RunStart, memory=None
 
 
 def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder, memory) -> dict[str, Any]:
-    import torch
     from peft import get_peft_model
 
     from harness import data as data_mod
@@ -206,13 +205,7 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     from harness.models import load_model, parameter_counts, resolve_model
     from harness.training import AdaLoraAllocation, SealCheckpoints, TrainClock, build_trainer
 
-    targs, schedule = plan.targs, plan.schedule
-    if targs.activation_checkpointing and not targs.activation_checkpointing_kwargs:
-        # Non-reentrant checkpointing works with frozen inputs (PEFT) and is what PyTorch recommends.
-        targs = dataclasses.replace(targs, activation_checkpointing_kwargs={"use_reentrant": False})
-    targs = _mixed_precision(cfg, targs)
-    if not torch.cuda.is_available():
-        targs = dataclasses.replace(targs, dataloader_pin_memory=False)  # pinning needs a GPU
+    targs, schedule = trainer_settings(cfg, plan.targs), plan.schedule
 
     if cfg.model.backend == "unsloth":
         from harness.backends import unsloth_model
@@ -291,38 +284,68 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
         trainer.save_model(str(staging))  # adapter_config.json + adapter_model.safetensors (or the full model)
         tokenizer.save_pretrained(str(staging))
 
-    record: dict[str, Any] = {
-        "global_step": trainer.state.global_step,
-        "planned_steps": schedule.total_step if schedule else None,
-        "stopped_by": "method none (no training)" if baseline else clock.stopped_by,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "resumed_from": last,
-        "train_seconds": round(clock.seconds, 3),
-        "tokens_trained": clock.tokens,
-        "tokens_per_second": round(clock.tokens / clock.seconds, 1) if clock.seconds > 0 else None,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": round(100 * trainable / total, 6),
-        **_saved_weights_bytes(staging),
-        "train_loss": round(outcome.training_loss, 6) if outcome is not None and outcome.global_step else None,
-        "eval_loss": final_eval.get("eval_loss"),
-        "eval": {
-            **({"answer_token_accuracy": final_eval["eval_answer_token_accuracy"]}
-               if "eval_answer_token_accuracy" in final_eval else {}),
-            **trainer.last_task_metrics,
+    record = run_record(
+        cfg, trainer, clock, outcome, (trainable, total), folder, plan, prepared.stats,
+        planned_steps=schedule.total_step if schedule else None,
+        stopped_by="method none (no training)" if baseline else clock.stopped_by,
+        scores={
+            "eval_loss": final_eval.get("eval_loss"),
+            "eval": {
+                **({"answer_token_accuracy": final_eval["eval_answer_token_accuracy"]}
+                   if "eval_answer_token_accuracy" in final_eval else {}),
+                **trainer.last_task_metrics,
+            },
+            "forgetting": forgetting_report,
+            "before_training": before,  # --eval_on_start: the untrained model's scores, the run's own baseline
         },
-        "forgetting": forgetting_report,
-        "before_training": before,  # --eval_on_start: the untrained model's scores, the run's own baseline
-        "data": {"data_file": cfg.data.data_file, "data_sha256": folder.settings["data_file_sha256"],  # hashed once
-                 **prepared.stats, "rows_left_out": plan.left_out()},
-        "log_history": trainer.state.log_history,
-    }
+    )
     if schedule is not None:
         record["adalora"] = _report_ranks(model, cfg, schedule, staging, final_adalora_ranks)
     return record
 
 
 SFT = Objective(_sft_preflight, _sft_prepare, _train_and_evaluate)
+
+
+def trainer_settings(cfg: RunConfig, targs):
+    """The Trainer settings every objective runs with: non-reentrant checkpointing, mixed precision from
+    the model's dtype, no pinned memory without a GPU."""
+    import torch
+
+    if targs.activation_checkpointing and not targs.activation_checkpointing_kwargs:
+        # Non-reentrant checkpointing works with frozen inputs (PEFT) and is what PyTorch recommends.
+        targs = dataclasses.replace(targs, activation_checkpointing_kwargs={"use_reentrant": False})
+    targs = _mixed_precision(cfg, targs)
+    if not torch.cuda.is_available():
+        targs = dataclasses.replace(targs, dataloader_pin_memory=False)  # pinning needs a GPU
+    return targs
+
+
+def run_record(cfg: RunConfig, trainer, clock, outcome, counts: tuple[int, int], folder: RunFolder, plan: Plan,
+               stats: dict[str, Any], planned_steps: int | None, stopped_by: str | None,
+               scores: dict[str, Any]) -> dict[str, Any]:
+    """The fields every objective's result.json has (scores: eval_loss, eval, before_training, ... in
+    between, as the objective has them). The final files are already in folder.staging."""
+    trainable, total = counts
+    return {
+        "global_step": trainer.state.global_step,
+        "planned_steps": planned_steps,
+        "stopped_by": stopped_by,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "resumed_from": folder.resume_from,
+        "train_seconds": round(clock.seconds, 3),
+        "tokens_trained": clock.tokens,
+        "tokens_per_second": round(clock.tokens / clock.seconds, 1) if clock.seconds > 0 else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 6),
+        **_saved_weights_bytes(folder.staging),
+        "train_loss": round(outcome.training_loss, 6) if outcome is not None and outcome.global_step else None,
+        **scores,
+        "data": {"data_file": cfg.data.data_file, "data_sha256": folder.settings["data_file_sha256"],  # hashed once
+                 **stats, "rows_left_out": plan.left_out()},
+        "log_history": trainer.state.log_history,
+    }
 
 
 def _evaluation_before_training(log_history: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -72,9 +72,11 @@ def prepare(cfg, plan, tokenizer):
     return _Prepared(Dataset.from_list(plan.train_rows), Dataset.from_list(eval_rows), stats)
 
 
+@dataclass
 class _Prepared:
-    def __init__(self, train, eval, stats):
-        self.train, self.eval, self.stats = train, eval, stats
+    train: Any  # datasets.Dataset of pairs: TRL tokenizes them
+    eval: Any
+    stats: dict[str, Any]
 
 
 def _pair_tokens(tokenizer, pair: dict[str, Any], conversational: bool) -> tuple[int, int]:
@@ -92,6 +94,8 @@ def _pair_tokens(tokenizer, pair: dict[str, Any], conversational: bool) -> tuple
 def train_and_evaluate(cfg, plan, tokenizer, prepared, folder, memory) -> dict[str, Any]:
     from trl import DPOTrainer
 
+    from harness.recipe import run_record
+
     targs = trl_run.training_settings(cfg, plan.targs)
     model, peft = trl_run.policy_model(cfg, targs)
     clock, callbacks = trl_run.callbacks(cfg, folder)
@@ -104,14 +108,14 @@ def train_and_evaluate(cfg, plan, tokenizer, prepared, folder, memory) -> dict[s
     scores = score_pairs(trainer, trainer.eval_dataset)
     print(held_out_line(scores, trainer.state.global_step))
     trl_run.save_final(trainer, tokenizer, folder.staging)
-    record = trl_run.record(cfg, trainer, clock, outcome, counts, folder.staging, folder, plan, prepared.stats)
     final_eval = [e for e in trainer.state.log_history if "eval_loss" in e]
-    record.update(
-        eval_loss=final_eval[-1]["eval_loss"] if final_eval else None,
-        eval={k: v for k, v in scores.items() if not k.startswith("untrained_")},
-        before_training={k.removeprefix("untrained_"): v for k, v in scores.items() if k.startswith("untrained_")},
-    )
-    return record
+    return run_record(cfg, trainer, clock, outcome, counts, folder, plan, prepared.stats, planned_steps=None,
+                      stopped_by=clock.stopped_by, scores={
+                          "eval_loss": final_eval[-1]["eval_loss"] if final_eval else None,
+                          "eval": {k: v for k, v in scores.items() if not k.startswith("untrained_")},
+                          "before_training": {k.removeprefix("untrained_"): v for k, v in scores.items()
+                                              if k.startswith("untrained_")},
+                      })
 
 
 def score_pairs(trainer, dataset) -> dict[str, Any]:

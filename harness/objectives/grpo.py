@@ -144,6 +144,8 @@ class TimedGRPOTrainer(GRPOTrainer):
 
 
 def train_and_evaluate(cfg, plan, tokenizer, prepared: _Prepared, folder, memory) -> dict[str, Any]:
+    from harness.recipe import run_record
+
     targs = trl_run.training_settings(cfg, plan.targs)
     model, peft = trl_run.policy_model(cfg, targs)
     clock, callbacks = trl_run.callbacks(cfg, folder)
@@ -159,22 +161,18 @@ def train_and_evaluate(cfg, plan, tokenizer, prepared: _Prepared, folder, memory
     after = score_problems(trainer.model, tokenizer, prepared, targs)
     print(held_out_line(before, after, trainer.state.global_step))
     trl_run.save_final(trainer, tokenizer, folder.staging)
-    record = trl_run.record(cfg, trainer, clock, outcome, counts, folder.staging, folder, plan, prepared.stats)
     rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
-    record.update(
-        eval_loss=None,
-        eval=after,
-        before_training=before,
-        grpo={
-            "reward_functions": _names(cfg),
-            "generation_seconds": round(trainer.generation_seconds, 3),
-            # Of the pure training time (the train clock): the rest is the loss's forward and backward passes.
-            "generation_share": round(trainer.generation_seconds / clock.seconds, 4) if clock.seconds > 0 else None,
-            "mean_reward_first_logged": rewards[0] if rewards else None,
-            "mean_reward_last_logged": rewards[-1] if rewards else None,
-        },
-    )
-    return record
+    grpo = {
+        "reward_functions": _names(cfg),
+        "generation_seconds": round(trainer.generation_seconds, 3),
+        # Of the pure training time (the train clock): the rest is the loss's forward and backward passes.
+        "generation_share": round(trainer.generation_seconds / clock.seconds, 4) if clock.seconds > 0 else None,
+        "mean_reward_first_logged": rewards[0] if rewards else None,
+        "mean_reward_last_logged": rewards[-1] if rewards else None,
+    }
+    return run_record(cfg, trainer, clock, outcome, counts, folder, plan, prepared.stats, planned_steps=None,
+                      stopped_by=clock.stopped_by,
+                      scores={"eval_loss": None, "eval": after, "before_training": before, "grpo": grpo})
 
 
 def score_problems(model, tokenizer, prepared: _Prepared, targs) -> dict[str, Any]:

@@ -1,11 +1,8 @@
 """What the DPO and GRPO runs share: their checks, the policy model they hand to TRL's trainer, the
-callbacks every run has (train clock, sealed checkpoints) and the record fields every recipe writes."""
+callbacks every run has (train clock, sealed checkpoints)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any
-
 from harness.errors import UserError
 
 # Methods TRL's trainers train here. AdaLoRA's rank allocation and the prompt-learning methods are wired
@@ -31,17 +28,11 @@ def preflight(cfg, output_dir: bool, objective: str):
 
 
 def training_settings(cfg, targs):
-    """The Trainer settings as every recipe runs them: mixed precision from the model's dtype, non-reentrant
-    checkpointing, no pinned memory without a GPU."""
-    import torch
+    """The Trainer settings every recipe runs with (harness.recipe.trainer_settings), and TRL's copy of the
+    model's trust_remote_code flag."""
+    from harness.recipe import trainer_settings
 
-    from harness.recipe import _mixed_precision
-
-    if targs.activation_checkpointing and not targs.activation_checkpointing_kwargs:
-        targs = dataclasses.replace(targs, activation_checkpointing_kwargs={"use_reentrant": False})
-    targs = _mixed_precision(cfg, targs)
-    if not torch.cuda.is_available():
-        targs = dataclasses.replace(targs, dataloader_pin_memory=False)
+    targs = trainer_settings(cfg, targs)
     targs.trust_remote_code = cfg.model.trust_remote_code  # not an init field of ours: a copy resets it
     return targs
 
@@ -96,34 +87,11 @@ def save_final(trainer, tokenizer, staging: Path) -> None:
     tokenizer.save_pretrained(str(staging))
 
 
-def record(cfg, trainer, clock, outcome, counts: tuple[int, int], staging: Path, folder, plan, stats) -> dict[str, Any]:
-    """The fields every recipe's result.json has, for a run of TRL's trainer."""
-    from harness.recipe import _saved_weights_bytes
-
-    trainable, total = counts
-    return {
-        "global_step": trainer.state.global_step,
-        "planned_steps": None,
-        "stopped_by": clock.stopped_by,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "resumed_from": folder.resume_from,
-        "train_seconds": round(clock.seconds, 3),
-        "tokens_trained": clock.tokens,
-        "tokens_per_second": round(clock.tokens / clock.seconds, 1) if clock.seconds > 0 else None,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_percent": round(100 * trainable / total, 6),
-        **_saved_weights_bytes(staging),
-        "train_loss": round(outcome.training_loss, 6) if outcome is not None and outcome.global_step else None,
-        "data": {"data_file": cfg.data.data_file, "data_sha256": folder.settings["data_file_sha256"],
-                 **stats, "rows_left_out": plan.left_out()},
-        "log_history": trainer.state.log_history,
-    }
-
-
 def proportion_se(p: float, n: int) -> float | None:
-    """Standard error of a proportion over n items."""
-    return round((p * (1 - p) / n) ** 0.5, 4) if n > 1 else None
+    """Standard error of a proportion over n items (None for fewer than two)."""
+    from harness.evaluation import accuracy_standard_error
+
+    return round(accuracy_standard_error(p, n), 4) if n > 1 else None
 
 
 def verdict(gain: float, se_after: float | None, se_before: float | None) -> str:
