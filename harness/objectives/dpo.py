@@ -40,7 +40,8 @@ def preflight(cfg, output_dir: bool = True):
     return dataclasses.replace(plan, targs=targs)
 
 
-_TRL_DEFAULT_MAX_LENGTH = 1024
+# TRL's own default: a --max_length nobody set. Read from DPOConfig, so a TRL release that changes it is followed.
+_TRL_DEFAULT_MAX_LENGTH = DPOConfig.__dataclass_fields__["max_length"].default
 
 
 def prepare(cfg, plan, tokenizer):
