@@ -51,11 +51,16 @@ def _backend_on_command_line() -> str | None:
 
 
 def resolve_backend(backend: str, method: str) -> str:
-    """auto: Unsloth where it can run this method (NVIDIA GPU, package installed), plain PEFT otherwise."""
+    """auto: Unsloth where it can run this method (one NVIDIA GPU, package installed), plain PEFT otherwise."""
     if backend != "auto":
         return backend
     import torch
 
+    from harness.distributed import launched_processes
+
+    if launched_processes() > 1:
+        print("Backend auto -> peft (several processes: this project runs Unsloth on one GPU only)")
+        return "peft"
     usable = torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None
     chosen = "unsloth" if usable and method in UNSLOTH_METHODS else "peft"
     print(f"Backend auto -> {chosen}" + ("" if usable else " (Unsloth needs an NVIDIA GPU and requirements-unsloth.txt)"))

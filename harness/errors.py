@@ -33,11 +33,17 @@ def reported_as_one_line(program: str = "error", interrupted_note: str = INTERRU
         try:
             yield
         except UserError as exc:
-            _say(f"{program}: {exc}")
+            from harness.distributed import is_main
+
+            if is_main():  # under accelerate launch every process refuses alike: said once
+                _say(f"{program}: {exc}")
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt as exc:
+            from harness.distributed import is_main
+
             how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
-            _say(f"{program}: {how}; {interrupted_note}")
+            if is_main():  # the launcher stops every process alike
+                _say(f"{program}: {how}; {interrupted_note}")
             sys.exit(EXIT_INTERRUPTED)
         except MemoryError as exc:  # torch.OutOfMemoryError is not a MemoryError; see is_out_of_memory
             _say(f"{program}: out of memory ({exc}); {OOM_HINT}")

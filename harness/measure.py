@@ -172,11 +172,20 @@ def git_state() -> dict[str, Any]:
 
 
 def command_line(recipe: str, argv: list[str]) -> str:
-    """The command that repeats this run, from the repo root (interpreter shown as 'python')."""
+    """The command that repeats this run, from the repo root (interpreter shown as 'python'; under several
+    processes the accelerate launch that starts as many, with the same strategy)."""
+    from harness.distributed import launched_processes, strategy
+
     script = Path("recipes") / f"{recipe}.py"
-    if (REPO_ROOT / script).is_file():
-        return shlex.join(["python", str(script), *argv])
-    return shlex.join(["python", *sys.argv])
+    program = [str(script)] if (REPO_ROOT / script).is_file() else sys.argv[:1]
+    args = argv if (REPO_ROOT / script).is_file() else sys.argv[1:]
+    processes = launched_processes()
+    if processes == 1:
+        return shlex.join(["python", *program, *args])
+    # --multi_gpu also on a machine without a GPU: accelerate's --cpu launcher starts one process without MPI.
+    how = {"fsdp": "--use_fsdp", "deepspeed": "--use_deepspeed"}.get(strategy(), "--multi_gpu")
+    launcher = ["accelerate", "launch", how, "--num_processes", str(processes)]
+    return shlex.join([*launcher, *program, *args])
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import torch
@@ -120,20 +119,20 @@ def check_quantization(args: ModelArguments) -> None:
 
 
 def device_map_for(args: ModelArguments, method: str):
-    """One device unless the user asked otherwise: AdaLoRA's orthogonal regularisation sums tensors
-    from every layer, which fails when layers sit on different GPUs."""
+    """One device unless the user asked otherwise (AdaLoRA with --device_map auto over several GPUs is
+    refused before this: harness.distributed.check_launch). Under accelerate launch each process loads
+    onto its own GPU (DDP), or on the CPU for FSDP to shard."""
+    from harness.distributed import device_map, launched_processes
+
+    if launched_processes() > 1:
+        return device_map()
     if args.device_map is not None:
-        if method == "adalora" and torch.cuda.device_count() > 1 and args.device_map == "auto":
-            print(
-                "warning: --device_map auto spreads the model over GPUs; AdaLoRA's orthogonal "
-                "regularisation may fail with tensors on different devices (your choice is kept)",
-                file=sys.stderr,
-            )
         return args.device_map
     if torch.cuda.is_available():
         if torch.cuda.device_count() > 1:
             print(f"Keeping the whole model on cuda:{torch.cuda.current_device()} (single device); "
-                  "pass --device_map auto to spread it over GPUs.")
+                  "pass --device_map auto to spread it over GPUs, or run one process per GPU "
+                  "(accelerate launch, README \"Several GPUs\").")
         return {"": torch.cuda.current_device()}
     return {"": "cpu"}
 
@@ -142,6 +141,9 @@ def load_model(args: ModelArguments, method: str, gradient_checkpointing: bool, 
     """The base model, quantized if asked, ready for an adapter (or for full fine-tuning, or inference)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from harness.distributed import strategy
+
+    sharded = strategy() == "fsdp"
     dtype = compute_dtype(args.dtype)
     if method == "full" and args.dtype == "auto" and for_training:
         # Trained weights stay float32 (mixed precision computes in 16-bit): Adam's updates of ~lr are
@@ -154,6 +156,9 @@ def load_model(args: ModelArguments, method: str, gradient_checkpointing: bool, 
             bnb_4bit_quant_type=args.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=dtype,
+            # FSDP shards float tensors only: the packed 4-bit weights are stored as the compute dtype
+            # (bitsandbytes' FSDP-QLoRA guide); otherwise bitsandbytes' default uint8.
+            **({"bnb_4bit_quant_storage": dtype} if sharded else {}),
         )
     elif args.quantization == "8bit":
         quantization_config = BitsAndBytesConfig(load_in_8bit=True)
@@ -175,7 +180,13 @@ def load_model(args: ModelArguments, method: str, gradient_checkpointing: bool, 
         if Path(source).is_dir():
             raise UserError(f"cannot load the model in {source}: {str(exc).splitlines()[0]}") from None
         raise _hub_error(args.model, exc) from None
-    if quantization_config is not None and for_training:
+    if quantization_config is not None and for_training and sharded:
+        # As TRL does for sharded QLoRA: no prepare_model_for_kbit_training, whose float32 casts would leave
+        # FSDP mixed dtypes to flatten; only what it does for checkpointing.
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    elif quantization_config is not None and for_training:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

@@ -31,7 +31,10 @@ INTERRUPTED_NOTE = (
 def run_recipe(name: str, defaults: dict[str, Any], argv: list[str] | None = None,
                reward_funcs: tuple = ()) -> dict[str, Any]:
     """Entry point of every recipe script. reward_funcs: a GRPO recipe's reward functions (TRL's signature)."""
-    with reported_as_one_line(name, INTERRUPTED_NOTE):
+    from harness import distributed
+
+    distributed.start()  # under accelerate launch: join the others (and take this process's GPU) first
+    with reported_as_one_line(name, INTERRUPTED_NOTE), distributed.main_speaks():  # under accelerate launch: one voice
         config = parse_args({**defaults, "recipe": name}, argv)
         return train(dataclasses.replace(config, reward_funcs=tuple(reward_funcs)))
 
@@ -71,6 +74,7 @@ def common_checks(cfg: RunConfig, output_dir: bool) -> None:
     """The checks every objective makes first: ranges, method / backend / quantization, output_dir."""
     from harness.backends import check_backend, resolve_backend
     from harness.checks import check_settings
+    from harness.distributed import check_launch
     from harness.methods import check_init_adapter
     from harness.models import check_quantization
 
@@ -79,12 +83,14 @@ def common_checks(cfg: RunConfig, output_dir: bool) -> None:
     check_backend(cfg.model.backend, cfg.method.method, cfg.model.quantization)
     check_init_adapter(cfg.run.init_adapter, cfg.method)
     check_quantization(cfg.model)
+    check_launch(cfg)
     if output_dir:
         check_output_dir(cfg)
 
 
 def _sft_preflight(cfg: RunConfig, output_dir: bool = True) -> Plan:
     from harness import data as data_mod
+    from harness.distributed import batch_factor
     from harness.methods import adalora_schedule, count_optimizer_steps
 
     common_checks(cfg, output_dir)
@@ -92,7 +98,8 @@ def _sft_preflight(cfg: RunConfig, output_dir: bool = True) -> Plan:
     train_rows, eval_rows = data_mod.split_records(loaded.rows, cfg.data, eval_loaded)
     targs = cfg.train
     total_steps = count_optimizer_steps(
-        len(train_rows), targs.per_device_train_batch_size, targs.gradient_accumulation_steps,
+        # Under several processes each micro-step takes a batch per process from the data.
+        len(train_rows), targs.per_device_train_batch_size * batch_factor(), targs.gradient_accumulation_steps,
         targs.num_train_epochs, targs.max_steps,
     )
     schedule = adalora_schedule(cfg.method, total_steps) if cfg.method.method == "adalora" else None
@@ -120,12 +127,14 @@ class Objective:
 def train(cfg: RunConfig) -> dict[str, Any]:
     from transformers import set_seed
 
+    from harness import distributed
     from harness.measure import PeakMemory, apply_memory_budget
     from harness.methods import check_targets
     from harness.models import load_tokenizer
     from harness.objectives import objective_of
     from harness.plan.preflight import check_memory_plan
 
+    distributed.start()  # a no-op after run_recipe's; train() is also called directly (tests, alpaca100)
     objective = objective_of(cfg)
     start = RunStart.now()
     plan = objective.preflight(cfg, True)
@@ -175,6 +184,8 @@ def recorded_run(folder: RunFolder, cfg: RunConfig, start: RunStart, memory=None
     """Yield the run's record to fill in; write it however the run ends: status ok (after the staged
     final files are moved into place), or failed / oom / interrupted / refused with the error, always
     with its provenance. A record that is not ok never replaces a finished run's result.json."""
+    from harness.distributed import is_main
+
     record: dict[str, Any] = {"status": "running"}
     try:
         yield record
@@ -187,12 +198,16 @@ def recorded_run(folder: RunFolder, cfg: RunConfig, start: RunStart, memory=None
         )
         record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         record["traceback_tail"] = "".join(traceback.format_exception(exc))[-4000:]
-        record.update({**_provenance(cfg, start, folder, memory), **(extra or {})})
-        folder.write_record(_ordered(record))
+        if is_main():  # the other processes may be gone or stuck: this process's own figures only
+            record.update({**_provenance(cfg, start, folder, memory, every_process=False), **(extra or {})})
+            folder.write_record(_ordered(record))
         raise
+    # Every process: under several, their peak memory is gathered here (a collective step).
+    record.update({"status": "ok", **_provenance(cfg, start, folder, memory), **(extra or {})})
+    if not is_main():
+        return
     with signals_deferred():  # the files and the record that describes them change together
         folder.promote(record)
-        record.update({"status": "ok", **_provenance(cfg, start, folder, memory), **(extra or {})})
         folder.write_record(_ordered(record))
 
 
@@ -203,7 +218,14 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     from harness.evaluation import ClassificationScorer, ForgettingProbe
     from harness.methods import final_adalora_ranks, initialise_loftq, load_adapter_weights, peft_config
     from harness.models import load_model, parameter_counts, resolve_model
-    from harness.training import AdaLoraAllocation, SealCheckpoints, TrainClock, build_trainer
+    from harness.training import (
+        AdaLoraAllocation,
+        SealCheckpoints,
+        TrainClock,
+        build_trainer,
+        save_final,
+        shard_adapters_apart,
+    )
 
     targs, schedule = trainer_settings(cfg, plan.targs), plan.schedule
 
@@ -255,6 +277,7 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     callbacks.append(SealCheckpoints(folder.fingerprint))  # last: a checkpoint is complete once all have saved
     trainer = build_trainer(model, tokenizer, targs, prepared, scorer, callbacks,
                             evaluation_only=cfg.method.method == "none")
+    shard_adapters_apart(trainer)
 
     last = folder.resume_from  # only ever a complete checkpoint of exactly these settings
     if last:
@@ -281,8 +304,7 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     # Final files go to a staging folder; they replace a finished run's only once this record is ok.
     staging = folder.staging
     if not baseline:  # the baseline has no weights of its own to save
-        trainer.save_model(str(staging))  # adapter_config.json + adapter_model.safetensors (or the full model)
-        tokenizer.save_pretrained(str(staging))
+        save_final(trainer, tokenizer, staging)  # adapter_config.json + adapter_model.safetensors (or the model)
 
     record = run_record(
         cfg, trainer, clock, outcome, (trainable, total), folder, plan, prepared.stats,
@@ -309,8 +331,10 @@ SFT = Objective(_sft_preflight, _sft_prepare, _train_and_evaluate)
 
 def trainer_settings(cfg: RunConfig, targs):
     """The Trainer settings every objective runs with: non-reentrant checkpointing, mixed precision from
-    the model's dtype, no pinned memory without a GPU."""
+    the model's dtype, no pinned memory without a GPU, no search for unused weights under DDP."""
     import torch
+
+    from harness.distributed import launched_processes
 
     if targs.activation_checkpointing and not targs.activation_checkpointing_kwargs:
         # Non-reentrant checkpointing works with frozen inputs (PEFT) and is what PyTorch recommends.
@@ -318,6 +342,10 @@ def trainer_settings(cfg: RunConfig, targs):
     targs = _mixed_precision(cfg, targs)
     if not torch.cuda.is_available():
         targs = dataclasses.replace(targs, dataloader_pin_memory=False)  # pinning needs a GPU
+    if launched_processes() > 1 and targs.ddp_find_unused_parameters is None and cfg.method.method != "full":
+        # Every adapter weight takes part in every forward pass: DDP need not search the graph for unused ones
+        # (a whole model may hold weights its forward pass skips: there the Trainer's default stays).
+        targs = dataclasses.replace(targs, ddp_find_unused_parameters=False)
     return targs
 
 
@@ -404,9 +432,18 @@ def _mixed_precision(cfg: RunConfig, targs):
 
 
 def _report_ranks(model, cfg, schedule, output_dir: Path, final_adalora_ranks) -> dict[str, Any]:
+    from harness import distributed
     from harness.measure import write_json_atomic
 
     ranks = final_adalora_ranks(model)
+    if distributed.launched_processes() > 1:
+        # DDP all-reduces the gradients AdaLoRA scores, so every process must have kept the same ranks;
+        # an adapter that differs between processes is not one adapter, and the run must not call itself ok.
+        pattern = model.peft_config[model.active_adapter].rank_pattern  # which ranks each module kept
+        differing = [i for i, other in enumerate(distributed.gather(pattern)) if other != pattern]
+        if differing:
+            raise RuntimeError(f"AdaLoRA's final ranks differ between processes ({differing} vs process "
+                               f"{distributed.rank()}): the allocation did not see the same gradients everywhere")
     report = {
         "ranks": ranks,
         "total_rank": sum(ranks.values()),
@@ -414,8 +451,10 @@ def _report_ranks(model, cfg, schedule, output_dir: Path, final_adalora_ranks) -
         "initial_budget": cfg.method.init_r * len(ranks),
         "target_budget": cfg.method.target_r * len(ranks),
         "schedule": dataclasses.asdict(schedule),
+        **({"same_in_every_process": True} if distributed.launched_processes() > 1 else {}),
     }
-    write_json_atomic(output_dir / RANKS_FILE, report)
+    if distributed.is_main():
+        write_json_atomic(output_dir / RANKS_FILE, report)
     print("\nFinal AdaLoRA ranks:")
     width = max(map(len, ranks), default=0)
     for name, rank in ranks.items():
@@ -437,9 +476,14 @@ def _saved_weights_bytes(output_dir: Path) -> dict[str, int]:
     return {"model_bytes": sum(f.stat().st_size for f in shards)} if shards else {}
 
 
-def _provenance(cfg: RunConfig, start: RunStart, folder: RunFolder, memory=None) -> dict[str, Any]:
+def _provenance(cfg: RunConfig, start: RunStart, folder: RunFolder, memory=None,
+                every_process: bool = True) -> dict[str, Any]:
+    """every_process: under several processes, gather every one's peak memory (each must be here too)."""
+    from harness.distributed import describe
     from harness.measure import command_line, device_name, peak_rss_mb, versions
     from harness.offline_models import OFFLINE_MODELS
+
+    measured = memory.read() if memory is not None else {"process_peak_rss_mb": round(peak_rss_mb(), 1)}
 
     return {
         "recipe": cfg.run.recipe,
@@ -452,7 +496,7 @@ def _provenance(cfg: RunConfig, start: RunStart, folder: RunFolder, memory=None)
         **({"model_weights": OFFLINE_MODELS[cfg.model.model]} if cfg.model.model in OFFLINE_MODELS else {}),
         "quantization": cfg.model.quantization,
         "device": device_name(),
-        **(memory.read() if memory is not None else {"process_peak_rss_mb": round(peak_rss_mb(), 1)}),
+        **describe(measured, device_name(), every_process),
         "total_seconds": round(start.clock.seconds(), 3),
         "seed": cfg.train.seed,
         "started_at": start.started_at,

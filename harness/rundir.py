@@ -62,8 +62,11 @@ def run_settings(cfg) -> dict[str, Any]:
     input file (data_file, eval_file, forgetting_file, the init_adapter's weights): an edited data file is another run.
     A recipe's own extra settings (e.g. alpaca100's judge and decoding grid) act after training and
     reach it only through its data file, so they are left out."""
+    from harness.distributed import fingerprint_part
+
     settings = fingerprinted(dataclasses.replace(cfg, extras=()).to_dict())
     settings.update(input_hashes(cfg))
+    settings.update(fingerprint_part())  # under several processes, their number
     return settings
 
 
@@ -94,11 +97,13 @@ class RunFolder:
     fingerprint: str
     resume_from: str | None = None  # the last complete checkpoint of these settings
     finished: dict[str, Any] | None = None  # the record of a finished run with exactly these settings
+    # The main process's: under several processes every one saves through the same staging folder.
+    staging_name: str = dataclasses.field(default_factory=lambda: f"{STAGING_PREFIX}{os.getpid()}")
 
     @property
     def staging(self) -> Path:
         """Where this run's final files are written before they are moved into place."""
-        return self.path / f"{STAGING_PREFIX}{os.getpid()}"
+        return self.path / self.staging_name
 
     def write_record(self, record: dict[str, Any]) -> Path:
         """result.json, unless the record is not ok and result.json holds a finished run: that stays,
@@ -158,7 +163,40 @@ def claimed(cfg, with_checkpoints: bool = True):
     """Lock output_dir for this run and decide what the run does there (see the module doc).
 
     with_checkpoints=False is for a folder that only holds other runs' folders and reports (the
-    alpaca100 flow): only the recipe is checked there; resuming happens in its stage folders."""
+    alpaca100 flow): only the recipe is checked there; resuming happens in its stage folders.
+    Under several processes (accelerate launch) the main process claims the folder and decides; the
+    others follow its decision (or its refusal) and never write, lock or clean anything there."""
+    from harness import distributed
+
+    if distributed.launched_processes() == 1:
+        with _claimed_here(cfg, with_checkpoints) as folder:
+            yield folder
+        return
+    distributed.barrier()  # every process has read the folder (preflight) before the main one changes it
+    if not distributed.is_main():
+        outcome, decision = distributed.share(None)
+        if outcome == "refused":
+            raise UserError(decision)
+        settings = run_settings(cfg)
+        yield RunFolder(Path(cfg.train.output_dir).expanduser(), cfg.run.recipe, settings, fingerprint_of(settings),
+                        **decision)
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            folder = stack.enter_context(_claimed_here(cfg, with_checkpoints))
+        except UserError as exc:
+            distributed.share(("refused", str(exc)))
+            raise
+        except BaseException:
+            distributed.share(("refused", "the main process stopped while claiming output_dir (see its message)"))
+            raise
+        distributed.share(("ok", {"resume_from": folder.resume_from, "finished": folder.finished,
+                                  "staging_name": folder.staging_name}))
+        yield folder
+
+
+@contextlib.contextmanager
+def _claimed_here(cfg, with_checkpoints: bool):
     out = Path(cfg.train.output_dir).expanduser()
     settings = run_settings(cfg)
     folder = RunFolder(out, cfg.run.recipe, settings, fingerprint_of(settings))

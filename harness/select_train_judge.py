@@ -50,6 +50,7 @@ def _extras(cfg: RunConfig):
 def run(cfg: RunConfig) -> dict[str, Any]:
     from harness import data as data_mod
     from harness.checks import check_settings
+    from harness.distributed import launched_processes
     from harness.recipe import RunStart, recorded_run
     from harness.rundir import RESULT_FILE, check_output_dir, claimed
 
@@ -58,6 +59,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     # Everything that can be refused before a model is loaded or a minute is spent training.
     check_settings(cfg)
+    if launched_processes() > 1:  # its selection, judge and reports write files: one process owns them
+        raise UserError("the 100-best-Alpaca pipeline runs in one process; start it with python, not accelerate launch "
+                        "(its training stages are small)")
     check_output_dir(cfg, with_checkpoints=False)
     if cfg.data.task != "instruction":
         raise UserError(f"this recipe trains on instruction data; --task {cfg.data.task} is not supported here")

@@ -65,6 +65,15 @@ def evaluation_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _processes(record: dict[str, Any]) -> str:
+    """', 2 processes (ddp over gloo), peak memory the largest of theirs' for a run of several processes."""
+    launch = record.get("distributed") or {}
+    if launch.get("processes", 1) == 1:
+        return ""
+    return (f", {launch['processes']} processes ({launch.get('strategy')} over {launch.get('backend')}; peak "
+            "memory is the largest process's)")
+
+
 def render(record: dict[str, Any]) -> str:
     memory_label = {
         "cuda_reserved": "peak GPU memory reserved above the post-init baseline (MB)",
@@ -75,7 +84,7 @@ def render(record: dict[str, Any]) -> str:
         f"# {record.get('recipe')} on {record.get('model')}",
         "",
         *([f"Model weights: {record['model_weights']}", ""] if record.get("model_weights") else []),
-        f"Status: **{record.get('status')}**. Device: {record.get('device')}. "
+        f"Status: **{record.get('status')}**. Device: {record.get('device')}{_processes(record)}. "
         f"Commit: `{(record.get('git') or {}).get('commit')}`"
         + (" (with uncommitted changes)" if (record.get("git") or {}).get("dirty") else "")
         + f". Started {record.get('started_at')}.",

@@ -41,23 +41,27 @@ class AdaLoraAllocation(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if checkpoint.is_dir():
+        if state.is_world_process_zero and checkpoint.is_dir():  # every process holds the same allocator
             save_adalora_allocator(self.peft_model, checkpoint)
 
 
 class SealCheckpoints(TrainerCallback):
     """Marks each checkpoint complete, with the fingerprint of the settings that made it, once the
     Trainer and every earlier callback have written it. A rerun resumes only sealed checkpoints of its
-    own settings (harness.rundir); one cut short by a kill while saving has no seal. Register it last."""
+    own settings (harness.rundir); one cut short by a kill while saving has no seal. Register it last.
+    Under several processes each writes its own part (its random state, FSDP's optimizer shard): the main
+    process seals once all of them have."""
 
     def __init__(self, fingerprint: str):
         self.fingerprint = fingerprint
 
     def on_save(self, args, state, control, **kwargs):
+        from harness.distributed import barrier
         from harness.rundir import seal_checkpoint
 
+        barrier()
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if checkpoint.is_dir():
+        if state.is_world_process_zero and checkpoint.is_dir():
             seal_checkpoint(checkpoint, self.fingerprint, state.global_step)
 
 
@@ -224,3 +228,26 @@ def build_trainer(model, tokenizer, training_args, data, task_scorer=None, callb
             task_scorer=task_scorer,
             callbacks=list(callbacks),
         )
+
+
+def shard_adapters_apart(trainer) -> None:
+    """Under FSDP, wrap the adapter's trainable weights apart from the frozen base (PEFT's FSDP guide):
+    with use_orig_params false, FSDP cannot mix trainable and frozen weights in one flat shard."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None or not hasattr(trainer.model, "peft_config"):
+        return
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+
+
+def save_final(trainer, tokenizer, staging: Path) -> None:
+    """The trained weights (the adapter, or the whole model) and the tokenizer into the staging folder. Every
+    process calls it (FSDP gathers the shards to save them whole); the Trainer and this write from the main
+    process only."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        plugin.set_state_dict_type("FULL_STATE_DICT")  # whole files that from_pretrained reloads
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(staging))

@@ -96,19 +96,21 @@ def train_and_evaluate(cfg, plan, tokenizer, prepared, folder, memory) -> dict[s
     from trl import DPOTrainer
 
     from harness.recipe import run_record
+    from harness.training import save_final, shard_adapters_apart
 
     targs = trl_run.training_settings(cfg, plan.targs)
     model, peft = trl_run.policy_model(cfg, targs)
     clock, callbacks = trl_run.callbacks(cfg, folder)
     trainer = DPOTrainer(model=model, args=targs, train_dataset=prepared.train, eval_dataset=prepared.eval,
                          processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+    shard_adapters_apart(trainer)
     counts = trl_run.print_trainable(trainer.model)
     if folder.resume_from:
         print(f"Resuming from {folder.resume_from}")
     outcome = trainer.train(resume_from_checkpoint=folder.resume_from)
     scores = score_pairs(trainer, trainer.eval_dataset)
     print(held_out_line(scores, trainer.state.global_step))
-    trl_run.save_final(trainer, tokenizer, folder.staging)
+    save_final(trainer, tokenizer, folder.staging)
     final_eval = [e for e in trainer.state.log_history if "eval_loss" in e]
     return run_record(cfg, trainer, clock, outcome, counts, folder, plan, prepared.stats, planned_steps=None,
                       stopped_by=clock.stopped_by, scores={

@@ -29,14 +29,19 @@ class GRPOSettings(GRPOConfig):
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             # A copy (dataclasses.replace) of settings TRL already derived both of: derive them again.
             self.generation_batch_size = None
+        from harness.distributed import launched_processes
+
         steps = self.steps_per_generation or self.gradient_accumulation_steps
-        batch = self.per_device_train_batch_size * steps
+        processes = launched_processes()  # under accelerate launch the group may span the processes' batches
+        batch = self.per_device_train_batch_size * steps * processes
         if self.generation_batch_size is None and self.num_generations >= 2 and batch % self.num_generations:
             fitting = self.num_generations * max(1, round(batch / self.num_generations))
+            fitting = fitting // processes if fitting % processes == 0 else fitting  # per process
+            across = f" x {processes} processes" if processes > 1 else ""
             raise UserError(
                 f"--num_generations {self.num_generations} must divide the batch of completions, "
-                f"--per_device_train_batch_size x --gradient_accumulation_steps = {batch}: each prompt's group of "
-                f"completions is scored together. Use e.g. --per_device_train_batch_size {fitting} "
+                f"--per_device_train_batch_size x --gradient_accumulation_steps{across} = {batch}: each prompt's group "
+                f"of completions is scored together. Use e.g. --per_device_train_batch_size {fitting} "
                 f"--gradient_accumulation_steps 1, or a --num_generations that divides {batch}"
             )
         super().__post_init__()
@@ -145,6 +150,7 @@ class TimedGRPOTrainer(GRPOTrainer):
 
 def train_and_evaluate(cfg, plan, tokenizer, prepared: _Prepared, folder, memory) -> dict[str, Any]:
     from harness.recipe import run_record
+    from harness.training import save_final, shard_adapters_apart
 
     targs = trl_run.training_settings(cfg, plan.targs)
     model, peft = trl_run.policy_model(cfg, targs)
@@ -152,6 +158,7 @@ def train_and_evaluate(cfg, plan, tokenizer, prepared: _Prepared, folder, memory
     trainer = TimedGRPOTrainer(model=model, reward_funcs=list(cfg.reward_funcs), args=targs,
                                train_dataset=prepared.train, processing_class=tokenizer, peft_config=peft,
                                callbacks=callbacks)
+    shard_adapters_apart(trainer)
     counts = trl_run.print_trainable(trainer.model)
     before = score_problems(trainer.model, tokenizer, prepared, targs)  # the adapter is fresh: the untrained model
     print(f"Untrained: {_scores_text(before)}")
@@ -160,7 +167,7 @@ def train_and_evaluate(cfg, plan, tokenizer, prepared: _Prepared, folder, memory
     outcome = trainer.train(resume_from_checkpoint=folder.resume_from)
     after = score_problems(trainer.model, tokenizer, prepared, targs)
     print(held_out_line(before, after, trainer.state.global_step))
-    trl_run.save_final(trainer, tokenizer, folder.staging)
+    save_final(trainer, tokenizer, folder.staging)
     rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
     grpo = {
         "reward_functions": _names(cfg),

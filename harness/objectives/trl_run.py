@@ -2,7 +2,6 @@
 callbacks every run has (train clock, sealed checkpoints)."""
 from __future__ import annotations
 
-from pathlib import Path
 from harness.errors import UserError
 
 # Methods TRL's trainers train here. AdaLoRA's rank allocation and the prompt-learning methods are wired
@@ -80,11 +79,6 @@ def print_trainable(model) -> tuple[int, int]:
     trainable, total = parameter_counts(model)
     print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
     return trainable, total
-
-
-def save_final(trainer, tokenizer, staging: Path) -> None:
-    trainer.save_model(str(staging))
-    tokenizer.save_pretrained(str(staging))
 
 
 def proportion_se(p: float, n: int) -> float | None:

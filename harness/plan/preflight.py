@@ -40,7 +40,10 @@ def check_memory_plan(cfg, targs) -> dict[str, Any]:
         print(f"Memory plan: not made ({reason.splitlines()[0][:300]}); the run goes on unchecked.")
         return {"status": "not_made", "reason": reason[:500]}
     budget = _budget(cfg, cuda)
+    from harness.distributed import strategy
+
     unsloth = cfg.model.backend == "unsloth"
+    sharded = strategy() == "fsdp"  # each GPU holds a shard: the plan (one whole copy) is an upper bound
     needed = plan.total_bytes - context  # the budget is what is left beside the context
     record = {
         "status": "planned", "planned_peak_mb": round(plan.total_bytes / 2**20, 1),
@@ -48,13 +51,15 @@ def check_memory_plan(cfg, targs) -> dict[str, Any]:
         "trainable_params": plan.trainable_params,
         "parts_mb": {part.name: round(part.bytes / 2**20, 1) for part in plan.parts},
     }
-    print(f"Memory plan: {_summary(plan, context)}{' (Unsloth: an estimate, its own kernels save less)' if unsloth else ''}"
+    note = (" (Unsloth: an estimate, its own kernels save less)" if unsloth
+            else " (one whole copy: under FSDP each GPU holds less)" if sharded else "")
+    print(f"Memory plan: {_summary(plan, context)}{note}"
           + (f"; {budget.where}: {'fits' if needed <= budget.bytes else 'does not fit'}" if budget else "")
           + f". Breakdown: {_plan_command(cfg)}")
     if budget is None:
         return record
     record.update(checked_against=budget.kind, available_mb=round(budget.bytes / 2**20, 1))
-    if needed <= budget.bytes or unsloth or not cfg.run.memory_check:
+    if needed <= budget.bytes or unsloth or sharded or not cfg.run.memory_check:
         return record
     with quiet_libraries():
         fixes = what_would_fit(cfg, config, plan, budget.bytes + context, context)
