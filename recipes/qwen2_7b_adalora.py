@@ -19,7 +19,8 @@ What it does
 
 Trade-offs
   - AdaLoRA costs a little more per step than LoRA (importance scores every step) and needs a
-    known total step count; its orthogonal regulariser needs the model on one GPU (kept so).
+    known total step count; its orthogonal regulariser needs the whole model on one GPU: several GPUs
+    run it as one process each (DDP, every process reaches the same ranks), never split by device_map.
   - 4-bit weights cut memory ~4x versus fp16 at a small quality cost; the adapter stays 16/32-bit.
 
 Run it
@@ -27,6 +28,8 @@ Run it
   python recipes/qwen2_7b_adalora.py --model stories260k          # offline, CPU, minutes
   python recipes/qwen2_7b_adalora.py --target_r 8 --init_r 24 --learning_rate 2e-4
   python recipes/qwen2_7b_adalora.py --config my_settings.yaml    # any setting below, as YAML/JSON
+  accelerate launch --config_file recipes/configs/accelerate/ddp.yaml --num_processes 2 \
+      recipes/qwen2_7b_adalora.py                                 # two GPUs, one process each
   python recipes/qwen2_7b_adalora.py --help                       # every setting
 
 Then load the adapter:
