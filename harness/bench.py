@@ -26,7 +26,6 @@ import dataclasses
 import datetime as dt
 import difflib
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -254,10 +253,10 @@ def resolve_recipes(text: str) -> list[tuple[str, Path]]:
 
 
 def load_defaults(name: str, script: Path) -> dict[str, Any]:
-    spec = importlib.util.spec_from_file_location(f"bench_recipe_{name}", script)
-    module = importlib.util.module_from_spec(spec)
+    from harness.recipe import load_recipe
+
     try:
-        spec.loader.exec_module(module)
+        module = load_recipe(script)
     except Exception as exc:
         raise UserError(f"recipe {script} cannot be imported ({type(exc).__name__}: {exc})") from None
     defaults = getattr(module, "DEFAULTS", None)

@@ -265,6 +265,9 @@ BASE_TRAINING_DEFAULTS: dict[str, Any] = {
     "metric_for_best_model": "eval_loss",
     "remove_unused_columns": False,
     "per_device_eval_batch_size": 4,
+    # Mixed precision follows the model's dtype (harness.recipe) unless --bf16/--fp16 is given; TRL's configs
+    # would otherwise default to bf16 everywhere, CPUs and T4s included.
+    "bf16": False,
 }
 
 
@@ -277,8 +280,10 @@ def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_cl
     or TRL's DPOConfig / GRPOConfig, which extend it)."""
     from trl import TrlParser
 
+    from harness.distributed import start
     from harness.objectives import training_class
 
+    start()  # under accelerate launch: before the Trainer settings below make accelerate's process state
     objective = defaults.get("objective", "sft")
     parser = TrlParser((*ARGUMENT_CLASSES[:-1], training_class(objective), *extra_classes))
     parser.error = raise_usage_error  # argparse's default prints the ~150-line usage before the message

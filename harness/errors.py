@@ -29,18 +29,16 @@ def reported_as_one_line(program: str = "error", interrupted_note: str = INTERRU
 
     Anything else is a bug in this project and keeps its traceback.
     """
+    from harness.distributed import is_main  # (harness.distributed imports this module: not at the top)
+
     with sigterm_as_interrupt():
         try:
             yield
         except UserError as exc:
-            from harness.distributed import is_main
-
             if is_main():  # under accelerate launch every process refuses alike: said once
                 _say(f"{program}: {exc}")
             sys.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt as exc:
-            from harness.distributed import is_main
-
             how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
             if is_main():  # the launcher stops every process alike
                 _say(f"{program}: {how}; {interrupted_note}")

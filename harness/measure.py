@@ -177,15 +177,13 @@ def command_line(recipe: str, argv: list[str]) -> str:
     from harness.distributed import launched_processes, strategy
 
     script = Path("recipes") / f"{recipe}.py"
-    program = [str(script)] if (REPO_ROOT / script).is_file() else sys.argv[:1]
-    args = argv if (REPO_ROOT / script).is_file() else sys.argv[1:]
+    program = [str(script), *argv] if (REPO_ROOT / script).is_file() else sys.argv
     processes = launched_processes()
     if processes == 1:
-        return shlex.join(["python", *program, *args])
+        return shlex.join(["python", *program])
     # --multi_gpu also on a machine without a GPU: accelerate's --cpu launcher starts one process without MPI.
     how = {"fsdp": "--use_fsdp", "deepspeed": "--use_deepspeed"}.get(strategy(), "--multi_gpu")
-    launcher = ["accelerate", "launch", how, "--num_processes", str(processes)]
-    return shlex.join([*launcher, *program, *args])
+    return shlex.join(["accelerate", "launch", how, "--num_processes", str(processes), *program])
 
 
 def write_text_atomic(path: Path, text: str) -> None:

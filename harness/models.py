@@ -209,6 +209,13 @@ def _keep_cpu_4bit_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def print_parameter_counts(model) -> tuple[int, int]:
+    """parameter_counts, and the line every run prints of them."""
+    trainable, total = parameter_counts(model)
+    print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+    return trainable, total
+
+
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total). PEFT counts 4-bit weights as the parameters they stand for, not packed bytes."""
     if hasattr(model, "get_nb_trainable_parameters"):

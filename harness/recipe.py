@@ -31,12 +31,25 @@ INTERRUPTED_NOTE = (
 def run_recipe(name: str, defaults: dict[str, Any], argv: list[str] | None = None,
                reward_funcs: tuple = ()) -> dict[str, Any]:
     """Entry point of every recipe script. reward_funcs: a GRPO recipe's reward functions (TRL's signature)."""
-    from harness import distributed
+    from harness.distributed import main_speaks
 
-    distributed.start()  # under accelerate launch: join the others (and take this process's GPU) first
-    with reported_as_one_line(name, INTERRUPTED_NOTE), distributed.main_speaks():  # under accelerate launch: one voice
+    with reported_as_one_line(name, INTERRUPTED_NOTE), main_speaks():  # under accelerate launch: one voice
         config = parse_args({**defaults, "recipe": name}, argv)
         return train(dataclasses.replace(config, reward_funcs=tuple(reward_funcs)))
+
+
+def load_recipe(recipe: str | Path):
+    """A recipe script as a module (its DEFAULTS, a GRPO recipe's reward functions), without running it: the
+    name of a script in recipes/, or a script's path."""
+    import importlib.util
+
+    from harness.config import REPO_ROOT
+
+    script = Path(recipe) if str(recipe).endswith(".py") else REPO_ROOT / "recipes" / f"{recipe}.py"
+    spec = importlib.util.spec_from_file_location(f"recipe_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass
@@ -127,14 +140,12 @@ class Objective:
 def train(cfg: RunConfig) -> dict[str, Any]:
     from transformers import set_seed
 
-    from harness import distributed
     from harness.measure import PeakMemory, apply_memory_budget
     from harness.methods import check_targets
     from harness.models import load_tokenizer
     from harness.objectives import objective_of
     from harness.plan.preflight import check_memory_plan
 
-    distributed.start()  # a no-op after run_recipe's; train() is also called directly (tests, alpaca100)
     objective = objective_of(cfg)
     start = RunStart.now()
     plan = objective.preflight(cfg, True)
@@ -217,15 +228,8 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     from harness import data as data_mod
     from harness.evaluation import ClassificationScorer, ForgettingProbe
     from harness.methods import final_adalora_ranks, initialise_loftq, load_adapter_weights, peft_config
-    from harness.models import load_model, parameter_counts, resolve_model
-    from harness.training import (
-        AdaLoraAllocation,
-        SealCheckpoints,
-        TrainClock,
-        build_trainer,
-        save_final,
-        shard_adapters_apart,
-    )
+    from harness.models import load_model, print_parameter_counts, resolve_model
+    from harness.training import AdaLoraAllocation, build_trainer, run_callbacks, save_final, shard_adapters_apart
 
     targs, schedule = trainer_settings(cfg, plan.targs), plan.schedule
 
@@ -255,8 +259,7 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
         load_adapter_weights(model, cfg.run.init_adapter)
     if cfg.method.method == "none":
         model.requires_grad_(False)  # the baseline: scored exactly as loaded
-    trainable, total = parameter_counts(model)
-    print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+    trainable, total = print_parameter_counts(model)
     if schedule is not None:
         print(f"AdaLoRA schedule: {dataclasses.asdict(schedule)}")
         # AdaLoRA may prune a module to rank 0; PEFT then warns on every save that the empty tensors
@@ -272,9 +275,7 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
             # Scoring every eval example, it also gives the eval loss: no second pass over the eval set.
             answers=prepared.eval_answers if limit >= len(prepared.eval_examples) else None,
         )
-    clock = TrainClock(cfg.run.budget_seconds, cfg.run.budget_tokens)
-    callbacks = [clock] + ([AdaLoraAllocation(model)] if schedule is not None else [])
-    callbacks.append(SealCheckpoints(folder.fingerprint))  # last: a checkpoint is complete once all have saved
+    clock, callbacks = run_callbacks(cfg, folder, *([AdaLoraAllocation(model)] if schedule is not None else []))
     trainer = build_trainer(model, tokenizer, targs, prepared, scorer, callbacks,
                             evaluation_only=cfg.method.method == "none")
     shard_adapters_apart(trainer)
@@ -389,12 +390,11 @@ def _evaluation_before_training(log_history: list[dict[str, Any]]) -> dict[str, 
 
 def _before_and_after(before: dict[str, Any], after_loss: float | None, after: dict[str, Any], steps: int) -> str:
     """One line a newcomer reads: the held-out score of the untrained model and of the trained one."""
-    from harness.report import gain_beyond_noise
+    from harness.report import noise_verdict
 
     if "eval_accuracy" in before and "accuracy" in after:
         gain = after["accuracy"] - before["eval_accuracy"]
-        verdict = ("beyond noise" if gain_beyond_noise(gain, after.get("accuracy_se"), before.get("eval_accuracy_se"))
-                   else "within noise: more steps or more held-out examples would tell")
+        verdict = noise_verdict(gain, after.get("accuracy_se"), before.get("eval_accuracy_se"))
         return (f"Held-out accuracy on {after['examples']} examples: {before['eval_accuracy']:.3f} untrained -> "
                 f"{after['accuracy']:.3f} after {steps} steps ({gain:+.3f}, {verdict})")
     if "eval_loss" in before and after_loss is not None:
@@ -436,7 +436,8 @@ def _report_ranks(model, cfg, schedule, output_dir: Path, final_adalora_ranks) -
     from harness.measure import write_json_atomic
 
     ranks = final_adalora_ranks(model)
-    if distributed.launched_processes() > 1:
+    several = distributed.launched_processes() > 1
+    if several:
         # DDP all-reduces the gradients AdaLoRA scores, so every process must have kept the same ranks;
         # an adapter that differs between processes is not one adapter, and the run must not call itself ok.
         pattern = model.peft_config[model.active_adapter].rank_pattern  # which ranks each module kept
@@ -451,7 +452,7 @@ def _report_ranks(model, cfg, schedule, output_dir: Path, final_adalora_ranks) -
         "initial_budget": cfg.method.init_r * len(ranks),
         "target_budget": cfg.method.target_r * len(ranks),
         "schedule": dataclasses.asdict(schedule),
-        **({"same_in_every_process": True} if distributed.launched_processes() > 1 else {}),
+        **({"same_in_every_process": True} if several else {}),
     }
     if distributed.is_main():
         write_json_atomic(output_dir / RANKS_FILE, report)

@@ -230,6 +230,12 @@ def gain_beyond_noise(gain: float, se: float | None, baseline_se: float | None) 
     return abs(gain) > 1.96 * math.sqrt((se or 0) ** 2 + (baseline_se or 0) ** 2)
 
 
+def noise_verdict(gain: float, se: float | None, baseline_se: float | None) -> str:
+    """The words a run's before/after line gives its gain (gain_beyond_noise)."""
+    return ("beyond noise" if gain_beyond_noise(gain, se, baseline_se)
+            else "within noise: more steps or more held-out examples would tell")
+
+
 def _number_format(column: str) -> str:
     return METRIC_FORMATS.get(column, EVAL_FORMAT)
 

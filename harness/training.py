@@ -65,6 +65,12 @@ class SealCheckpoints(TrainerCallback):
             seal_checkpoint(checkpoint, self.fingerprint, state.global_step)
 
 
+def wait_for_gpu() -> None:
+    """CUDA work is asynchronous: wait for it before reading a clock (nothing to wait for without a GPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class TrainClock(TrainerCallback):
     """Pure training time (optimizer steps only: no evaluation, no checkpoint saving) and the
     non-padding tokens trained on in this session, plus the step/time/token budgets."""
@@ -78,20 +84,15 @@ class TrainClock(TrainerCallback):
         self.stopped_by: str | None = None
         self._step_start: float | None = None
 
-    @staticmethod
-    def _sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # CUDA work is asynchronous: wait for it before reading the clock
-
     def on_train_begin(self, args, state, control, **kwargs):
         self.tokens_at_start = state.num_input_tokens_seen
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
+        wait_for_gpu()
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
+        wait_for_gpu()
         if self._step_start is not None:
             self.seconds += time.perf_counter() - self._step_start
             self._step_start = None
@@ -106,6 +107,13 @@ class TrainClock(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.stopped_by is None:
             self.stopped_by = "max_steps" if args.max_steps > 0 else "epochs"
+
+
+def run_callbacks(cfg, folder, *between: TrainerCallback) -> tuple[TrainClock, list[TrainerCallback]]:
+    """Every run's callbacks: its train clock first, the objective's own (between), the checkpoint seal last
+    (see SealCheckpoints). Returns the clock too, whose figures go into the record."""
+    clock = TrainClock(cfg.run.budget_seconds, cfg.run.budget_tokens)
+    return clock, [clock, *between, SealCheckpoints(folder.fingerprint)]
 
 
 class RecipeTrainer(Trainer):

@@ -57,7 +57,6 @@ DEFAULTS = dict(
     lr_scheduler_type="cosine",
     warmup_steps=0.1,
     activation_checkpointing=False,  # True saves activation memory for long pairs, ~30% slower steps
-    bf16=False,  # mixed precision follows the model's dtype (harness.recipe), not TRL's bf16 default
     eval_steps=50,
     save_steps=50,
     seed=42,

@@ -83,7 +83,6 @@ DEFAULTS = dict(
     eval_strategy="no",  # scored by greedy answers before and after training, not by the Trainer's evaluation
     load_best_model_at_end=False,
     activation_checkpointing=False,  # True saves activation memory, ~30% slower steps
-    bf16=False,  # mixed precision follows the model's dtype (harness.recipe), not TRL's bf16 default
     save_steps=50,
     seed=42,
     output_dir="outputs/qwen2_5_0_5b_grpo",

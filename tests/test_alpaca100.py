@@ -2,17 +2,15 @@
 grid, judge with a local model, report; a rerun reuses every stage and every judgment."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import pytest
 
-from harness.config import REPO_ROOT, parse_args
+from harness.config import parse_args
+from harness.recipe import load_recipe
 
-spec = importlib.util.spec_from_file_location("alpaca100", REPO_ROOT / "recipes" / "llama2_7b_lora_alpaca100.py")
-alpaca100 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(alpaca100)
+alpaca100 = load_recipe("llama2_7b_lora_alpaca100")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 NAME = "llama2_7b_lora_alpaca100"

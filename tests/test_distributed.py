@@ -102,7 +102,8 @@ def test_a_refusal_under_two_processes_is_said_once(recipe_argv, tmp_path):
 
 @pytest.fixture
 def launched(monkeypatch):
-    """This process, told by the environment that it is one of two (nothing is initialised)."""
+    """This process, told by the environment that it is one of two (nothing is initialised: parse the settings
+    first, as parse_args would join the launch's process group)."""
     def make(strategy: str = "ddp", rank: int = 0):
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("RANK", str(rank))
@@ -111,14 +112,10 @@ def launched(monkeypatch):
 
 
 def settings(*argv: str, recipe: str = "qwen2_5_0_5b_lora"):
-    import importlib.util
-
     from harness.config import parse_args
+    from harness.recipe import load_recipe
 
-    spec = importlib.util.spec_from_file_location(recipe, REPO_ROOT / "recipes" / f"{recipe}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return parse_args({**module.DEFAULTS, "recipe": recipe}, ["--model", "tiny-qwen2", *argv])
+    return parse_args({**load_recipe(recipe).DEFAULTS, "recipe": recipe}, ["--model", "tiny-qwen2", *argv])
 
 
 @pytest.mark.parametrize("strategy, argv, recipe, expected", [
@@ -130,19 +127,21 @@ def settings(*argv: str, recipe: str = "qwen2_5_0_5b_lora"):
 def test_what_cannot_run_under_several_processes_is_refused(launched, strategy, argv, recipe, expected):
     from harness.distributed import check_launch
 
+    cfg = settings(*argv, recipe=recipe)
     launched(strategy)
     with pytest.raises(UserError, match="under accelerate launch") as refused:
-        check_launch(settings(*argv, recipe=recipe))
+        check_launch(cfg)
     assert expected in str(refused.value)
 
 
 def test_what_runs_under_several_processes_passes(launched):
     from harness.distributed import check_launch
 
+    adalora, qlora = settings(recipe="qwen2_7b_adalora"), settings(recipe="qwen2_5_0_5b_qlora")
     launched("ddp")
-    check_launch(settings(recipe="qwen2_7b_adalora"))  # AdaLoRA under DDP
+    check_launch(adalora)  # AdaLoRA under DDP
     launched("fsdp")
-    check_launch(settings(recipe="qwen2_5_0_5b_qlora"))  # 4-bit under FSDP (FSDP-QLoRA)
+    check_launch(qlora)  # 4-bit under FSDP (FSDP-QLoRA)
 
 
 def test_adalora_spread_over_gpus_by_device_map_is_refused(monkeypatch):
@@ -159,9 +158,10 @@ def test_adalora_spread_over_gpus_by_device_map_is_refused(monkeypatch):
 def test_the_number_of_processes_is_part_of_the_fingerprint(launched):
     from harness.rundir import fingerprint_of, run_settings
 
-    alone = fingerprint_of(run_settings(settings()))
+    cfg = settings()
+    alone = fingerprint_of(run_settings(cfg))
     launched("ddp")
-    assert fingerprint_of(run_settings(settings())) != alone
+    assert fingerprint_of(run_settings(cfg)) != alone
 
 
 def test_only_the_main_process_prints(launched, capsys):

@@ -2,7 +2,6 @@
 and nothing already written is lost."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,10 +9,9 @@ import sys
 import pytest
 
 from harness.config import REPO_ROOT
+from harness.recipe import load_recipe
 
-spec = importlib.util.spec_from_file_location("flagship_errors", REPO_ROOT / "recipes" / "qwen2_7b_adalora.py")
-flagship = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(flagship)
+flagship = load_recipe("qwen2_7b_adalora")
 
 
 @pytest.fixture

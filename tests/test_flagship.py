@@ -2,18 +2,15 @@
 reloads to the same logits, result.json holds real values, a rerun resumes."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import pytest
 import torch
 
-from harness.config import REPO_ROOT
+from harness.recipe import load_recipe
 
-spec = importlib.util.spec_from_file_location("flagship", REPO_ROOT / "recipes" / "qwen2_7b_adalora.py")
-flagship = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(flagship)
+flagship = load_recipe("qwen2_7b_adalora")
 
 
 def run(argv):

@@ -4,7 +4,6 @@ merged model reproduces the adapter model, and unmergeable adapters are refused 
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import json
 import shutil
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from harness import infer, merge
-from harness.config import REPO_ROOT
+from harness.recipe import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one CPU thread (conftest.py)
 
@@ -20,9 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one CPU
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A LoRA adapter from the Llama-2 recipe, trained two steps on stories260k (Alpaca layout)."""
-    spec = importlib.util.spec_from_file_location("llama2_lora", REPO_ROOT / "recipes" / "llama2_7b_lora.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("llama2_7b_lora")
     out = tmp_path_factory.mktemp("adapter") / "run"
     recipe.run_recipe("llama2_7b_lora", recipe.DEFAULTS, [
         "--model", "stories260k", "--quantization", "none", "--output_dir", str(out),

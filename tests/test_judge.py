@@ -225,13 +225,10 @@ def test_local_judge_scores_every_dimension_from_digit_probabilities():
 
 def test_the_alpaca100_recipe_asks_its_judge_before_training(endpoint, tmp_path, capsys):
     """A wrong key, model or URL used to surface only after selection, training and decoding."""
-    from harness.config import REPO_ROOT
+    from harness.recipe import load_recipe
     from harness.select_train_judge import run_select_train_judge
 
-    spec = __import__("importlib.util").util.spec_from_file_location(
-        "alpaca100", REPO_ROOT / "recipes" / "llama2_7b_lora_alpaca100.py")
-    recipe = __import__("importlib.util").util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("llama2_7b_lora_alpaca100")
     argv = ["--model", "stories260k", "--quantization", "none", "--output_dir", str(tmp_path / "run"),
             "--judge_base_url", endpoint.url, "--judge_api_key_env", "FT_TEST_JUDGE_KEY", "--judge_model", "judge-1"]
     for status, payload, expected in (

@@ -2,21 +2,14 @@
 both objectives, harness.bench planning them, and each recipe end to end on a tiny model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from harness.config import REPO_ROOT, parse_args
+from harness.config import parse_args
 from harness.errors import UserError
 from harness.objectives import gsm8k, preference
-
-
-def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO_ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from harness.recipe import load_recipe
 
 
 # ---------------------------------------------------------------------------- preference pairs
@@ -91,7 +84,7 @@ def test_every_shipped_gsm8k_row_has_a_reference():
     ("I cannot solve this.", 0.0, 0.0),  # no answer at all
 ])
 def test_grpo_rewards_on_hand_written_completions(completion, correct, marked):
-    recipe = _recipe("qwen2_5_0_5b_grpo")
+    recipe = load_recipe("qwen2_5_0_5b_grpo")
     as_chat = [[{"role": "assistant", "content": completion}]]  # TRL passes conversational completions so
     assert recipe.correctness(as_chat, answer=["18"]) == [correct]
     assert recipe.correctness([completion], answer=["18"]) == [correct]  # and text ones so
@@ -101,7 +94,7 @@ def test_grpo_rewards_on_hand_written_completions(completion, correct, marked):
 # ---------------------------------------------------------------------------- settings and the memory plan
 
 def _config(recipe: str, *argv: str):
-    return parse_args({**_recipe(recipe).DEFAULTS, "recipe": recipe}, ["--output_dir", "unused", *argv])
+    return parse_args({**load_recipe(recipe).DEFAULTS, "recipe": recipe}, ["--output_dir", "unused", *argv])
 
 
 def test_trl_settings_parse_with_the_projects_own():
@@ -156,7 +149,7 @@ def test_bench_plans_both_recipes_over_ranks(tmp_path):
 def test_dpo_recipe_trains_and_scores_pairs_it_never_saw(tmp_path, one_torch_thread):
     from harness.recipe import run_recipe
 
-    recipe = _recipe("qwen2_5_0_5b_dpo")
+    recipe = load_recipe("qwen2_5_0_5b_dpo")
     pairs = [{"prompt": f"Question {i}: which colour is the sky?", "chosen": "Blue.", "rejected": f"Green {i}."}
              for i in range(20)]
     data = tmp_path / "pairs.json"
@@ -184,7 +177,7 @@ def test_dpo_recipe_trains_and_scores_pairs_it_never_saw(tmp_path, one_torch_thr
 def test_grpo_recipe_trains_with_its_rewards_and_times_generation(tmp_path, one_torch_thread):
     from harness.recipe import run_recipe
 
-    recipe = _recipe("qwen2_5_0_5b_grpo")
+    recipe = load_recipe("qwen2_5_0_5b_grpo")
     out = tmp_path / "grpo"
     run_recipe("qwen2_5_0_5b_grpo", recipe.DEFAULTS, [
         "--model", "tiny-qwen2", "--max_samples", "8", "--eval_max_samples", "3", "--max_steps", "2",
@@ -208,6 +201,6 @@ def test_grpo_without_reward_functions_is_refused(tmp_path):
     from harness.recipe import run_recipe
 
     with pytest.raises(SystemExit) as stop:
-        run_recipe("qwen2_5_0_5b_grpo", _recipe("qwen2_5_0_5b_grpo").DEFAULTS,
+        run_recipe("qwen2_5_0_5b_grpo", load_recipe("qwen2_5_0_5b_grpo").DEFAULTS,
                    ["--model", "tiny-qwen2", "--output_dir", str(tmp_path / "g")])
     assert stop.value.code == 2 and not (tmp_path / "g" / "result.json").exists()

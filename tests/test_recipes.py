@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from harness.config import REPO_ROOT, DataArguments, ModelArguments, parse_args
+from harness.recipe import load_recipe
 
 RECIPES = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py"))
 # Tested in their own files: the flagship (test_flagship.py), the select-train-judge pipeline, and the DPO and
@@ -28,13 +29,6 @@ RESULT_KEYS = {
     "peak_memory_kind", "train_seconds", "total_seconds", "tokens_per_second", "trainable_params",
     "total_params", "train_loss", "eval_loss", "eval", "seed", "versions", "git", "command", "config",
 }
-
-
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO_ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def offline_model(name: str) -> str:

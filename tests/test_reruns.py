@@ -13,7 +13,7 @@ import time
 import pytest
 
 from harness.config import REPO_ROOT
-from harness.recipe import run_recipe
+from harness.recipe import load_recipe, run_recipe
 from harness.rundir import LAST_ATTEMPT_FILE, LOCK_FILE, RESULT_FILE, SEAL_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,12 +25,7 @@ TINY = ["--model", "stories260k", "--max_samples", "40", "--max_seq_length", "12
 
 
 def qlora(out, *flags: str) -> dict:
-    from importlib.util import module_from_spec, spec_from_file_location
-
-    spec = spec_from_file_location("qlora_recipe", REPO_ROOT / "recipes" / f"{QLORA}.py")
-    module = module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return run_recipe(QLORA, module.DEFAULTS, [*TINY, "--output_dir", str(out), *flags])
+    return run_recipe(QLORA, load_recipe(QLORA).DEFAULTS, [*TINY, "--output_dir", str(out), *flags])
 
 
 def refused(capsys, out, *flags: str) -> str:

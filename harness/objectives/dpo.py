@@ -96,15 +96,16 @@ def train_and_evaluate(cfg, plan, tokenizer, prepared, folder, memory) -> dict[s
     from trl import DPOTrainer
 
     from harness.recipe import run_record
-    from harness.training import save_final, shard_adapters_apart
+    from harness.models import print_parameter_counts
+    from harness.training import run_callbacks, save_final, shard_adapters_apart
 
     targs = trl_run.training_settings(cfg, plan.targs)
     model, peft = trl_run.policy_model(cfg, targs)
-    clock, callbacks = trl_run.callbacks(cfg, folder)
+    clock, callbacks = run_callbacks(cfg, folder)
     trainer = DPOTrainer(model=model, args=targs, train_dataset=prepared.train, eval_dataset=prepared.eval,
                          processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
     shard_adapters_apart(trainer)
-    counts = trl_run.print_trainable(trainer.model)
+    counts = print_parameter_counts(trainer.model)
     if folder.resume_from:
         print(f"Resuming from {folder.resume_from}")
     outcome = trainer.train(resume_from_checkpoint=folder.resume_from)
@@ -173,8 +174,10 @@ def _answer_logps(trainer, model, inputs):
 
 
 def held_out_line(scores: dict[str, Any], steps: int) -> str:
+    from harness.report import noise_verdict
+
     gain = scores["prefers_chosen"] - scores["untrained_prefers_chosen"]
-    noise = trl_run.verdict(gain, scores["prefers_chosen_se"], scores["untrained_prefers_chosen_se"])
+    noise = noise_verdict(gain, scores["prefers_chosen_se"], scores["untrained_prefers_chosen_se"])
     return (f"Held-out pairs ({scores['pairs']}): the model prefers the chosen answer in "
             f"{scores['untrained_prefers_chosen']:.3f} untrained -> {scores['prefers_chosen']:.3f} after {steps} steps "
             f"({gain:+.3f}, {noise}); DPO reward accuracy {scores['reward_accuracy']:.3f}, mean margin "

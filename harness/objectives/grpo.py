@@ -134,32 +134,31 @@ class TimedGRPOTrainer(GRPOTrainer):
     generation_seconds = 0.0
 
     def _generate(self, prompts):
-        import torch
+        from harness.training import wait_for_gpu
 
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        wait_for_gpu()
         start = time.perf_counter()
         try:
             return super()._generate(prompts)
         finally:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            wait_for_gpu()
             if self.model.training:
                 self.generation_seconds += time.perf_counter() - start
 
 
 def train_and_evaluate(cfg, plan, tokenizer, prepared: _Prepared, folder, memory) -> dict[str, Any]:
     from harness.recipe import run_record
-    from harness.training import save_final, shard_adapters_apart
+    from harness.models import print_parameter_counts
+    from harness.training import run_callbacks, save_final, shard_adapters_apart
 
     targs = trl_run.training_settings(cfg, plan.targs)
     model, peft = trl_run.policy_model(cfg, targs)
-    clock, callbacks = trl_run.callbacks(cfg, folder)
+    clock, callbacks = run_callbacks(cfg, folder)
     trainer = TimedGRPOTrainer(model=model, reward_funcs=list(cfg.reward_funcs), args=targs,
                                train_dataset=prepared.train, processing_class=tokenizer, peft_config=peft,
                                callbacks=callbacks)
     shard_adapters_apart(trainer)
-    counts = trl_run.print_trainable(trainer.model)
+    counts = print_parameter_counts(trainer.model)
     before = score_problems(trainer.model, tokenizer, prepared, targs)  # the adapter is fresh: the untrained model
     print(f"Untrained: {_scores_text(before)}")
     if folder.resume_from:
@@ -208,10 +207,12 @@ def _scores_text(scores: dict[str, Any]) -> str:
 
 
 def held_out_line(before: dict[str, Any], after: dict[str, Any], steps: int) -> str:
+    from harness.report import noise_verdict
+
     parts = []
     for key, name in (("accuracy", "accuracy"), ("answer_marked", "answer marked with ####")):
         gain = after[key] - before[key]
-        noise = trl_run.verdict(gain, after[f"{key}_se"], before[f"{key}_se"])
+        noise = noise_verdict(gain, after[f"{key}_se"], before[f"{key}_se"])
         parts.append(f"{name} {before[key]:.3f} untrained -> {after[key]:.3f} after {steps} steps ({gain:+.3f}, {noise})")
     return f"Held-out problems ({after['problems']}, greedy): " + "; ".join(parts)
 

@@ -1,5 +1,5 @@
-"""What the DPO and GRPO runs share: their checks, the policy model they hand to TRL's trainer, the
-callbacks every run has (train clock, sealed checkpoints)."""
+"""What the DPO and GRPO runs share: their checks, the policy model they hand to TRL's trainer, the standard
+error of their held-out proportions."""
 from __future__ import annotations
 
 from harness.errors import UserError
@@ -66,30 +66,8 @@ def policy_model(cfg, targs):
     return model, None
 
 
-def callbacks(cfg, folder):
-    from harness.training import SealCheckpoints, TrainClock
-
-    clock = TrainClock(cfg.run.budget_seconds, cfg.run.budget_tokens)
-    return clock, [clock, SealCheckpoints(folder.fingerprint)]  # the seal last: see SealCheckpoints
-
-
-def print_trainable(model) -> tuple[int, int]:
-    from harness.models import parameter_counts
-
-    trainable, total = parameter_counts(model)
-    print(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
-    return trainable, total
-
-
 def proportion_se(p: float, n: int) -> float | None:
     """Standard error of a proportion over n items (None for fewer than two)."""
     from harness.evaluation import accuracy_standard_error
 
     return round(accuracy_standard_error(p, n), 4) if n > 1 else None
-
-
-def verdict(gain: float, se_after: float | None, se_before: float | None) -> str:
-    from harness.report import gain_beyond_noise
-
-    return ("beyond noise" if gain_beyond_noise(gain, se_after, se_before)
-            else "within noise: more steps or more held-out examples would tell")
