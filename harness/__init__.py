@@ -21,6 +21,8 @@ One module per concern:
   generation  - answering prompts over a temperature x top_p grid, ROUGE-L
   judge       - LLM judge (OpenAI-compatible endpoint or local model), its cache and score tables
   select_train_judge - the select -> train -> decode -> judge flow of llama2_7b_lora_alpaca100.py
+  bench/      - benchmark sweeps (`python -m harness.bench`): plan, trial, executors (one at a time,
+                --parallel, --gpus), ray_executor (--executor ray), sweep, cli, executor_timing
 """
 
 import logging as _logging

@@ -36,7 +36,7 @@ class NvmlPeakSampler:
 
         pynvml.nvmlInit()
         self._nvml = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        self._handle = _nvml_handle(pynvml, device_index)
         self._interval = interval_s
         self.peak_bytes = 0
         self._stop = threading.Event()
@@ -54,6 +54,19 @@ class NvmlPeakSampler:
         self._thread.join()
         self._nvml.nvmlShutdown()
         return self.peak_bytes
+
+
+def _nvml_handle(pynvml, cuda_index: int):
+    """NVML's handle of the GPU torch calls cuda:<cuda_index>. NVML numbers every GPU of the machine while
+    CUDA numbers only those CUDA_VISIBLE_DEVICES shows (a trial of `harness.bench --gpus 2` sees GPU 2 as
+    cuda:0), so the GPU is found by its UUID; by index only where torch gives none and every GPU is visible."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(cuda_index).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    except Exception:
+        if os.environ.get("CUDA_VISIBLE_DEVICES"):  # the index would name another GPU: measure nothing instead
+            raise
+        return pynvml.nvmlDeviceGetHandleByIndex(cuda_index)
 
 
 class PeakMemory:

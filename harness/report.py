@@ -144,7 +144,7 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
         RANK_HEADER: rank_label(record),
         "settings": axes_label(record),
         "seed": record["seed"],
-        "device": result.get("device"),
+        "device": device_label(record),
         "_rank": record.get("rank") if record.get("rank") is not None else math.inf,
         "peak memory (MiB)": result.get("peak_memory_mb"),
         "memory kind": result.get("peak_memory_kind"),
@@ -173,6 +173,31 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
     row["steps"] = result.get("global_step")
     row["stopped by"] = result.get("stopped_by")
     return row
+
+
+def device_label(record: dict[str, Any]) -> str | None:
+    """The device a trial ran on, as the recipe saw it, named as the sweep placed it: a trial given one GPU
+    (--gpus, Ray) sees it as cuda:0, so the GPU's own number is shown; a Ray trial also names its host."""
+    device = (record.get("result") or {}).get("device")
+    ran = record.get("ran_on") or {}
+    if device and ran.get("gpu") is not None:
+        device = f"GPU {ran['gpu']}: {device.split(' ', 1)[-1]}"
+    if device and ran.get("executor") == "ray" and ran.get("host"):
+        device = f"{ran['host']}: {device}"
+    return device
+
+
+def how_it_ran(record: dict[str, Any]) -> str:
+    ran = record.get("ran_on") or {}
+    slots = ran.get("slots") or 1
+    if ran.get("executor") == "ray":
+        return f"as Ray tasks (`--executor ray`), up to {slots} at a time"
+    if ran.get("gpu") is not None:
+        return f"{slots} at a time, one per GPU (`--gpus`)"
+    if slots > 1:
+        return (f"{slots} at a time on the CPU (`--parallel {slots}`): concurrent trials share the machine's memory "
+                "bandwidth and caches, so their timings are not those of a trial alone")
+    return "one trial at a time"
 
 
 def experiment_settings(record: dict[str, Any]) -> dict[str, Any]:
@@ -307,11 +332,21 @@ def failures_table(records: list[dict[str, Any]]):
             "status": r["status"],
             "reason": " ".join(str(r.get("reason") or "").split()).replace("|", "\\|"),
             "wall (s)": f"{r['wall_seconds']:.1f}" if r.get("wall_seconds") is not None else "",
+            "ran on": _ran_on_label(r),
             "log": f"{r['trial_dir']}/trial.log" if r.get("trial_dir") else "",
         }
         for r in records
     ]
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    return frame if (frame["ran on"] != "").any() else frame.drop(columns="ran on")
+
+
+def _ran_on_label(record: dict[str, Any]) -> str:
+    """Where a trial that did not finish ok ran, when the sweep spread its trials (GPU, Ray host)."""
+    ran = record.get("ran_on") or {}
+    parts = [ran.get("host") if ran.get("executor") == "ray" else None,
+             f"GPU {ran['gpu']}" if ran.get("gpu") is not None else None]
+    return " ".join(p for p in parts if p)
 
 
 def score_column(rows: list[dict[str, Any]]) -> str | None:
@@ -391,6 +426,9 @@ def header(sweep: str, records: list[dict[str, Any]]) -> list[str]:
     threads = _distinct(str(r["cpu_threads"]) for r in records if r.get("cpu_threads"))
     if threads:
         lines.append(f"- **CPU threads per trial** (OMP_NUM_THREADS): {', '.join(threads)}.")
+    ways = _distinct(how_it_ran(r) for r in records)
+    if ways != ["one trial at a time"]:
+        lines.append(f"- **How trials ran**: {'; '.join(ways)}.")
     timeouts = _distinct(str((r.get("budgets") or {}).get("trial_timeout_s")) for r in records)
     lines.append(f"- **Per-trial wall-clock limit**: {', '.join(timeouts)} s (a trial past it is recorded as timeout).")
     memory_budgets = _distinct(str((r.get("budgets") or {}).get("memory_gb")) for r in records

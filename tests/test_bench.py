@@ -265,6 +265,11 @@ def test_killing_the_sweep_mid_trial_leaves_runs_jsonl_valid(sig, tmp_path, inte
         (["--seeds", "1.5"], "--seeds: '1.5' is not a whole number"),
         (["--results-dir", "{file}/results"], "is not writable (Not a directory)"),
         (["--budget-steps", "0"], "--budget-steps must be at least 1"),
+        (["--parallel", "0"], "--parallel must be at least 1"),
+        (["--gpus", "0,1", "--parallel", "2"], "list it twice: --gpus 0,0"),
+        (["--gpus", "0,x"], "'x' is neither a GPU number"),
+        (["--ray-address", "head:6379"], "only apply with --executor ray"),
+        (["--executor", "ray", "--gpus", "0"], "use --ray-resources"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, expected, tmp_path, capsys):

@@ -98,14 +98,14 @@ def _gpu(spec: str | None):
 
 
 def _plans(options, settings: list[str]):
-    from harness.bench import parse_int_list
+    from harness.bench.plan import parse_int_list
     from harness.config import parse_args
     from harness.methods import check_method
     from harness.plan.architectures import model_config
     from harness.plan.memory import plan_run
 
     if options.recipe:
-        from harness.bench import load_defaults
+        from harness.bench.plan import load_defaults
 
         path = Path(options.recipe)
         if not path.is_file():
