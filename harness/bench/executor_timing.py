@@ -13,6 +13,7 @@ trial the same losses and scores.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import subprocess
@@ -27,7 +28,7 @@ from harness.errors import OneLineArgumentParser, UserError, reported_as_one_lin
 WAYS = {  # name -> extra harness.bench arguments
     "one at a time": [],
     "--parallel 2": ["--parallel", "2"],
-    "local Ray (2 CPUs)": ["--executor", "ray", "--ray-address", "local"],
+    f"a new local Ray ({os.cpu_count()} CPUs)": ["--executor", "ray", "--ray-address", "local"],
 }
 # What depends on timing or on where a trial ran, left out when the three tables are compared.
 MEASURED = ("peak", "memory", "RSS", "(s)", "tokens/s", "MFU", "CUDA", "NVML", "planned", "measured", "device")
@@ -131,7 +132,10 @@ def render(data: dict) -> str:
         else:
             speedup = f"{statistics.median(serial) / median:.2f}x"
             apart = max(values) < min(serial) or min(values) > max(serial)
-            verdict = "yes: the ranges do not overlap" if apart else "no: the ranges overlap"
+            if min(len(values), len(serial)) < 2:
+                verdict = "cannot tell from one run each"
+            else:
+                verdict = "yes: the ranges do not overlap" if apart else "no: the ranges overlap"
         lines.append(f"| {way} | {len(values)} | {min(values):.1f} | {median:.1f} | {max(values):.1f} | {speedup} "
                      f"| {verdict} |")
     lines += [
