@@ -364,7 +364,7 @@ def _distinct(values) -> list[str]:
     return sorted({v for v in values if v not in (None, "")})
 
 
-def _model_note(model: str) -> str:
+def model_note(model: str) -> str:
     from harness.offline_models import OFFLINE_MODELS
 
     description = OFFLINE_MODELS.get(model, "")
@@ -403,7 +403,7 @@ def header(sweep: str, records: list[dict[str, Any]]) -> list[str]:
         )
     lines.append(device_line + ".")
     models = _distinct(r.get("model") for r in records)
-    lines.append(f"- **Model**: {', '.join(_model_note(m) for m in models)}.")
+    lines.append(f"- **Model**: {', '.join(model_note(m) for m in models)}.")
     commits = _distinct(
         f"{(r.get('git') or {}).get('commit') or 'unknown'}"
         + (" (with uncommitted changes)" if (r.get("git") or {}).get("dirty") else "")

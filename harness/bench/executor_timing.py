@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def comparable_rows(results_dir: Path) -> list[dict]:
+    """The sweep's table rows without what depends on timing or on where a trial ran."""
     from harness.records import RUNS_FILE, read_records
     from harness.report import latest_per_trial, ok_rows
 
@@ -52,6 +53,14 @@ def comparable_rows(results_dir: Path) -> list[dict]:
     kept = [{k: v for k, v in row.items() if not k.startswith("_") and not any(m in k for m in MEASURED)}
             for row in rows]
     return sorted(kept, key=str)
+
+
+def trial_facts(results_dir: Path) -> tuple[list[float], list[str]]:
+    """Each trial's own wall time (its process, start to exit) and the models the sweep ran."""
+    from harness.records import RUNS_FILE, read_records
+
+    records = read_records(results_dir / RUNS_FILE)
+    return [r["wall_seconds"] for r in records if r.get("wall_seconds")], [r["model"] for r in records]
 
 
 def run_way(extra: list[str], sweep_args: list[str], folder: Path) -> tuple[float, Path]:
@@ -69,6 +78,8 @@ def run_way(extra: list[str], sweep_args: list[str], folder: Path) -> tuple[floa
 
 
 def main(argv: list[str] | None = None) -> int:
+    from importlib.metadata import version
+
     from harness.measure import device_name, git_state, versions, write_json_atomic, write_text_atomic
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -80,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.repeats < 1:
             raise UserError(f"--repeats must be at least 1, got {args.repeats}")
         walls: dict[str, list[float]] = {way: [] for way in WAYS}
+        trial_walls: dict[str, list[float]] = {way: [] for way in WAYS}
+        models: set[str] = set()
         tables: dict[str, list] = {}
         with tempfile.TemporaryDirectory(prefix="executor-timing-") as tmp:
             for repeat in range(args.repeats):
@@ -87,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
                     wall, results = run_way(extra, sweep_args, Path(tmp) / f"r{repeat}-{i}")
                     walls[way].append(round(wall, 1))
                     tables.setdefault(way, comparable_rows(results))
+                    own, ran = trial_facts(results)
+                    trial_walls[way] += own
+                    models.update(ran)
                     print(f"repeat {repeat + 1}/{args.repeats}, {way}: {wall:.1f} s", flush=True)
         same = all(rows == tables["one at a time"] for rows in tables.values())
         command = shlex.join(["python", "-m", "harness.bench.executor_timing", *argv])
         data = {"command": command, "sweep": shlex.join(["python", "-m", "harness.bench", *sweep_args]),
-                "device": device_name(), "git": git_state(), "versions": versions(), "wall_seconds": walls,
+                "device": device_name(), "git": git_state(), "versions": {**versions(), "ray": version("ray")},
+                "models": sorted(models), "wall_seconds": walls, "trial_wall_seconds": trial_walls,
                 "trials": len(tables["one at a time"]), "same_scores_every_way": same}
         out = Path(args.out)
         write_json_atomic(out.with_suffix(".json"), data)
@@ -101,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(data: dict) -> str:
+    from harness.report import model_note
+
     walls = data["wall_seconds"]
     serial = walls["one at a time"]
     git = data["git"] or {}
@@ -117,13 +136,15 @@ def render(data: dict) -> str:
         "resumed); the wall time is the whole `python -m harness.bench` process: imports, planning, Ray's start-up, "
         "the trials and the tables. The ways took turns, repeat after repeat.",
         f"- **Device**: {data['device']}.",
+        f"- **Model**: {', '.join(model_note(m) for m in data['models'])}.",
         f"- **Commit**: {git.get('commit') or 'unknown'}{' (with uncommitted changes)' if git.get('dirty') else ''}.",
         f"- **Versions**: {', '.join(f'{k} {v}' for k, v in data['versions'].items())}.",
         f"- **Same results every way**: {'yes' if data['same_scores_every_way'] else '**no**'} (every trial's "
         "losses, scores and parameter counts in the three tables).",
         "",
-        "| way | runs | wall min (s) | wall median (s) | wall max (s) | speed-up over one at a time (median) | beyond noise? |",
-        "|---|---|---|---|---|---|---|",
+        "| way | runs | wall min (s) | wall median (s) | wall max (s) | speed-up over one at a time (median) | beyond noise? "
+        "| a trial's own wall, mean (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for way, values in walls.items():
         median = statistics.median(values)
@@ -136,14 +157,16 @@ def render(data: dict) -> str:
                 verdict = "cannot tell from one run each"
             else:
                 verdict = "yes: the ranges do not overlap" if apart else "no: the ranges overlap"
+        own = data["trial_wall_seconds"][way]
         lines.append(f"| {way} | {len(values)} | {min(values):.1f} | {median:.1f} | {max(values):.1f} | {speedup} "
-                     f"| {verdict} |")
+                     f"| {verdict} | {statistics.mean(own):.1f} over {len(own)} |")
     lines += [
         "",
-        "Two trials at once on two cores halve the trials' share of the wall time at best; what is left over is "
-        "the sweep's own start-up and tables (and, for Ray, starting a local Ray and its workers). Concurrent "
-        "trials share the cores' caches and memory bandwidth, so each trial's own timings in such a table are "
-        "not those of a trial alone: compare methods within one way of running, not across.",
+        "The wall time is the whole sweep; *a trial's own wall* is each trial's process from start to exit, "
+        "averaged over every trial of every run of that way: where it grows, trials running at once slowed each "
+        "other down (shared cores, caches and memory bandwidth), so compare methods' timings within one way of "
+        "running, not across. What the trials do not explain is the sweep's own start-up and tables, and for Ray "
+        "starting a local Ray and its workers.",
         "",
     ]
     return "\n".join(lines)
