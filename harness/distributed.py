@@ -38,8 +38,9 @@ def _state():
     the CPU (several processes then talk over gloo; without cpu=True accelerate would see no distribution)."""
     import torch
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
+    cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
     return PartialState(cpu=cpu)
 
 
@@ -59,9 +60,11 @@ def strategy() -> str:
     """single, ddp, fsdp or deepspeed: what the launcher's accelerate config asked for."""
     if launched_processes() == 1:
         return "single"
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+    from accelerate.utils import parse_flag_from_env  # the launcher's flags, read as accelerate reads them
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
         return "fsdp"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         return "deepspeed"
     return "ddp"
 

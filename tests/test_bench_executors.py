@@ -185,15 +185,15 @@ def local_ray():
 def test_ray_sweep_gives_the_same_table_as_the_local_one(local_ray, parallel_sweep, tmp_path):
     from harness.bench.executor_timing import comparable_rows
 
-    root, _, _ = parallel_sweep
+    _, _, local_records = parallel_sweep
     assert bench.main(run_argv(tmp_path, *TINY, "--executor", "ray", "--name", "par")) == 0
     ray_records = read_records(tmp_path / "results" / RUNS_FILE, warn=pytest.fail)
     assert all(r["ran_on"]["executor"] == "ray" and r["ran_on"]["host"] == socket.gethostname() for r in ray_records)
     assert overlapping(ray_records)  # the 2-CPU Ray ran both at once
     # Everything but timings, memory and the device's name (a Ray trial's names its host): the same rows,
     # the same losses, scores and parameter counts.
-    rows = comparable_rows(tmp_path / "results")
-    assert len(rows) == 2 and rows == comparable_rows(root / "results")
+    rows = comparable_rows(ray_records)
+    assert len(rows) == 2 and rows == comparable_rows(local_records)
     assert "as Ray tasks (`--executor ray`), up to 2 at a time" in (tmp_path / "results" / "par.md").read_text()
 
 

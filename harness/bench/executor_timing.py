@@ -44,23 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def comparable_rows(results_dir: Path) -> list[dict]:
-    """The sweep's table rows without what depends on timing or on where a trial ran."""
-    from harness.records import RUNS_FILE, read_records
+def comparable_rows(records: list[dict]) -> list[dict]:
+    """A sweep's table rows without what depends on timing or on where a trial ran."""
     from harness.report import latest_per_trial, ok_rows
 
-    rows = ok_rows(latest_per_trial(read_records(results_dir / RUNS_FILE)))
+    rows = ok_rows(latest_per_trial(records))
     kept = [{k: v for k, v in row.items() if not k.startswith("_") and not any(m in k for m in MEASURED)}
             for row in rows]
     return sorted(kept, key=str)
-
-
-def trial_facts(results_dir: Path) -> tuple[list[float], list[str]]:
-    """Each trial's own wall time (its process, start to exit) and the models the sweep ran."""
-    from harness.records import RUNS_FILE, read_records
-
-    records = read_records(results_dir / RUNS_FILE)
-    return [r["wall_seconds"] for r in records if r.get("wall_seconds")], [r["model"] for r in records]
 
 
 def run_way(extra: list[str], sweep_args: list[str], folder: Path) -> tuple[float, Path]:
@@ -81,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from importlib.metadata import version
 
     from harness.measure import device_name, git_state, versions, write_json_atomic, write_text_atomic
+    from harness.records import RUNS_FILE, read_records
 
     argv = list(sys.argv[1:] if argv is None else argv)
     with reported_as_one_line("executor_timing"):
@@ -98,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for i, (way, extra) in enumerate(WAYS.items()):
                     wall, results = run_way(extra, sweep_args, Path(tmp) / f"r{repeat}-{i}")
+                    records = read_records(results / RUNS_FILE)
                     walls[way].append(round(wall, 1))
-                    tables.setdefault(way, comparable_rows(results))
-                    own, ran = trial_facts(results)
-                    trial_walls[way] += own
-                    models.update(ran)
+                    tables.setdefault(way, comparable_rows(records))
+                    trial_walls[way] += [r["wall_seconds"] for r in records if r.get("wall_seconds")]
+                    models.update(r["model"] for r in records)
                     print(f"repeat {repeat + 1}/{args.repeats}, {way}: {wall:.1f} s", flush=True)
         same = all(rows == tables["one at a time"] for rows in tables.values())
         command = shlex.join(["python", "-m", "harness.bench.executor_timing", *argv])

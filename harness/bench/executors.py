@@ -165,13 +165,6 @@ class LocalExecutor:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def default_parallel_threads(parallel: int | None, cpu_threads: int | None) -> int | None:
-    """--parallel N without --cpu-threads: one thread per trial, so N trials do not fight over cores."""
-    if parallel and cpu_threads is None:
-        return 1
-    return cpu_threads
-
-
 def check_executor_options(args) -> None:
     """The executor options that cannot go together, refused before anything is planned."""
     if args.parallel is not None and args.parallel < 1:

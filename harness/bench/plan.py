@@ -44,9 +44,6 @@ OWNED_SETTINGS = {
     "recipe": "use --recipes",
 }
 
-STATUS_OK = "ok"
-
-
 @dataclass
 class Trial:
     recipe: str

@@ -180,7 +180,7 @@ class RayExecutor:
             try:
                 outcome = ray.get(ready[0])
             except ray.exceptions.RayError as exc:
-                outcome = {**not_run(failure=self._why(exc), trial_dir=job.trial_dir), "host": None, "gpus": []}
+                outcome = not_run(failure=self._why(exc), trial_dir=job.trial_dir)
             if "exit_code" not in outcome:  # the task's own one-line failure (no project on that node, ...)
                 outcome = {**not_run(failure=outcome["failure"], trial_dir=job.trial_dir), **outcome}
             self._fill()
@@ -220,9 +220,8 @@ class RayExecutor:
         stopped = []
         for ref in refs:
             job = self._running.pop(ref)
-            stopped.append(Finished(job, not_run(interrupted=True, trial_dir=job.trial_dir),
-                                    {"executor": self.name, "host": None, "slots": self.capacity, "gpu": None,
-                                     "resources": self.options}))
+            outcome = not_run(interrupted=True, trial_dir=job.trial_dir)
+            stopped.append(Finished(job, outcome, self._ran_on(outcome)))
         return stopped
 
     def close(self) -> None:

@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from harness.bench.executors import (Finished, Job, LocalExecutor, check_executor_options, cores_note,
-                                     default_parallel_threads, echo_note, local_slots, parse_gpus)
-from harness.bench.plan import OFFLINE_BUDGET_STEPS, OFFLINE_CPU_THREADS, OFFLINE_SETTINGS, STATUS_OK, Trial, plan_trials
-from harness.bench.trial import classify
+from harness.bench.executors import (Finished, Job, LocalExecutor, check_executor_options, cores_note, echo_note,
+                                     local_slots, parse_gpus)
+from harness.bench.plan import OFFLINE_BUDGET_STEPS, OFFLINE_CPU_THREADS, OFFLINE_SETTINGS, Trial, plan_trials
+from harness.bench.trial import STATUS_OK, classify
 from harness.config import REPO_ROOT
 from harness.errors import EXIT_INTERRUPTED, UserError
 from harness.records import RUNS_FILE, append_record, read_records
@@ -40,8 +40,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
               f"{''.join(f', --set {e}' for e in extra)} for every trial.", flush=True)
     if offline and args.cpu_threads is None:
         args.cpu_threads = OFFLINE_CPU_THREADS
-    if args.executor == "ray" or (args.executor == "local" and args.parallel):
-        args.cpu_threads = default_parallel_threads(args.parallel or 1, args.cpu_threads)
+    if (args.executor == "ray" or args.parallel) and args.cpu_threads is None:
+        args.cpu_threads = 1  # trials at once: one thread each, so they do not fight over the cores
     if args.cpu_threads is not None and args.cpu_threads < 1:
         raise UserError(f"--cpu-threads must be at least 1, got {args.cpu_threads}")
     if args.trial_timeout is not None and not args.trial_timeout > 0:  # 0 used to mean "the default"

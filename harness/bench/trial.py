@@ -47,10 +47,9 @@ DIE_WITH_PARENT = (
 )
 
 
-def die_with_parent(command: list[str]) -> list[str]:
-    """`python ARGS...`, started so that it is SIGKILLed when the thread that started it goes away."""
-    assert command[0] == sys.executable, command
-    return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *command[1:]]
+def die_with_parent(python_args: list[str]) -> list[str]:
+    """`python PYTHON_ARGS...`, started so that it is SIGKILLed when the thread that started it goes away."""
+    return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *python_args]
 
 
 class _OutputPump(threading.Thread):
@@ -124,14 +123,14 @@ def run_trial(script: Path, argv: list[str], trial_dir: Path, timeout_s: float, 
     shutil.rmtree(trial_dir, ignore_errors=True)
     run_dir = trial_dir / "run"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(script), *argv, "--output_dir", str(run_dir)]
+    python_args = [str(script), *argv, "--output_dir", str(run_dir)]
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if cpu_threads is not None:
         child_env.update(OMP_NUM_THREADS=str(cpu_threads), MKL_NUM_THREADS=str(cpu_threads))
     started = time.monotonic()
     started_at = _now()
     proc = subprocess.Popen(
-        die_with_parent(command), cwd=REPO_ROOT, env=child_env, stdin=subprocess.DEVNULL,
+        die_with_parent(python_args), cwd=REPO_ROOT, env=child_env, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     pump = _OutputPump(proc.stdout, trial_dir / "trial.log", echo)
