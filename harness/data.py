@@ -411,13 +411,13 @@ def encode(tokenizer, example: Example, max_len: int, add_eos: bool = True) -> E
         target = target + [tokenizer.eos_token_id]
     body, cut = example.body, False
     overflow = len(prompt_ids) + len(target) - max_len
-    while overflow > 0 and body:
-        # Keep as many body tokens as fit; re-tokenize, since cutting can change merges at the seams.
-        offsets = tokenizer(body, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
-        keep = len(offsets) - overflow
-        body = body[: offsets[keep - 1][1]] if keep > 0 else ""
+    # Every pass leaves the body strictly shorter, so there are at most len(body) passes (in practice one or two).
+    for _ in range(len(body)):
+        if overflow <= 0 or not body:
+            break
+        body = _cut_tokens(tokenizer, body, overflow)
         cut = True
-        prompt_ids = _ids(tokenizer, example.head + body + example.tail, True)
+        prompt_ids = _ids(tokenizer, example.head + body + example.tail, True)  # merges at the seams can change
         overflow = len(prompt_ids) + len(target) - max_len
     if overflow > 0:
         # A label cut short would teach a wrong label; a long instruction answer (with or without an
@@ -429,6 +429,17 @@ def encode(tokenizer, example: Example, max_len: int, add_eos: bool = True) -> E
             )
         target = target[: max_len - len(prompt_ids)]  # an instruction answer longer than the window
     return Encoded(prompt_ids + target, [IGNORE_INDEX] * len(prompt_ids) + target, len(prompt_ids), cut)
+
+
+def _cut_tokens(tokenizer, body: str, count: int) -> str:
+    """body without its last `count` tokens, cut where the first dropped token starts: always strictly shorter.
+    Cutting where the last kept token ends is not: byte-level BPE splits one character (U+0085, an emoji) into
+    several tokens that share its span, so dropping one of them can leave the text unchanged."""
+    offsets = tokenizer(body, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+    keep = len(offsets) - count
+    if keep <= 0:
+        return ""
+    return body[: min(offsets[keep][0], len(body) - 1)]
 
 
 @dataclass

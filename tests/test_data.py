@@ -90,3 +90,51 @@ def test_chat_template_classification_cuts_inside_the_user_turn():
         "<|im_start|>assistant\npositive<|im_end|>"
     )
     assert len(encoded.input_ids) <= 100
+
+
+# Characters byte-level BPE splits into several tokens sharing one character span (real IMDB reviews hold
+# U+0085), emoji, control characters, mojibake.
+AWKWARD = ["\u0085", "\u2028", "\U0001F600", "\U0001F469\u200D\U0001F4BB", "\x00", "\x1b", "Ã©", "\ufffd", "é"]
+
+
+@pytest.mark.parametrize("ending", AWKWARD)
+@pytest.mark.parametrize("over", [1, 2, 3])
+def test_a_review_ending_in_a_split_character_is_cut_and_does_not_hang(tokenizer, ending, over):
+    # Before the fix, a window one token short of "...\u0085" (two tokens, one character span) made encode()
+    # cut one token, get the same text back, and loop forever before the first step.
+    import signal
+
+    example = classification_example(tokenizer, "good film " * 20 + ending * 2, "positive")
+    whole = len(encode(tokenizer, example, max_len=10_000).input_ids)
+
+    def hung(*_):
+        raise TimeoutError("encode() did not finish in 20 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        encoded = encode(tokenizer, example, max_len=whole - over)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert encoded.body_cut and len(encoded.input_ids) <= whole - over
+    assert tokenizer.decode(encoded.input_ids[encoded.prompt_len:], skip_special_tokens=True).strip() == "positive"
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_texts = st.lists(st.one_of(st.sampled_from(AWKWARD + [" ", "film ", "\n"]), st.text(max_size=12)), max_size=120).map("".join)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(review=_texts, room=st.integers(min_value=0, max_value=60))
+def test_any_review_fits_the_window_with_its_label_whole(tokenizer, review, room):
+    example = classification_example(tokenizer, review or "x", "negative")
+    bare = encode(tokenizer, classification_example(tokenizer, "", "negative"), max_len=10_000)
+    max_len = len(bare.input_ids) + room  # the prompt and label alone always fit; `room` tokens are left for text
+    encoded = encode(tokenizer, example, max_len=max_len)
+    assert len(encoded.input_ids) <= max_len
+    answer = encoded.input_ids[encoded.prompt_len:]
+    assert encoded.labels == [IGNORE_INDEX] * encoded.prompt_len + answer
+    assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "negative"
+    assert tokenizer.decode(encoded.input_ids, skip_special_tokens=True).lstrip().startswith("Human: Determine")
