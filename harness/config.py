@@ -2,9 +2,9 @@
 
 Precedence, lowest first: the dataclass defaults here < the recipe's DEFAULTS <
 a YAML/JSON file given with --config < flags on the command line.
-Training settings are transformers' own TrainingArguments, under their usual names
-(--learning_rate, --max_steps, --output_dir, ...); adapter settings use PEFT's names
-(--r, --lora_alpha, --init_r, --target_r, ...).
+Training settings are TRL's own configs under their usual names: SFTConfig for supervised runs (transformers'
+TrainingArguments plus --packing, --padding_free, --completion_only_loss, ...), DPOConfig and GRPOConfig for the
+others; adapter settings use PEFT's names (--r, --lora_alpha, --init_r, --target_r, ...).
 """
 from __future__ import annotations
 
@@ -81,11 +81,29 @@ class DataArguments:
         default="data/imdb_samples_2000.csv",
         metadata=_help("CSV, JSON or JSONL file. Relative paths are tried from the current folder, then the repo."),
     )
+    dataset_name: str | None = field(
+        default=None,
+        metadata=_help(
+            "A Hub dataset id (org/name) or a local dataset folder, read with datasets.load_dataset instead of "
+            "--data_file."
+        ),
+    )
+    dataset_config: str | None = field(default=None, metadata=_help("The --dataset_name's configuration (subset)."))
+    dataset_split: str = field(default="train", metadata=_help("The --dataset_name's split to train on."))
+    column_mapping: str | None = field(
+        default=None,
+        metadata=_help(
+            "LLaMA-Factory's dataset_info entry for the data, as JSON (or a .json file holding it), when its columns "
+            'or roles have other names: {"formatting": "sharegpt", "columns": {"messages": "conversations"}, '
+            '"tags": {"role_tag": "from", "content_tag": "value", ...}}.'
+        ),
+    )
     task: str = field(
         default="classification",
         metadata=_help(
-            "classification: text + label columns, the model learns to answer with the label. "
-            "instruction: Alpaca-style instruction/input/output or chat 'messages' records."
+            "classification: text + label columns, the model learns to answer with the label. instruction: "
+            "supervised data in any format detected from its rows: Alpaca (instruction/input/output, system, "
+            "history), ShareGPT (conversations), OpenAI messages, TRL prompt/completion, or plain text."
         ),
     )
     text_column: str = field(default="text", metadata=_help("Column holding the text to classify."))
@@ -188,8 +206,8 @@ class RecipeArguments:
     objective: str = field(
         default="sft",
         metadata=_help(
-            "Set by the recipe: sft (supervised, the Trainer), dpo (TRL's DPOTrainer, preference pairs) or grpo "
-            "(TRL's GRPOTrainer, reward functions). Its training settings are TRL's DPOConfig / GRPOConfig."
+            "Set by the recipe: sft (supervised, TRL's SFTTrainer), dpo (TRL's DPOTrainer, preference pairs) or grpo "
+            "(TRL's GRPOTrainer, reward functions). Its training settings are TRL's SFTConfig / DPOConfig / GRPOConfig."
         ),
     )
     resume: bool = field(
@@ -276,8 +294,8 @@ def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_cl
 
     extra_classes: dataclasses of settings only some recipes have (e.g. a judge's), parsed with the
     rest so that they too come from the CLI, a --config file or DEFAULTS; other recipes' --help
-    stays free of them. The training settings are the recipe objective's class (TrainingArguments,
-    or TRL's DPOConfig / GRPOConfig, which extend it)."""
+    stays free of them. The training settings are the recipe objective's class (TRL's SFTConfig, DPOConfig or
+    GRPOConfig, which extend transformers' TrainingArguments)."""
     from trl import TrlParser
 
     from harness.distributed import start

@@ -444,7 +444,7 @@ def _cut_tokens(tokenizer, body: str, count: int) -> str:
 
 @dataclass
 class PreparedData:
-    train: Any  # datasets.Dataset with input_ids, attention_mask, labels
+    train: Any  # datasets.Dataset with input_ids and completion_mask (1: the token carries loss)
     eval: Any | None
     eval_examples: list[Example]
     eval_prompts: list[list[int]]  # truncated prompt ids of eval examples, for task scoring
@@ -457,11 +457,12 @@ def prepare(rows_train: list[dict], rows_eval: list[dict], args: DataArguments, 
 
     def to_dataset(examples: list[Example]) -> tuple[Any, list[Encoded]]:
         encoded = [encode(tokenizer, ex, args.max_seq_length) for ex in examples]
+        # TRL's own columns for tokenized data: SFTTrainer builds the labels from the completion mask (or trains every
+        # token with --completion_only_loss false), then pads, packs or flattens.
         ds = Dataset.from_dict(
             {
                 "input_ids": [e.input_ids for e in encoded],
-                "attention_mask": [[1] * len(e.input_ids) for e in encoded],
-                "labels": [e.labels for e in encoded],
+                "completion_mask": [[int(t != IGNORE_INDEX) for t in e.labels] for e in encoded],
             }
         )
         return ds, encoded

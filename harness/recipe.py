@@ -105,6 +105,7 @@ def _sft_preflight(cfg: RunConfig, output_dir: bool = True) -> Plan:
     from harness import data as data_mod
     from harness.distributed import batch_factor
     from harness.methods import adalora_schedule, count_optimizer_steps
+    from harness.training import sft_settings
 
     common_checks(cfg, output_dir)
     loaded, eval_loaded = data_mod.load_records(cfg.data), data_mod.load_eval_records(cfg.data)
@@ -116,6 +117,7 @@ def _sft_preflight(cfg: RunConfig, output_dir: bool = True) -> Plan:
         targs.num_train_epochs, targs.max_steps,
     )
     schedule = adalora_schedule(cfg.method, total_steps) if cfg.method.method == "adalora" else None
+    targs = sft_settings(cfg, targs)
     if not eval_rows:
         targs = dataclasses.replace(targs, eval_strategy="no", load_best_model_at_end=False)
     forgetting = data_mod.load_forgetting_records(cfg.data)
@@ -229,7 +231,15 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
     from harness.evaluation import ClassificationScorer, ForgettingProbe
     from harness.methods import final_adalora_ranks, initialise_loftq, load_adapter_weights, peft_config
     from harness.models import load_model, print_parameter_counts, resolve_model
-    from harness.training import AdaLoraAllocation, build_trainer, run_callbacks, save_final, shard_adapters_apart
+    from harness.training import (
+        AdaLoraAllocation,
+        build_trainer,
+        check_packed_attention,
+        flattens,
+        run_callbacks,
+        save_final,
+        shard_adapters_apart,
+    )
 
     targs, schedule = trainer_settings(cfg, plan.targs), plan.schedule
 
@@ -249,6 +259,8 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
             cfg.data.max_seq_length, data_mod.seen_texts(plan.train_rows), targs.per_device_eval_batch_size,
         )
         forgetting.measure_before(model)
+    # PEFT and TRL still read transformers' old name for checkpointing, which warns on every read.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     if cfg.model.backend != "unsloth":
         config = peft_config(cfg.method, model, schedule)
         if config is not None:
@@ -259,6 +271,8 @@ def _train_and_evaluate(cfg, plan: Plan, tokenizer, prepared, folder: RunFolder,
         load_adapter_weights(model, cfg.run.init_adapter)
     if cfg.method.method == "none":
         model.requires_grad_(False)  # the baseline: scored exactly as loaded
+    if flattens(targs) or targs.packing:
+        check_packed_attention(model, len(tokenizer))
     trainable, total = print_parameter_counts(model)
     if schedule is not None:
         print(f"AdaLoRA schedule: {dataclasses.asdict(schedule)}")
@@ -365,6 +379,9 @@ def run_record(cfg: RunConfig, trainer, clock, outcome, counts: tuple[int, int],
         "train_seconds": round(clock.seconds, 3),
         "tokens_trained": clock.tokens,
         "tokens_per_second": round(clock.tokens / clock.seconds, 1) if clock.seconds > 0 else None,
+        # SFT: input positions computed, padding included (this process's; under several, not recorded)
+        **({"positions_trained": trainer.positions_trained}
+           if hasattr(trainer, "positions_trained") and trainer.accelerator.num_processes == 1 else {}),
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": round(100 * trainable / total, 6),

@@ -70,8 +70,29 @@ def run_settings(cfg) -> dict[str, Any]:
     return settings
 
 
+# Settings added after runs were recorded, at the value that changes nothing: left out of the fingerprint at that
+# value, so a run recorded before them keeps its fingerprint (a rerun finds it finished, or resumes it).
+ADDED_LATER = {"dataset_name": None, "dataset_config": None, "dataset_split": "train", "column_mapping": None}
+
+
 def fingerprinted(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NOT_FINGERPRINTED and not k.startswith("hub_")}
+    kept = {k: v for k, v in config.items() if k not in NOT_FINGERPRINTED and not k.startswith("hub_")}
+    added = {**ADDED_LATER, **(_sft_settings_added() if config.get("objective", "sft") == "sft" else {})}
+    return {k: v for k, v in kept.items() if k not in added or v != added[k]}
+
+
+def _sft_settings_added() -> dict[str, Any]:
+    """The settings supervised runs took from TRL's SFTConfig (beyond transformers' TrainingArguments), with the
+    values a run records when they are left unset (JSON-safe, as RunConfig.to_dict writes them)."""
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    # trust_remote_code: the model's own setting (--trust_remote_code), recorded long before.
+    base = {f.name for f in dataclasses.fields(TrainingArguments)} | {"trust_remote_code"}
+    added = {f.name: f.default for f in dataclasses.fields(SFTConfig) if f.name not in base}
+    # SFTConfig resolves "auto" to None off Neuron; the recipes' SFTSettings leave max_length unset (the window
+    # is --max_seq_length).
+    return json.loads(json.dumps({**added, "pad_to_multiple_of": None, "max_length": None}, default=str))
 
 
 def input_hashes(cfg) -> dict[str, str | None]:

@@ -1,17 +1,20 @@
-"""The Trainer the recipes use, and the callbacks that make it do what the recipes promise."""
+"""The trainer supervised fine-tuning runs (TRL's SFTTrainer, with SFTConfig as its settings), and the callbacks
+that make it do what the recipes promise."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
+from trl import SFTConfig, SFTTrainer
 
-from harness.data import IGNORE_INDEX
-from harness.evaluation import ANSWER_METRICS, answer_token_accuracy, keep_argmax
+from harness.evaluation import ANSWER_METRICS
 from harness.methods import (
     is_adalora,
     load_adalora_allocator,
@@ -116,15 +119,121 @@ def run_callbacks(cfg, folder, *between: TrainerCallback) -> tuple[TrainClock, l
     return clock, [clock, *between, SealCheckpoints(folder.fingerprint)]
 
 
-class RecipeTrainer(Trainer):
-    """A Trainer whose evaluation also reports the task's own score (e.g. sentiment accuracy),
-    so it is logged next to eval_loss and can select the best checkpoint."""
+def _trl_help(name: str, note: str = "") -> dict:
+    return {"help": (note + " " if note else "") + SFTConfig.__dataclass_fields__[name].metadata.get("help", "")}
+
+
+@dataclass
+class SFTSettings(SFTConfig):
+    """TRL's SFTConfig: every setting of TRL's SFT (--packing, --padding_free, --completion_only_loss, --loss_type, ...)
+    on the command line and in config files. Where TRL's default differs from transformers' TrainingArguments, the
+    recipes keep transformers' (the one they were written and measured with), and --max_seq_length stays the window."""
+
+    trust_remote_code: bool = field(default=False, init=False)  # the model's flag (--trust_remote_code) is the one
+    learning_rate: float = field(default=5e-5, metadata=_trl_help("learning_rate", "transformers' default, not TRL's 2e-5."))
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Old name of --activation_checkpointing (TRL turns it on by default; here it is off "
+                                        "unless the recipe or this flag turns it on)."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "TRL's name for --max_seq_length, which is the window here: leave unset."})
+
+
+# Methods whose virtual tokens (prompt tuning, P-tuning) or extra keys (prefix tuning) sit in front of each
+# sequence: a packed or flattened row is one sequence to them, so every example after the first would see the
+# first one's virtual tokens at the wrong positions and attend across examples.
+_UNPACKABLE_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+
+
+def flattens(targs) -> bool:
+    """Whether batches are one flattened row with position_ids marking where each example starts (padding-free, or
+    TRL's BFD packing, which implies it) instead of padded rows with an attention mask."""
+    return bool(targs.padding_free or (targs.packing and targs.packing_strategy in ("bfd", "bfd_split")))
+
+
+def sft_settings(cfg, targs):
+    """The SFTConfig a run trains with, checked before any model loads: --max_seq_length is the window (TRL's
+    --max_length must agree), completion-only loss unless --completion_only_loss false, packing and padding-free
+    refused where they would mix examples."""
+    from harness.errors import UserError
+
+    window = cfg.data.max_seq_length
+    if targs.max_length not in (None, window):
+        raise UserError(f"--max_length is TRL's name for --max_seq_length here; set --max_seq_length {targs.max_length} instead")
+    if targs.truncation_mode != "keep_start":
+        raise UserError("--truncation_mode does not apply: the recipes cut the free text (a review, an input) to fit "
+                        "--max_seq_length, never the instruction or the answer; leave it unset")
+    mixing = flattens(targs) or targs.packing
+    if mixing and cfg.method.method in _UNPACKABLE_METHODS:
+        flag = "--packing" if targs.packing else "--padding_free"
+        raise UserError(f"{flag} would let examples see each other under {cfg.method.method} (its virtual tokens sit in "
+                        f"front of the whole packed row): drop {flag} for this method")
+    if targs.assistant_only_loss and cfg.data.task != "instruction":
+        raise UserError("--assistant_only_loss is for conversations; this run's data are not (classification)")
+    return dataclasses.replace(
+        targs,
+        # Examples are already cut to the window: TRL's own truncation (keep_start) never bites. Padding-free without
+        # packing takes no max_length in TRL (it would not enforce it); packing packs rows of up to the window.
+        max_length=None if targs.padding_free and not targs.packing else window,
+        completion_only_loss=True if targs.completion_only_loss is None else targs.completion_only_loss,
+        # Conversations already carry loss on every assistant turn only (harness.data); TRL's flag reads chat
+        # datasets it tokenizes itself, which these are not.
+        assistant_only_loss=False,
+        # A flattened row has no padding and no attention mask: count every token (a pad id equal to EOS would
+        # otherwise make the Trainer skip real EOS tokens).
+        include_num_input_tokens_seen="all" if flattens(targs) and targs.pad_to_multiple_of is None
+        else targs.include_num_input_tokens_seen,
+    )
+
+
+@torch.no_grad()
+def check_packed_attention(model, vocab_size: int) -> None:
+    """Refuse (one line) a model whose attention would let packed examples see each other: two short random
+    sequences run packed in one row (position_ids restarting at 0, no attention mask) must give the logits they
+    give alone. transformers builds the block-causal mask from position_ids for its SDPA, eager and flash
+    kernels; a model or kernel that ignores position_ids fails here instead of training on mixed examples."""
+    from harness.errors import UserError
+    from harness.evaluation import evaluating
+
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(3, max(vocab_size, 4), (n,), generator=generator) for n in (7, 5))
+    packed = torch.cat([first, second])[None].to(device)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
+    with evaluating(model):
+        together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0, 7:].float()
+        alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
+    gap = float((together - alone).abs().max())
+    if gap > 1e-3 * max(1.0, float(alone.abs().max())):
+        kernel = getattr(model.config, "_attn_implementation", None) or "default"
+        raise UserError(f"packed examples would see each other in this {model.config.model_type} model with {kernel} "
+                        f"attention (an example's logits move by {gap:.3g} when another shares its row): drop "
+                        "--packing / --padding_free for this model")
+
+
+class RecipeTrainer(SFTTrainer):
+    """TRL's SFTTrainer on data this project tokenized (input_ids + completion_mask: TRL builds the labels, pads,
+    packs or flattens), whose evaluation also reports the task's own score (e.g. sentiment accuracy), so it is
+    logged next to eval_loss and can select the best checkpoint."""
 
     def __init__(self, *args, task_scorer: Callable[[Any], dict] | None = None, **kwargs):
+        model = kwargs["model"]
+        # TRL casts a quantized model's trainable weights to bf16 (the QLoRA paper's choice). The recipes keep them in
+        # the dtype PEFT made them (float32), as before: a T4 has no bf16, and fp16 mixed precision needs fp32 masters.
+        dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
         super().__init__(*args, **kwargs)
+        for name, p in model.named_parameters():
+            if name in dtypes and p.dtype != dtypes[name]:
+                p.data = p.data.to(dtypes[name])
         self.task_scorer = task_scorer
         self.last_task_metrics: dict[str, Any] = {}
         self._scorer_is_the_loop = False
+        # Input positions the model computed while training in this session, padding included: beside the
+        # non-padding tokens, what padding cost (a padded batch computes every position of every row).
+        self.positions_trained = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.positions_trained += inputs["input_ids"].numel()
+        return super().training_step(model, inputs, num_items_in_batch)
 
     # AdaLoRA checkpoints are saved pruned to their kept ranks; the Trainer's own loading cannot put
     # them back into the full-size model that is training (see methods.load_adalora_checkpoint).
@@ -141,10 +250,20 @@ class RecipeTrainer(Trainer):
         return super()._load_best_model()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        accumulated = self.model.training and self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        factor = 1 / self.current_gradient_accumulation_steps if accumulated else 1
-        with orth_penalty_scaled(self.model, factor):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        """TRL's loss, plus AdaLoRA's orthogonality penalty while training. PEFT adds the penalty to the model's own
+        loss, which TRL does not use (it sums the log-probabilities of its fused LM head), so it is added here.
+        With gradient accumulation TRL normalises the loss over the whole accumulated batch (num_items_in_batch)
+        and no longer divides each micro-batch's, so the per-micro-batch penalty is divided by the accumulation
+        steps to count once per optimizer step, as configured. Evaluation leaves it out: eval_loss is the
+        language-model loss, comparable across methods and across the adapter's resize."""
+        with orth_penalty_scaled(self.model, 0.0):  # PEFT's own copy would be computed and thrown away
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not (self.model.training and is_adalora(self.model)):
+            return result
+        factor = 1 / self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        weight = self.model.peft_config[self.model.active_adapter].orth_reg_weight * factor
+        penalty = weight * adalora_orthogonality(self.model)
+        return (result[0] + penalty, result[1]) if return_outputs else result + penalty
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         # On the run's own eval set, a scorer that also scores the answers replaces the evaluation loop.
@@ -152,10 +271,15 @@ class RecipeTrainer(Trainer):
         scorer_is_the_loop = eval_dataset is None and getattr(self.task_scorer, "scores_answers", False)
         self._scorer_is_the_loop = scorer_is_the_loop  # read by evaluation_loop
         try:
-            with orth_penalty_scaled(self.model, 0.0):
-                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._scorer_is_the_loop = False
+        # TRL's token accuracy on the label tokens (the mean of the eval batches') is this project's answer-token
+        # accuracy: same figure, the name earlier records and tables use.
+        logged = self.state.log_history[-1] if self.state.log_history else {}
+        accuracy = logged.get(f"{metric_key_prefix}_mean_token_accuracy")
+        if accuracy is not None and not scorer_is_the_loop:
+            logged[f"{metric_key_prefix}_answer_token_accuracy"] = metrics[f"{metric_key_prefix}_answer_token_accuracy"] = accuracy
         if self.task_scorer is not None and not scorer_is_the_loop:
             numeric = self._score_task(metric_key_prefix, with_answer_metrics=False)
             self.log(numeric)
@@ -184,18 +308,22 @@ class RecipeTrainer(Trainer):
         return {f"{prefix}_{k}": v for k, v in numeric.items() if isinstance(v, float)}
 
 
+def adalora_orthogonality(model) -> torch.Tensor:
+    """AdaLoRA's orthogonality penalty as PEFT's AdaLoraModel.forward computes it: the mean over the adapter's
+    lora_A and lora_B of ||P P^T - I||_F (P^T P for B), unweighted."""
+    adapter = model.base_model.trainable_adapter_name
+    terms = []
+    for name, p in model.base_model.model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and adapter in name and p.numel():
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(torch.norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype), p="fro"))
+    return torch.stack(terms).mean() if terms else torch.zeros((), device=model.device)
+
+
 @contextlib.contextmanager
 def orth_penalty_scaled(model, factor: float):
-    """Scale AdaLoRA's orthogonality penalty for the duration of a forward pass.
-
-    PEFT adds the penalty to the loss of every forward, in eval mode too. Two consequences:
-    - eval_loss would include it, so it is switched off (factor 0) for evaluation: eval_loss is
-      then the language-model loss, comparable across methods and across the adapter's resize.
-    - with gradient accumulation the Trainer normalises the language-model loss over the whole
-      accumulated batch (num_items_in_batch) and no longer divides each micro-batch's loss, so
-      the per-micro-batch penalty would count gradient_accumulation_steps times per optimizer
-      step; training scales it by 1 / accumulation steps to count it once, as configured.
-    """
+    """Scale AdaLoRA's orthogonality penalty, which PEFT adds to the model's own loss in every forward pass (eval
+    mode too), for the duration of a block: 0 switches it off."""
     if not is_adalora(model) or factor == 1:
         yield
         return
@@ -209,33 +337,34 @@ def orth_penalty_scaled(model, factor: float):
 
 
 def build_trainer(model, tokenizer, training_args, data, task_scorer=None, callbacks=(), evaluation_only=False) -> RecipeTrainer:
-    """The run's Trainer. evaluation_only (method none): a quantized model without an adapter is accepted;
-    the Trainer refuses one because it cannot train, and this one is only ever evaluated."""
-    collator = DataCollatorForSeq2Seq(
-        tokenizer,
-        padding=True,  # dynamic: pad each batch to its longest example, not to max_seq_length
-        label_pad_token_id=IGNORE_INDEX,
-        pad_to_multiple_of=8 if torch.cuda.is_available() else None,  # tensor-core friendly shapes
-    )
+    """The run's trainer on tokenized data (harness.data.prepare). evaluation_only (method none): a quantized model
+    without an adapter is accepted; the Trainer refuses one because it cannot train, and this one is only ever
+    evaluated."""
     from unittest import mock
 
     import transformers.trainer as hf_trainer
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
+    if training_args.completion_only_loss is None:  # TRL would guess from column names; these are prompt + answer
+        training_args = dataclasses.replace(training_args, completion_only_loss=True)
     accept_quantized = (mock.patch.object(hf_trainer, "validate_quantization_for_training", lambda model: None)
                         if evaluation_only else contextlib.nullcontext())
-    with accept_quantized:
-        return RecipeTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            data_collator=collator,
-            processing_class=tokenizer,
-            compute_metrics=answer_token_accuracy if data.eval is not None else None,
-            preprocess_logits_for_metrics=keep_argmax if data.eval is not None else None,
-            task_scorer=task_scorer,
-            callbacks=list(callbacks),
-        )
+    bars = is_progress_bar_enabled()
+    disable_progress_bar()  # TRL's passes over data already tokenized take no time: their bars are only noise
+    try:
+        with accept_quantized:
+            return RecipeTrainer(
+                model=model,
+                args=training_args,
+                train_dataset=data.train,
+                eval_dataset=data.eval,
+                processing_class=tokenizer,
+                task_scorer=task_scorer,
+                callbacks=list(callbacks),
+            )
+    finally:
+        if bars:
+            enable_progress_bar()
 
 
 def shard_adapters_apart(trainer) -> None:

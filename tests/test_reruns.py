@@ -237,3 +237,24 @@ def test_a_stopped_run_records_itself_and_says_so_on_a_line_of_its_own(sig, said
     record = json.loads((tmp_path / "X" / RESULT_FILE).read_text())
     assert record["status"] == "interrupted" and record["command"]
     assert (tmp_path / "X" / "checkpoint-2" / SEAL_FILE).is_file()  # checkpoints kept
+
+
+def test_a_run_recorded_before_later_settings_keeps_its_fingerprint(recipe_argv):
+    """Settings added later (TRL's SFTConfig ones, --dataset_name, ...) at their defaults change no fingerprint, so a
+    rerun of a run recorded before them finds it finished or resumes it; set to anything else, they do."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    from harness.config import parse_args
+    from harness.rundir import ADDED_LATER, fingerprinted
+
+    config = parse_args({"recipe": "t"}, recipe_argv()).to_dict()
+    trl_only = {f.name for f in dataclasses.fields(SFTConfig)} - {f.name for f in dataclasses.fields(TrainingArguments)}
+    recorded_before = {k: v for k, v in config.items() if k not in ADDED_LATER and (k not in trl_only or
+                                                                                   k == "trust_remote_code")}
+    assert fingerprinted(recorded_before) == fingerprinted(config)
+    packed = parse_args({"recipe": "t"}, recipe_argv("--packing", "true")).to_dict()
+    assert fingerprinted(packed)["packing"] is True
+    assert fingerprinted(parse_args({"recipe": "t"}, recipe_argv("--dataset_split", "test")).to_dict())["dataset_split"] == "test"

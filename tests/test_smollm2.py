@@ -222,12 +222,12 @@ def test_one_pass_evaluation_gives_the_trainers_own_loss_and_answer_token_accura
                                                                                    monkeypatch):
     """The scorer's one pass replaces the Trainer's evaluation loop only because it computes the same figures
     (prompt tuning: scored through its own virtual tokens, one sequence per candidate)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.config import DataArguments
     from harness.data import label_set, prepare, read_table
     from harness.evaluation import ClassificationScorer
-    from harness.training import build_trainer
+    from harness.training import SFTSettings, build_trainer
 
     path = resolve_offline_model("tiny-qwen2")
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
@@ -242,7 +242,8 @@ def test_one_pass_evaluation_gives_the_trainers_own_loss_and_answer_token_accura
     assert len(set(map(len, prepared.eval_answers))) == 1  # then the Trainer's mean of batch means is the token mean
     scorer = ClassificationScorer(tokenizer, prepared.eval_examples, prepared.eval_prompts, label_set(args), 4,
                                   answers=prepared.eval_answers)
-    targs = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=5, report_to=[])  # 12 = 5 + 5 + 2
+    # 12 = 4 + 4 + 4: TRL's token accuracy is the plain mean of its batches' (the loss, a mean weighted by batch size)
+    targs = SFTSettings(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], bf16=False)
     trainer = build_trainer(model, tokenizer, targs, prepared, scorer)
     passes = []
     score = type(scorer).__call__

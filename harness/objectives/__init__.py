@@ -12,13 +12,14 @@ TASKS = {"sft": ("classification", "instruction"), "dpo": ("preference",), "grpo
 
 
 def training_class(objective: str):
-    """The training-settings dataclass of an objective: transformers' TrainingArguments, or TRL's config."""
-    from transformers import TrainingArguments
-
+    """The training-settings dataclass of an objective: TRL's SFTConfig, DPOConfig or GRPOConfig (ours, with the
+    project's defaults where they differ)."""
     from harness.errors import UserError
 
     if objective == "sft":
-        return TrainingArguments
+        from harness.training import SFTSettings
+
+        return SFTSettings
     if objective == "dpo":
         from harness.objectives.dpo import DPOSettings
 
