@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from harness.data import IGNORE_INDEX, Example, answer_ids
+from harness.progress import bar
 
 
 def keep_argmax(logits, labels):
@@ -73,7 +74,7 @@ def _scored(logprobs: torch.Tensor, tokens: list[int]) -> CandidateScore:
 
 @torch.no_grad()
 def candidate_scores(model, tokenizer, prompts: list[list[int]], candidates: list[list[int]],
-                     batch_size: int) -> list[CandidateScore]:
+                     batch_size: int, progress=None) -> list[CandidateScore]:
     """The score of each (prompt, candidate) pair, each pair run as one sequence."""
     device = next(p for p in model.parameters()).device
     scores: list[CandidateScore] = []
@@ -89,6 +90,8 @@ def candidate_scores(model, tokenizer, prompts: list[list[int]], candidates: lis
             # vocabulary over the whole batch would need gigabytes.
             predicting = logits[row, len(p) - 1: len(p) + len(c) - 1].float()
             scores.append(_scored(torch.log_softmax(predicting, dim=-1), c))
+        if progress is not None:
+            progress.update(len(batch))
     return scores
 
 
@@ -100,7 +103,7 @@ def _uses_virtual_tokens(model) -> bool:
 
 @torch.no_grad()
 def shared_prompt_scores(model, prompts: list[list[int]], candidates: list[list[list[int]]],
-                         batch_size: int = 8) -> list[CandidateScore]:
+                         batch_size: int = 8, progress=None) -> list[CandidateScore]:
     """The score of every candidate of every prompt, each prompt run once and its key/value cache reused
     for all its candidates: about half the work of candidate_scores for two labels, same numbers up to
     float rounding. Not for prompt-learning models (they own the cache).
@@ -131,6 +134,8 @@ def shared_prompt_scores(model, prompts: list[list[int]], candidates: list[list[
                 for j, option in enumerate(options):
                     later = torch.log_softmax(rest[r * k + j, : len(option) - 1].float(), dim=-1)
                     scores[index][j] = _scored(torch.cat([first[r:r + 1], later]), list(option))
+            if progress is not None:
+                progress.update(len(chunk))
     return [score for row in scores for score in row]
 
 
@@ -176,11 +181,13 @@ class ClassificationScorer:
             return {}
         with evaluating(model):
             if _uses_virtual_tokens(model):
-                flat = candidate_scores(model, self.tokenizer, [p for p, options in zip(self.prompts, self.options)
-                                                                for _ in options],
-                                        [o for options in self.options for o in options], self.batch_size)
+                pairs = [(p, o) for p, options in zip(self.prompts, self.options) for o in options]
+                with bar(len(pairs), "Scoring held-out labels", unit="candidate") as progress:
+                    flat = candidate_scores(model, self.tokenizer, [p for p, _ in pairs], [o for _, o in pairs],
+                                            self.batch_size, progress)
             else:
-                flat = shared_prompt_scores(model, self.prompts, self.options, self.batch_size)
+                with bar(len(self.prompts), "Scoring held-out labels") as progress:
+                    flat = shared_prompt_scores(model, self.prompts, self.options, self.batch_size, progress)
         width, k = len(self.options[0]), len(self.labels)
         rows = [flat[i:i + width] for i in range(0, len(flat), width)]
         predicted = np.array([[score.logprob for score in row[:k]] for row in rows]).argmax(axis=1)
@@ -264,7 +271,7 @@ class ForgettingProbe:
         """Mean next-token loss over every token of the texts (token-weighted)."""
         device = next(p for p in model.parameters()).device
         total, count = 0.0, 0
-        with evaluating(model):
+        with evaluating(model), bar(len(self.ids), "Forgetting probe", unit="text") as progress:
             for start in range(0, len(self.ids), self.batch_size):
                 ids, attention = right_padded(self.ids[start:start + self.batch_size], self.pad)
                 logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
@@ -274,6 +281,7 @@ class ForgettingProbe:
                 mask = attention[:, 1:].to(device).bool()
                 total += float(nll[mask].sum())
                 count += int(mask.sum())
+                progress.update(len(ids))
         return total / count if count else float("nan")
 
     def measure_before(self, model) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from harness.config import DataArguments, _help, find_file
 from harness.errors import UserError
+from harness.progress import bar
 
 
 @dataclass
@@ -154,29 +155,39 @@ def generate(model, tokenizer, prompts: list[str], setting: DecodingSetting | No
     model.eval()
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
     set_seed(seed)
-    answers: list[str] = []
     device = next(model.parameters()).device
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=True).to(device)
-            out = model.generate(
-                **batch,
-                **(dict(do_sample=True, temperature=setting.temperature, top_p=setting.top_p,
-                        top_k=0)  # nucleus sampling alone, as the grid says (transformers' default adds top_k 50)
-                   if setting is not None else dict(do_sample=False, temperature=None, top_p=None, top_k=None)),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),
-            )
-            new = out[:, batch["input_ids"].shape[1]:]
-            for text in tokenizer.batch_decode(new, skip_special_tokens=True):
-                for stop in stop_strings:
-                    text = text.split(stop)[0]
-                answers.append(text.strip())
+        with bar(len(prompts), "Generating", unit="answer") as progress:
+            answers = _generate_batches(model, tokenizer, prompts, setting, max_new_tokens, batch_size, stop_strings,
+                                        device, progress)
     finally:
         model.train(was_training)
         tokenizer.padding_side = side
+    return answers
+
+
+def _generate_batches(model, tokenizer, prompts, setting, max_new_tokens, batch_size, stop_strings, device,
+                      progress) -> list[str]:
+    """generate()'s loop, a batch at a time, each counted on the progress bar."""
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=True).to(device)
+        out = model.generate(
+            **batch,
+            **(dict(do_sample=True, temperature=setting.temperature, top_p=setting.top_p,
+                    top_k=0)  # nucleus sampling alone, as the grid says (transformers' default adds top_k 50)
+               if setting is not None else dict(do_sample=False, temperature=None, top_p=None, top_k=None)),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),
+        )
+        new = out[:, batch["input_ids"].shape[1]:]
+        for text in tokenizer.batch_decode(new, skip_special_tokens=True):
+            for stop in stop_strings:
+                text = text.split(stop)[0]
+            answers.append(text.strip())
+        progress.update(len(new))
     return answers
 
 

@@ -142,6 +142,8 @@ class Objective:
 def train(cfg: RunConfig) -> dict[str, Any]:
     from transformers import set_seed
 
+    from harness import progress
+    from harness.distributed import is_main
     from harness.measure import PeakMemory, apply_memory_budget
     from harness.methods import check_targets
     from harness.models import load_tokenizer
@@ -151,6 +153,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     objective = objective_of(cfg)
     start = RunStart.now()
     plan = objective.preflight(cfg, True)
+    progress.configure(disable=bool(plan.targs.disable_tqdm) or not is_main())  # the Trainer's own rule
     for line in plan.left_out_lines():
         print(f"Data: {line}")
     memory_plan = check_memory_plan(cfg, plan.targs)  # before anything is downloaded or loaded

@@ -209,17 +209,18 @@ def _judge(answers: list[dict], judge_args, out: Path):
     from dataclasses import asdict
 
     from harness.judge import JudgmentCache, build_judge, judge_all
+    from harness.progress import bar
 
     judge = build_judge(judge_args)
     cache = JudgmentCache(Path(judge_args.judge_cache) if judge_args.judge_cache else out / JUDGMENTS_FILE)
-    step = max(len(answers) // 10, 1)
-
-    def progress(done: int, total: int) -> None:
-        if done % step == 0 or done == total:
-            print(f"Judged {done}/{total} ({cache.hits} from the cache)")
-
     print(f"Judging {len(answers)} answers with {judge.id}")
-    judgments = judge_all(judge, [(a["question"], a["answer"]) for a in answers], cache, progress)
+    with bar(len(answers), "Judging", unit="answer") as shown:
+        def progress(done: int, total: int) -> None:
+            shown.update(1)
+            shown.set_postfix(cached=cache.hits, refresh=False)
+
+        judgments = judge_all(judge, [(a["question"], a["answer"]) for a in answers], cache, progress)
+    print(f"Judged {len(answers)} ({cache.hits} from the cache)")
     judged = [{**a, **{k: v for k, v in asdict(j).items() if k != "judge"}} for a, j in zip(answers, judgments)]
     del judge
     gc.collect()
