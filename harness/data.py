@@ -1,4 +1,5 @@
-"""Reading data files, laying out prompts, and tokenizing with the loss only on the answer.
+"""Reading data files, laying out prompts, and tokenizing a prompt + answer example with the loss only on the answer
+(harness.encoding turns a run's rows of every format into the datasets it trains on).
 
 Every example becomes prompt tokens followed by answer tokens; labels are -100 on the prompt
 (and, after collation, on padding), so the model is trained only to produce the answer.
@@ -41,7 +42,8 @@ def read_table(path: str, option: str = "--data_file") -> list[dict[str, Any]]:
         raise UserError(f"{option} is empty; pass a CSV, JSON or JSONL file")
     found = find_file(path)
     if found is not None and found.is_dir():
-        raise UserError(f"data file {path} is a folder; pass {option} with a CSV, JSON or JSONL file")
+        raise UserError(f"data file {path} is a folder; pass {option} with a CSV, JSON, JSONL or Parquet file"
+                        + (", or the folder as --dataset_name" if option == "--data_file" else ""))
     if found is None or not found.is_file():
         raise UserError(f"data file {path} not found; pass {option} with a CSV, JSON or JSONL file")
     suffix = found.suffix.lower()
@@ -58,8 +60,12 @@ def read_table(path: str, option: str = "--data_file") -> list[dict[str, Any]]:
             rows = json.loads(found.read_text(encoding="utf-8"))
             if isinstance(rows, dict) and len(rows) == 1:  # {"train": [...]}
                 rows = next(iter(rows.values()))
+        elif suffix == ".parquet":
+            from harness.formats import read_parquet
+
+            rows = read_parquet(str(found))
         else:
-            raise UserError(f"data file {found}: unknown format {suffix!r}; use .csv, .json or .jsonl")
+            raise UserError(f"data file {found}: unknown format {suffix!r}; use .csv, .json, .jsonl or .parquet")
     except UserError:
         raise
     except (ValueError, UnicodeDecodeError, OSError) as exc:
@@ -131,9 +137,20 @@ class RecordFile:
         return {"count": len(self.left_out), "rows": self.left_out[:100], "reason": self.reason or None}
 
 
+def data_source(args: DataArguments) -> str:
+    """What the run's training data is read from: --dataset_name when given, else --data_file."""
+    return args.dataset_name or args.data_file
+
+
 def load_records(args: DataArguments, option: str = "--data_file") -> RecordFile:
     """The rows the run will use, checked against the task's needs, in file order."""
-    rows = read_table(args.data_file, option)
+    if option == "--data_file" and args.dataset_name:
+        from harness.formats import load_hub_rows
+
+        rows = load_hub_rows(args.dataset_name, args.dataset_config, args.dataset_split)
+        args = dataclasses.replace(args, data_file=args.dataset_name)  # named so in every message and count
+    else:
+        rows = read_table(args.data_file, option)
     if args.max_samples is not None:  # >= 1: harness.checks
         rows = rows[: args.max_samples]
     if args.task == "classification":
@@ -185,31 +202,58 @@ def _check_classification_rows(rows: list[dict], args: DataArguments) -> tuple[l
 
 
 def _check_instruction_rows(rows: list[dict], args: DataArguments) -> tuple[list[dict], str]:
-    first = rows[0]
-    if "messages" in first:
-        kept = [r for r in rows if _valid_messages(r.get("messages"))]
-        reason = "no usable 'messages' (a list of role/content turns ending with the assistant's)"
-    elif "instruction" in first and "output" in first:
-        kept = [r for r in rows if _text(r.get("instruction")) and _text(r.get("output"))]
+    """Supervised rows in one of harness.formats' formats: a conversation a chat template cannot train on is refused
+    naming its row; Alpaca rows without instruction or output, and text rows without text, are left out and counted."""
+    from harness import formats
+
+    fmt = sft_format(rows, args)
+    if fmt == "alpaca":
+        mapping = column_mapping(args)
+        kept = [r for r in rows if formats.usable_alpaca(r, mapping)]
         reason = "an empty or missing instruction or output"
+    elif fmt == "text":
+        kept = [r for r in rows if _text(r.get("text"))]
+        reason = "no text"
+    elif fmt == "prompt_completion" and not formats.is_conversational(rows[0]):
+        for number, row in enumerate(rows, start=1):
+            if not _text(row.get("completion")):
+                raise UserError(f"data file {args.data_file}, row {number}: the completion is empty; fill it in or "
+                                "delete the row")
+        kept, reason = list(rows), ""
     else:
-        raise UserError(
-            f"data file {args.data_file} needs instruction/output columns (Alpaca style) or a 'messages' "
-            f"column (chat style); it has {', '.join(map(repr, first))}"
-        )
+        formats.read_conversations(rows, fmt, args.data_file, column_mapping(args))  # refuses a bad row
+        kept, reason = list(rows), ""
     if not kept:
-        raise UserError(f"data file {args.data_file}: no usable rows (empty instructions/outputs or messages)")
+        raise UserError(f"data file {args.data_file}: no usable rows ({reason})")
     return kept, reason
 
 
-def _valid_messages(messages: Any) -> bool:
-    return (
-        isinstance(messages, list)
-        and len(messages) >= 2
-        and all(isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages)
-        and bool(messages[-1]["content"].strip())
-        and messages[-1]["role"] == "assistant"
-    )
+def sft_format(rows: list[dict], args: DataArguments) -> str:
+    """The supervised format of the rows (harness.formats.FORMATS), from their columns or --column_mapping."""
+    from harness.formats import detect_format
+
+    return detect_format(rows, args.data_file, column_mapping(args))
+
+
+def column_mapping(args: DataArguments) -> dict | None:
+    """--column_mapping: LLaMA-Factory's dataset_info entry, as JSON text or a .json file holding it."""
+    text = (args.column_mapping or "").strip()
+    if not text:
+        return None
+    source = "--column_mapping"
+    if not text.startswith("{"):
+        found = find_file(text)
+        if found is None or not found.is_file():
+            raise UserError(f"--column_mapping {text!r} is neither a JSON object nor a .json file that exists")
+        text, source = found.read_text(encoding="utf-8"), f"--column_mapping file {found}"
+    try:
+        mapping = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"{source} is not valid JSON ({exc}); pass one dataset_info entry, e.g. "
+                        '{"formatting": "sharegpt", "columns": {"messages": "conversations"}}') from None
+    if not isinstance(mapping, dict):
+        raise UserError(f"{source} must be a JSON object (one dataset_info entry)")
+    return mapping
 
 
 def load_forgetting_records(args: DataArguments) -> RecordFile | None:
@@ -222,8 +266,17 @@ def load_forgetting_records(args: DataArguments) -> RecordFile | None:
 
 
 def seen_texts(rows: list[dict]) -> set[str]:
-    """Every text field of the rows a run trains on, stripped: what a held-out probe must not contain."""
-    return {str(v).strip() for row in rows for v in row.values() if isinstance(v, str) and v.strip()}
+    """Every text field of the rows a run trains on, stripped, conversations' turns included: what a held-out probe
+    must not contain."""
+    seen: set[str] = set()
+    for row in rows:
+        for value in row.values():
+            # a field's text, or one level into a list: a conversation's turns, Alpaca history's [user, answer] pairs
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                parts = item.values() if isinstance(item, dict) else item if isinstance(item, list) else [item]
+                seen.update(p.strip() for p in parts if isinstance(p, str) and p.strip())
+    return seen
 
 
 def load_eval_records(args: DataArguments) -> RecordFile | None:
@@ -309,10 +362,8 @@ def _classification_example(row: dict, args: DataArguments, labels: list[str], t
 
 
 def _instruction_example(row: dict, args: DataArguments, tokenizer) -> Example:
-    if "messages" in row:
-        messages = row["messages"]
-        prompt = _render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
-        return Example(prompt, "", "", _chat_answer(tokenizer, prompt, messages[-1]["content"], messages[:-1]))
+    """A single-turn Alpaca row (no system, no history) as prompt + answer; every other supervised row is a
+    conversation (harness.chat) or text (harness.encoding)."""
     instruction = str(row["instruction"]).strip()
     given = str(row.get("input") or "").strip()
     output = str(row["output"]).strip()
@@ -442,56 +493,20 @@ def _cut_tokens(tokenizer, body: str, count: int) -> str:
     return body[: min(offsets[keep][0], len(body) - 1)]
 
 
-@dataclass
-class PreparedData:
-    train: Any  # datasets.Dataset with input_ids and completion_mask (1: the token carries loss)
-    eval: Any | None
-    eval_examples: list[Example]
-    eval_prompts: list[list[int]]  # truncated prompt ids of eval examples, for task scoring
-    eval_answers: list[list[int]]  # the tokens after each eval prompt: those the eval loss is taken on
-    stats: dict[str, Any]
-
-
-def prepare(rows_train: list[dict], rows_eval: list[dict], args: DataArguments, tokenizer) -> PreparedData:
-    from datasets import Dataset
-
-    def to_dataset(examples: list[Example]) -> tuple[Any, list[Encoded]]:
-        encoded = [encode(tokenizer, ex, args.max_seq_length) for ex in examples]
-        # TRL's own columns for tokenized data: SFTTrainer builds the labels from the completion mask (or trains every
-        # token with --completion_only_loss false), then pads, packs or flattens.
-        ds = Dataset.from_dict(
-            {
-                "input_ids": [e.input_ids for e in encoded],
-                "completion_mask": [[int(t != IGNORE_INDEX) for t in e.labels] for e in encoded],
-            }
-        )
-        return ds, encoded
-
-    train_examples = build_examples(rows_train, args, tokenizer)
-    eval_examples = build_examples(rows_eval, args, tokenizer) if rows_eval else []
-    train_ds, train_enc = to_dataset(train_examples)
-    eval_ds, eval_enc = to_dataset(eval_examples) if eval_examples else (None, [])
-    lengths = [len(e.input_ids) for e in train_enc]
-    stats = {
-        "train_examples": len(train_enc),
-        "eval_examples": len(eval_enc),
-        "train_tokens_per_epoch": sum(lengths),
-        "train_answer_tokens_per_epoch": sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in train_enc),
-        "max_example_tokens": max(lengths),
-        "mean_example_tokens": round(sum(lengths) / len(lengths), 1),
-        "examples_cut_to_fit": sum(e.body_cut for e in train_enc + eval_enc),
-    }
-    eval_prompts = [e.input_ids[: e.prompt_len] for e in eval_enc]
-    eval_answers = [e.input_ids[e.prompt_len:] for e in eval_enc]
-    return PreparedData(train_ds, eval_ds, eval_examples, eval_prompts, eval_answers, stats)
-
-
 def data_identity(path: str) -> dict[str, Any]:
-    """Name and content hash (sha256, None when there is no such file) of a data file, for result.json
-    provenance and a run's fingerprint (harness.rundir)."""
+    """Name and content hash (sha256, None when there is no such file) of a data file, or of a local dataset folder
+    (its files' names and hashes, hidden ones and datasets' caches aside), for result.json provenance and a run's
+    fingerprint (harness.rundir). A Hub dataset id has none: it is named, not hashed."""
+    import hashlib
+
     from harness import file_sha256
 
     found = find_file(path) if path else None
+    if found is not None and found.is_dir():
+        files = sorted(f for f in found.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(found).parts))[:100_000]
+        listing = "".join(f"{f.relative_to(found).as_posix()}\t{file_sha256(f)}\n" for f in files)
+        return {"data_file": path, "data_sha256": hashlib.sha256(listing.encode()).hexdigest()}
     if found is None or not found.is_file():
         return {"data_file": path, "data_sha256": None}
     return {"data_file": path, "data_sha256": file_sha256(found)}

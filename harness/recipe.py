@@ -125,9 +125,11 @@ def _sft_preflight(cfg: RunConfig, output_dir: bool = True) -> Plan:
 
 
 def _sft_prepare(cfg: RunConfig, plan: Plan, tokenizer):
-    from harness import data as data_mod
+    from harness.encoding import prepare
+    from harness.training import apply_tokenizer_settings
 
-    return data_mod.prepare(plan.train_rows, plan.eval_rows, cfg.data, tokenizer)  # refuses a too-short window
+    apply_tokenizer_settings(plan.targs, tokenizer)  # --chat_template_path, --eos_token: before tokenizing, as TRL does
+    return prepare(plan.train_rows, plan.eval_rows, cfg.data, tokenizer)  # refuses a too-short window
 
 
 @dataclass(frozen=True)
@@ -372,6 +374,8 @@ def run_record(cfg: RunConfig, trainer, clock, outcome, counts: tuple[int, int],
                scores: dict[str, Any]) -> dict[str, Any]:
     """The fields every objective's result.json has (scores: eval_loss, eval, before_training, ... in
     between, as the objective has them). The final files are already in folder.staging."""
+    from harness.data import data_source
+
     trainable, total = counts
     return {
         "global_step": trainer.state.global_step,
@@ -391,7 +395,7 @@ def run_record(cfg: RunConfig, trainer, clock, outcome, counts: tuple[int, int],
         **_saved_weights_bytes(folder.staging),
         "train_loss": round(outcome.training_loss, 6) if outcome is not None and outcome.global_step else None,
         **scores,
-        "data": {"data_file": cfg.data.data_file, "data_sha256": folder.settings["data_file_sha256"],  # hashed once
+        "data": {"data_file": data_source(cfg.data), "data_sha256": folder.settings["data_file_sha256"],  # hashed once
                  **stats, "rows_left_out": plan.left_out()},
         "log_history": trainer.state.log_history,
     }

@@ -96,9 +96,9 @@ def _sft_settings_added() -> dict[str, Any]:
 
 
 def input_hashes(cfg) -> dict[str, str | None]:
-    from harness.data import data_identity
+    from harness.data import data_identity, data_source
 
-    files = {"data_file": cfg.data.data_file, "eval_file": cfg.data.eval_file}
+    files = {"data_file": data_source(cfg.data), "eval_file": cfg.data.eval_file}
     if cfg.data.forgetting_file and cfg.data.forgetting_samples:
         files["forgetting_file"] = cfg.data.forgetting_file
     if cfg.run.init_adapter:

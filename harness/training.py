@@ -167,6 +167,13 @@ def sft_settings(cfg, targs):
         flag = "--packing" if targs.packing else "--padding_free"
         raise UserError(f"{flag} would let examples see each other under {cfg.method.method} (its virtual tokens sit in "
                         f"front of the whole packed row): drop {flag} for this method")
+    template = targs.chat_template_path
+    if template and not (Path(template).is_file() and template.endswith((".jinja", ".j2"))):
+        raise UserError(f"--chat_template_path {template}: not a .jinja file that exists; pass a Jinja chat template "
+                        "file (copying another model's template with its tokens is not supported here)")
+    if targs.packing and targs.packing_strategy == "wrapped":
+        raise UserError("--packing_strategy wrapped cuts examples mid-way and lets them attend to each other; use bfd "
+                        "(the default) or bfd_split")
     if targs.assistant_only_loss and cfg.data.task != "instruction":
         raise UserError("--assistant_only_loss is for conversations; this run's data are not (classification)")
     return dataclasses.replace(
@@ -183,6 +190,15 @@ def sft_settings(cfg, targs):
         include_num_input_tokens_seen="all" if flattens(targs) and targs.pad_to_multiple_of is None
         else targs.include_num_input_tokens_seen,
     )
+
+
+def apply_tokenizer_settings(targs, tokenizer) -> None:
+    """SFTConfig's --chat_template_path (a .jinja file) and --eos_token, applied to the tokenizer before the data are
+    tokenized with it (TRL applies them in SFTTrainer, after; the same again there)."""
+    if targs.chat_template_path:
+        tokenizer.chat_template = Path(targs.chat_template_path).read_text(encoding="utf-8")
+    if targs.eos_token:
+        tokenizer.eos_token = targs.eos_token
 
 
 @torch.no_grad()

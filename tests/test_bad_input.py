@@ -27,6 +27,7 @@ FORCE_AVX512BF16 = Path(__file__).parent / "avx512bf16_forced"  # its sitecustom
 RECIPE = "recipes/qwen2_7b_adalora.py"
 FLAGSHIP = [RECIPE, "--model", "stories260k", "--output_dir", "{tmp}/out-{case}"]
 QLORA = ["recipes/qwen2_7b_qlora.py", "--model", "stories260k", "--output_dir", "{tmp}/out-{case}"]
+LORA = ["recipes/qwen2_5_0_5b_lora.py", "--model", "tiny-qwen2", "--output_dir", "{tmp}/out-{case}"]
 OPT = ["recipes/opt_350m_prefix_tuning.py", "--model", "tiny-opt", "--output_dir", "{tmp}/out-{case}"]
 ALPACA100 = ["recipes/llama2_7b_lora_alpaca100.py", "--model", "stories260k", "--quantization", "none",
              "--output_dir", "{tmp}/out-{case}"]
@@ -42,7 +43,20 @@ CASES = [
     ("wrong-columns", [*FLAGSHIP, "--data_file", "{tmp}/columns.csv"], "qwen2_7b_adalora", "has no column 'text', 'label'", "--text_column"),
     ("unknown-label", [*FLAGSHIP, "--data_file", "{tmp}/neutral.csv"], "qwen2_7b_adalora", "label 'neutral' is not one of", "--labels"),
     ("no-text-at-all", [*FLAGSHIP, "--data_file", "{tmp}/empty_text.csv"], "qwen2_7b_adalora", "no row has text in column 'text'", "column"),
-    ("unknown-format", [*FLAGSHIP, "--data_file", "{tmp}/data.parquet"], "qwen2_7b_adalora", "unknown format '.parquet'", "use .csv, .json or .jsonl"),
+    ("unknown-format", [*FLAGSHIP, "--data_file", "{tmp}/data.xlsx"], "qwen2_7b_adalora", "unknown format '.xlsx'", "use .csv, .json, .jsonl or .parquet"),
+    ("broken-parquet", [*FLAGSHIP, "--data_file", "{tmp}/data.parquet"], "qwen2_7b_adalora", "data.parquet", "Parquet"),
+    # recipes: supervised formats and TRL's SFT settings
+    ("sft-no-format", [*LORA, "--data_file", "{tmp}/columns.csv"], "qwen2_5_0_5b_lora", "fit no supervised format", "use one of: alpaca"),
+    ("sft-mixed-formats", [*LORA, "--data_file", "{tmp}/mixed_sft.jsonl"], "qwen2_5_0_5b_lora", "row 2 mixes formats", "use one format per file"),
+    ("sft-no-assistant-turn", [*LORA, "--data_file", "{tmp}/no_answer.jsonl"], "qwen2_5_0_5b_lora", "row 1: no assistant turn", "end the conversation with the assistant's answer"),
+    ("sft-preference-file", [*LORA, "--data_file", "data/dpo_en_demo.json"], "qwen2_5_0_5b_lora", "holds preference pairs", "qwen2_5_0_5b_dpo.py"),
+    ("sft-bad-column-mapping", [*LORA, "--column_mapping", "{{not json"], "qwen2_5_0_5b_lora", "--column_mapping is not valid JSON", "pass one dataset_info entry"),
+    ("sft-dataset-folder-missing", [*LORA, "--dataset_name", "{tmp}/no_such_dataset"], "qwen2_5_0_5b_lora", "could not be loaded", "check the name"),
+    ("sft-packing-prompt-tuning", [*OPT, "--packing", "true"], "opt_350m_prefix_tuning", "--packing would let examples see each other under prefix_tuning", "drop --packing"),
+    ("sft-packing-wrapped", [*LORA, "--packing", "true", "--packing_strategy", "wrapped"], "qwen2_5_0_5b_lora", "--packing_strategy wrapped", "use bfd"),
+    ("sft-max-length", [*LORA, "--max_length", "300"], "qwen2_5_0_5b_lora", "--max_length is TRL's name for --max_seq_length", "set --max_seq_length 300"),
+    ("sft-chat-template-missing", [*LORA, "--chat_template_path", "{tmp}/nowhere.jinja"], "qwen2_5_0_5b_lora", "--chat_template_path", "pass a Jinja chat template file"),
+    ("sft-truncation-mode", [*LORA, "--truncation_mode", "keep_end"], "qwen2_5_0_5b_lora", "--truncation_mode does not apply", "leave it unset"),
     ("window-too-short", [*FLAGSHIP, "--max_seq_length", "16"], "qwen2_7b_adalora", "--max_seq_length 16 is too short", "pass --max_seq_length"),
     ("validation-split", [*FLAGSHIP, "--validation_split", "1.5"], "qwen2_7b_adalora", "--validation_split must be in [0, 1)", "got 1.5"),
     ("max-samples-zero", [*FLAGSHIP, "--max_samples", "0"], "qwen2_7b_adalora", "--max_samples must be at least 1", "got 0"),
@@ -155,6 +169,10 @@ def _files(tmp: Path) -> None:
     (tmp / "neutral.csv").write_text("text,label\nnice,positive\nmeh,neutral\n")
     (tmp / "empty_text.csv").write_text("text,label\n,positive\n  ,negative\n")
     (tmp / "data.parquet").write_bytes(b"\xff\xfe garbage")
+    (tmp / "data.xlsx").write_bytes(b"PK garbage")
+    answer = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp / "mixed_sft.jsonl").write_text(json.dumps(answer) + "\n" + json.dumps({"text": "just text"}) + "\n")
+    (tmp / "no_answer.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     (tmp / "broken.yaml").write_text("learning_rate: [1e-4\n")
     (tmp / "unknown.yaml").write_text("learning_rat: 1e-4\n")
     (tmp / "a-file").write_text("x")

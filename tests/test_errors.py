@@ -49,7 +49,8 @@ def write(path, text: str):
         ("text,label\n,positive\n  ,negative\n", ".csv", "no row has text in column 'text'"),
         ("text,label\n", ".csv", "holds no rows"),
         ('[{"text": "a", "label": "positive"', ".json", "could not be read"),
-        ("\xff\xfe garbage", ".parquet", "unknown format '.parquet'"),
+        ("\xff\xfe garbage", ".xlsx", "unknown format '.xlsx'"),
+        ("\xff\xfe garbage", ".parquet", "could not be read"),
         ('{"a": 1}', ".json", "must hold a list of records"),
     ],
 )

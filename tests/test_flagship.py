@@ -138,6 +138,7 @@ def test_orth_penalty_counts_once_per_optimizer_step(tmp_path):
 
     from harness import data as data_mod
     from harness.config import parse_args
+    from harness.encoding import prepare
     from harness.methods import adalora_schedule, peft_config
     from harness.models import load_model, load_tokenizer
     from harness.training import build_trainer, orth_penalty_scaled
@@ -148,7 +149,7 @@ def test_orth_penalty_counts_once_per_optimizer_step(tmp_path):
                                          "--eval_strategy", "no", "--load_best_model_at_end", "false"])
     tokenizer = load_tokenizer(cfg.model)
     rows = data_mod.load_records(cfg.data).rows
-    prepared = data_mod.prepare(rows, [], cfg.data, tokenizer)
+    prepared = prepare(rows, [], cfg.data, tokenizer)
     model = load_model(cfg.model, "adalora", False)
     model = get_peft_model(model, peft_config(cfg.method, model, adalora_schedule(cfg.method, 10)))
     trainer = build_trainer(model, tokenizer, cfg.train, prepared)

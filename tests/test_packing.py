@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from harness.config import DataArguments, ModelArguments
-from harness.data import IGNORE_INDEX, prepare
+from harness.data import IGNORE_INDEX
+from harness.encoding import prepare
 from harness.models import load_model, load_tokenizer
 
 # Float32 on CPU: packed and one-by-one runs differ only by summation order (measured ~1e-7 relative).

@@ -11,7 +11,8 @@ from harness.config import DataArguments, ModelArguments
 
 @pytest.fixture
 def scorer_and_model():
-    from harness.data import label_set, prepare
+    from harness.data import label_set
+    from harness.encoding import prepare
     from harness.evaluation import ClassificationScorer
     from harness.models import load_model, load_tokenizer
 

@@ -225,7 +225,8 @@ def test_one_pass_evaluation_gives_the_trainers_own_loss_and_answer_token_accura
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from harness.config import DataArguments
-    from harness.data import label_set, prepare, read_table
+    from harness.data import label_set, read_table
+    from harness.encoding import prepare
     from harness.evaluation import ClassificationScorer
     from harness.training import SFTSettings, build_trainer
 
