@@ -429,3 +429,25 @@ def test_records_the_tools_write_under_results_do_not_mark_a_trial_as_uncommitte
     assert measure.git_state()["dirty"] is False
     (repo / "harness" / "code.py").write_text("x = 2\n")
     assert measure.git_state()["dirty"] is True
+
+
+def test_packing_timing_table_compares_each_way_with_the_fixed_length_baseline():
+    from harness.bench import packing_timing as pt
+
+    def run(speed, positions, loss=1.0):
+        return {"tokens_per_second": speed, "train_seconds": 1000 / speed, "tokens_trained": 1000,
+                "positions_trained": positions, "peak_memory_mb": 900.0, "train_loss": loss, "eval_loss": 2.0}
+
+    ways = list(pt.ways(512))
+    data = {"command": "python -m harness.bench.packing_timing -- recipes/x.py", "run": "python recipes/x.py",
+            "window": 512, "device": "cpu test", "model": "tiny-qwen2", "git": {"commit": "abc"}, "versions": {},
+            "data": {"data_file": "data/x.csv", "train_examples": 8},
+            "runs": {ways[0]: [run(100, 2048), run(110, 2048), run(90, 2048)],
+                     ways[1]: [run(130, 1500), run(135, 1500), run(120, 1500)],
+                     ways[2]: [run(160, 1000), run(170, 1000), run(150, 1000)],
+                     ways[3]: [run(200, 1000, 0.9), run(210, 1000, 0.9), run(95, 1000, 0.9)]}}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in pt.render(data).splitlines() if line.startswith("| ")}
+    assert "(baseline)" in rows[ways[0]] and "2.05" in rows[ways[0]]  # positions per real token: the padding
+    assert "1.60x | yes: the ranges do not overlap | 1.00 | 2.05x" in rows[ways[2]]  # median 160 / 100; ideal
+    assert "2.00x | no: the ranges overlap" in rows[ways[3]]  # 95 falls inside the baseline's 90-110
+    assert "0.9000" in rows[ways[3]]

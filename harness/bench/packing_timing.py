@@ -40,7 +40,7 @@ def ways(window: int) -> dict[str, list[str]]:
 
 
 FIGURES = ("tokens_per_second", "train_seconds", "tokens_trained", "positions_trained", "peak_memory_mb",
-           "train_loss", "eval_loss")
+           "train_loss", "eval_loss", "global_step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         data = {"command": shlex.join(["python", "-m", "harness.bench.packing_timing", *argv]),
                 "run": shlex.join(["python", *run_args]), "window": window, "device": first["device"],
                 "model": first["model"], "git": first["git"], "versions": first["versions"], "data": first["data"],
-                "runs": {way: [{k: r[k] for k in FIGURES} for r in rs] for way, rs in runs.items()}}
+                "runs": {way: [{k: r.get(k) for k in FIGURES} for r in rs] for way, rs in runs.items()}}
         out = Path(args.out)
         write_json_atomic(out.with_suffix(".json"), data)
         write_text_atomic(out, render(data))
@@ -133,11 +133,13 @@ def render(data: dict) -> str:
         "",
         "Tokens/s counts the non-padding tokens trained on per second of training (optimizer steps only); positions "
         "are what the model computed, padding included. The ideal speed-up is the baseline's positions per real "
-        "token: what removing every padded position could give if a position cost the same however it is batched.",
+        "token: what removing every padded position could give if a position cost the same however it is batched. "
+        "Packing puts several examples in a row, so an epoch takes fewer, larger optimizer steps: its losses differ "
+        "for that reason.",
         "",
         "| way | runs | tokens/s min / median / max | speed-up (median) | beyond noise? | positions / token | ideal "
-        "| train s (median) | peak MiB (median) | train loss | eval loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| train s (median) | peak MiB (median) | train loss | eval loss | optimizer steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base_positions = runs[BASELINE][0]["positions_trained"]
     for way, rs in runs.items():
@@ -158,7 +160,8 @@ def render(data: dict) -> str:
             f"| {way} | {len(rs)} | {_spread(speeds)} | {speedup} | {verdict} | {ratio} | {ideal} "
             f"| {statistics.median(r['train_seconds'] for r in rs):.1f} "
             f"| {statistics.median(r['peak_memory_mb'] for r in rs if r['peak_memory_mb'] is not None):.0f} "
-            f"| {', '.join(f'{v:.4f}' for v in losses)} | {', '.join(f'{v:.4f}' for v in evals)} |")
+            f"| {', '.join(f'{v:.4f}' for v in losses)} | {', '.join(f'{v:.4f}' for v in evals)} "
+            f"| {rs[0].get('global_step') or ''} |")
     lines.append("")
     return "\n".join(lines)
 

@@ -259,9 +259,17 @@ SCORED_ON = ("model", "quantization", "dtype", "bnb_4bit_quant_type", "bnb_4bit_
              "forgetting_file", "forgetting_samples", "per_device_eval_batch_size")
 
 
+# Added later: part of what a model is scored on only when set, so sweeps recorded before them keep their baselines.
+SCORED_ON_WHEN_SET = ("dataset_name", "dataset_config", "column_mapping")
+
+
 def scored_on(config) -> str:
     settings = config.to_dict()
-    return json.dumps({k: settings.get(k) for k in SCORED_ON}, sort_keys=True, default=str)
+    scored = {k: settings.get(k) for k in SCORED_ON}
+    scored.update({k: settings[k] for k in SCORED_ON_WHEN_SET if settings.get(k) is not None})
+    if settings.get("dataset_name"):
+        scored["dataset_split"] = settings.get("dataset_split")
+    return json.dumps(scored, sort_keys=True, default=str)
 
 
 def with_baselines(trials: list[Trial], recipe_defaults: dict[str, dict[str, Any]], cpu_threads: int | None) -> list[Trial]:
