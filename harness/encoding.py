@@ -58,8 +58,12 @@ def prepare(rows_train: list[dict], rows_eval: list[dict], args: DataArguments, 
     if not train_enc:
         raise UserError(f"no training example fits --max_seq_length {args.max_seq_length}: every conversation's "
                              "first answer starts beyond it; raise --max_seq_length")
-    eval_enc, eval_counts = encode_rows(rows_eval, args, tokenizer) if rows_eval else ([], {})
+    # Classification keeps its eval examples: the task scorer scores their label candidates
     eval_examples = build_examples(rows_eval, args, tokenizer) if rows_eval and args.task == "classification" else []
+    if eval_examples:
+        eval_enc, eval_counts = [encode(tokenizer, ex, args.max_seq_length) for ex in eval_examples], {}
+    else:
+        eval_enc, eval_counts = encode_rows(rows_eval, args, tokenizer) if rows_eval else ([], {})
     lengths = [len(e.input_ids) for e in train_enc]
     stats = {
         **({"format": counts["format"]} if "format" in counts else {}),

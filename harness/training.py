@@ -189,6 +189,9 @@ def sft_settings(cfg, targs):
         # otherwise make the Trainer skip real EOS tokens).
         include_num_input_tokens_seen="all" if flattens(targs) and targs.pad_to_multiple_of is None
         else targs.include_num_input_tokens_seen,
+        # Padded batches on a GPU: widths a multiple of 8 suit tensor cores (as before TRL's collator)
+        pad_to_multiple_of=8 if targs.pad_to_multiple_of is None and not flattens(targs) and torch.cuda.is_available()
+        else targs.pad_to_multiple_of,
     )
 
 
@@ -353,7 +356,7 @@ def orth_penalty_scaled(model, factor: float):
 
 
 def build_trainer(model, tokenizer, training_args, data, task_scorer=None, callbacks=(), evaluation_only=False) -> RecipeTrainer:
-    """The run's trainer on tokenized data (harness.data.prepare). evaluation_only (method none): a quantized model
+    """The run's trainer on tokenized data (harness.encoding.prepare). evaluation_only (method none): a quantized model
     without an adapter is accepted; the Trainer refuses one because it cannot train, and this one is only ever
     evaluated."""
     from unittest import mock
