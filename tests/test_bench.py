@@ -451,3 +451,27 @@ def test_packing_timing_table_compares_each_way_with_the_fixed_length_baseline()
     assert "1.60x | yes: the ranges do not overlap | 1.00 | 2.05x" in rows[ways[2]]  # median 160 / 100; ideal
     assert "2.00x | no: the ranges overlap" in rows[ways[3]]  # 95 falls inside the baseline's 90-110
     assert "0.9000" in rows[ways[3]]
+
+
+def test_overhead_timing_table_gives_recipe_over_plain_and_refuses_a_different_training(monkeypatch, tmp_path):
+    from harness.bench import overhead_timing as ot
+
+    def run(wall, runtime, tokens=512, steps=2):
+        return {"wall_seconds": wall, "train_runtime": runtime, "tokens": tokens, "global_step": steps, "train_loss": 4.0576}
+
+    data = {"command": "python -m harness.bench.overhead_timing", "ways": {w: f"python {w}" for w in ot.WAYS},
+            "device": "cpu test", "model": "tiny-qwen2", "git": {"commit": "abc"}, "versions": {},
+            "runs": {ot.WAYS[0]: [run(100, 80), run(104, 82), run(98, 79)],
+                     ot.WAYS[1]: [run(110, 81), run(112, 80), run(109, 83)]}}
+    rows = [line for line in ot.render(data).splitlines() if line.startswith("| wall") or line.startswith("| train_runtime")]
+    assert rows == ["| wall | 1.100 | yes: the ranges do not overlap |",  # 110 / 100 (medians); 109 > 104
+                    "| train_runtime | 1.012 | no: the ranges overlap |"]  # 81 / 80
+
+    # Different tokens or steps mean the two ways did not train the same thing: refused, nothing written.
+    figures = iter([run(100, 80), run(100, 80, tokens=500)])
+    monkeypatch.setattr(ot, "run_once", lambda way, command, folder: next(figures))
+    monkeypatch.setattr("harness.offline_models.resolve_offline_model", lambda name: "/models/x")
+    out = tmp_path / "overhead.md"
+    with pytest.raises(SystemExit) as stopped:
+        ot.main(["--repeats", "1", "--out", str(out)])
+    assert stopped.value.code == 2 and not out.exists()

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def _spread(values: list[float], digits: int = 1) -> str:
+def spread(values: list[float], digits: int = 1) -> str:
     return f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f} / {max(values):.{digits}f}"
 
 
@@ -157,7 +157,7 @@ def render(data: dict) -> str:
         losses = sorted({r["train_loss"] for r in rs})
         evals = sorted({r["eval_loss"] for r in rs if r["eval_loss"] is not None})
         lines.append(
-            f"| {way} | {len(rs)} | {_spread(speeds)} | {speedup} | {verdict} | {ratio} | {ideal} "
+            f"| {way} | {len(rs)} | {spread(speeds)} | {speedup} | {verdict} | {ratio} | {ideal} "
             f"| {statistics.median(r['train_seconds'] for r in rs):.1f} "
             f"| {statistics.median(r['peak_memory_mb'] for r in rs if r['peak_memory_mb'] is not None):.0f} "
             f"| {', '.join(f'{v:.4f}' for v in losses)} | {', '.join(f'{v:.4f}' for v in evals)} "
