@@ -7,6 +7,8 @@ import signal
 import sys
 import threading
 
+from harness.processes import is_main
+
 
 class UserError(Exception):
     """Bad input or an impossible setting. The message names the problem and the fix."""
@@ -29,8 +31,6 @@ def reported_as_one_line(program: str = "error", interrupted_note: str = INTERRU
 
     Anything else is a bug in this project and keeps its traceback.
     """
-    from harness.distributed import is_main  # (harness.distributed imports this module: not at the top)
-
     with sigterm_as_interrupt():
         try:
             yield

@@ -60,9 +60,10 @@ def check_options(args) -> None:
 
 def load_for_generation(args):
     """(model, tokenizer, data settings for the prompt layout)."""
-    from harness.adapters import attach, open_adapter
-    from harness.config import DataArguments, ModelArguments
-    from harness.models import load_model, load_tokenizer
+    # imported here, not at the top: --help and one-line refusals answer without importing torch
+    from harness.models.adapters import attach, open_adapter
+    from harness.models.loading import load_model, load_tokenizer
+    from harness.run.config import DataArguments, ModelArguments
 
     adapter = open_adapter(args.adapter) if args.adapter else None
     if adapter is None and not args.base:
@@ -93,7 +94,8 @@ def reply(model, tokenizer, data_args, messages: list[dict], args) -> str:
     import torch
     from transformers import TextStreamer
 
-    from harness.data import generation_prompt, stop_strings
+    # imported here, not at the top: --help and one-line refusals answer without importing torch
+    from harness.data.examples import generation_prompt, stop_strings
 
     prompt = generation_prompt(messages, data_args, tokenizer)
     # Tokenized exactly as training tokenized its prompts (special tokens included).

@@ -81,10 +81,12 @@ def _probe_logits(model, tokenizer):
 
 
 def merge(args) -> dict:
-    from harness.adapters import attach, open_adapter
-    from harness.config import ModelArguments
-    from harness.measure import versions, write_json_atomic
-    from harness.models import compute_dtype, load_model, load_tokenizer, resolve_model
+    # imported here, not at the top: --help and one-line refusals answer without importing torch
+    from harness.files import write_json_atomic
+    from harness.models.adapters import attach, open_adapter
+    from harness.models.loading import compute_dtype, load_model, load_tokenizer, resolve_model
+    from harness.run.config import ModelArguments
+    from harness.run.measure import versions
 
     if args.rtol is not None and not args.rtol >= 0:  # also catches nan
         raise UserError(f"--rtol must be >= 0 (a fraction of the largest logit), got {args.rtol}")

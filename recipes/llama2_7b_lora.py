@@ -26,13 +26,9 @@ Run it
 Then:
   python -m harness.infer --base meta-llama/Llama-2-7b-hf --adapter outputs/llama2_7b_lora --load-in-4bit --prompt "Give three tips for staying healthy."
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
-
-from harness.presets import ALPACA_ORIGINAL, LLAMA2_7B_4BIT, LLAMA2_LORA, LLAMA2_T4_TRAINING  # noqa: E402
-from harness.recipe import run_recipe  # noqa: E402
+from harness.run.flow import run_recipe
+from harness.run.presets import ALPACA_ORIGINAL, LLAMA2_7B_4BIT, LLAMA2_LORA, LLAMA2_T4_TRAINING
 
 DEFAULTS = dict(
     **LLAMA2_7B_4BIT,  # meta-llama/Llama-2-7b-hf in 4-bit NF4

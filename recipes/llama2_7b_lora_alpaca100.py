@@ -6,7 +6,7 @@ test set with an LLM judge (the guide reached 4.15-4.4 of 5 with a GPT-4o-mini j
 
 What it does
   - Holds out 10% of the data file (seed 42) for eval loss and ROUGE-L; selection never sees them.
-  - Selection (harness.select): value = conversation words + response words ("Long Is More for
+  - Selection (harness.alpaca100.select): value = conversation words + response words ("Long Is More for
     Alignment") + 5 x instruction complexity, times the record's rating when it has one; top 100,
     ties to the earlier record, duplicate prompts once. Writes the set, every record's scores, a plot.
   - Training: meta-llama/Llama-2-7b-hf in 4-bit NF4 (on Unsloth where it can run, plain PEFT
@@ -44,17 +44,13 @@ Run it
       --judge_backend local --judge_model stories260k                              # offline, CPU, minutes
   python -m harness.select --data_file data/alpaca_en_demo.json --select_k 100     # selection alone
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
-
-from harness.backends import import_unsloth_first  # noqa: E402
+from harness.models.backends import import_unsloth_first
 
 import_unsloth_first()  # before transformers, so all of Unsloth's patches apply (no-op without unsloth)
 
-from harness.presets import LLAMA2_7B_4BIT, LLAMA2_LORA, LLAMA2_T4_TRAINING  # noqa: E402
-from harness.select_train_judge import run_select_train_judge  # noqa: E402
+from harness.alpaca100.pipeline import run_select_train_judge
+from harness.run.presets import LLAMA2_7B_4BIT, LLAMA2_LORA, LLAMA2_T4_TRAINING
 
 DEFAULTS = dict(
     **LLAMA2_7B_4BIT,  # meta-llama/Llama-2-7b-hf in 4-bit NF4 (~6.3 GB peak on a T4 in the guide)

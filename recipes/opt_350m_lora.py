@@ -20,13 +20,9 @@ Run it
   python recipes/opt_350m_lora.py --model tiny-opt --max_steps 5   # offline, CPU, seconds
   python recipes/opt_350m_lora.py --target_modules all-linear --r 8
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
-
-from harness.presets import IMDB_SENTIMENT_ALPACA, OPT_350M, OPT_TRAINING  # noqa: E402
-from harness.recipe import run_recipe  # noqa: E402
+from harness.run.flow import run_recipe
+from harness.run.presets import IMDB_SENTIMENT_ALPACA, OPT_350M, OPT_TRAINING
 
 DEFAULTS = dict(
     **OPT_350M,

@@ -18,13 +18,9 @@ Run it
   python recipes/opt_350m_prompt_tuning.py --model tiny-opt --max_steps 5   # offline, CPU
   python recipes/opt_350m_prompt_tuning.py --num_virtual_tokens 8 --learning_rate 1e-2
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
-
-from harness.presets import IMDB_SENTIMENT_ALPACA, OPT_350M, OPT_TRAINING  # noqa: E402
-from harness.recipe import run_recipe  # noqa: E402
+from harness.run.flow import run_recipe
+from harness.run.presets import IMDB_SENTIMENT_ALPACA, OPT_350M, OPT_TRAINING
 
 DEFAULTS = dict(
     **OPT_350M,

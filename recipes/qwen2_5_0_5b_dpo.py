@@ -31,13 +31,9 @@ Run it
 Then:
   python -m harness.infer --base Qwen/Qwen2.5-0.5B-Instruct --adapter outputs/qwen2_5_0_5b_dpo --chat
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
-
-from harness.presets import QWEN2_5_0_5B_INSTRUCT  # noqa: E402
-from harness.recipe import run_recipe  # noqa: E402
+from harness.run.flow import run_recipe
+from harness.run.presets import QWEN2_5_0_5B_INSTRUCT
 
 DEFAULTS = dict(
     **QWEN2_5_0_5B_INSTRUCT,

@@ -17,6 +17,9 @@ What it does
 Trade-offs
   - Weights, gradients and Adam's two states take 16 bytes per parameter before any activation;
     LoRA (qwen2_5_0_5b_lora.py) trains a few percent of the parameters for a fraction of that.
+  - Padding-free batches (--padding_free true, this recipe's default): the examples of a batch are laid end
+    to end in one row, no padding computed, same loss (results/packing_alpaca.md). --padding_free false pads
+    each batch to its longest example instead; --packing true also fills rows across examples (fewer steps).
 
 Run it
   python recipes/qwen2_5_0_5b_full.py                                  # GPU + Hugging Face Hub
@@ -27,13 +30,9 @@ Run it
 
 Then chat with it (it is a complete model): python -m harness.infer --base outputs/qwen2_5_0_5b_full --chat
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
-
-from harness.presets import ALPACA_GPT4_CHAT, QWEN2_5_0_5B_INSTRUCT, QWEN2_5_TRAINING  # noqa: E402
-from harness.recipe import run_recipe  # noqa: E402
+from harness.run.flow import run_recipe
+from harness.run.presets import ALPACA_GPT4_CHAT, QWEN2_5_0_5B_INSTRUCT, QWEN2_5_TRAINING
 
 DEFAULTS = dict(
     **QWEN2_5_0_5B_INSTRUCT,
@@ -44,6 +43,7 @@ DEFAULTS = dict(
     learning_rate=2e-5,
     per_device_train_batch_size=2,  # a full model's gradients and Adam states leave less room for activations
     gradient_accumulation_steps=8,
+    padding_free=True,  # a batch laid end to end: no padding computed, same loss (results/packing_alpaca.md)
     output_dir="outputs/qwen2_5_0_5b_full",
 )
 

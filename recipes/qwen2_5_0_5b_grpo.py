@@ -28,14 +28,10 @@ Run it
       --eval_max_samples 4                                                             # offline, seconds
   python recipes/qwen2_5_0_5b_grpo.py --num_generations 4 --per_device_train_batch_size 8  # 2 problems a step
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
-
-from harness.objectives.gsm8k import final_answer, marked_answer  # noqa: E402
-from harness.presets import QWEN2_5_0_5B_INSTRUCT  # noqa: E402
-from harness.recipe import run_recipe  # noqa: E402
+from harness.data.gsm8k import final_answer, marked_answer
+from harness.run.flow import run_recipe
+from harness.run.presets import QWEN2_5_0_5B_INSTRUCT
 
 
 def completion_text(completion) -> str:

@@ -17,6 +17,9 @@ Trade-offs
   - alpha 16 with r 64 scales updates by 0.25: a gentle adapter. Raise --lora_alpha (or try
     llama2_7b_rslora.py's rank-stabilised scaling) if it learns too slowly.
   - Needs the 16-bit base in memory; the QLoRA recipes load it in 4 or 8 bits instead.
+  - Padding-free batches (--padding_free true, this recipe's default): the examples of a batch are laid end
+    to end in one row, no padding computed, same loss (results/packing_alpaca.md). --padding_free false pads
+    each batch to its longest example instead; --packing true also fills rows across examples (fewer steps).
 
 Run it
   python recipes/qwen2_5_0_5b_lora.py                                   # GPU + Hugging Face Hub
@@ -28,13 +31,9 @@ Then:
   python -m harness.infer --base Qwen/Qwen2.5-0.5B-Instruct --adapter outputs/qwen2_5_0_5b_lora --chat
   python -m harness.merge --base Qwen/Qwen2.5-0.5B-Instruct --adapter outputs/qwen2_5_0_5b_lora --out merged/
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
-
-from harness.presets import ALPACA_GPT4_CHAT, QWEN2_5_0_5B_INSTRUCT, QWEN2_5_LORA, QWEN2_5_TRAINING  # noqa: E402
-from harness.recipe import run_recipe  # noqa: E402
+from harness.run.flow import run_recipe
+from harness.run.presets import ALPACA_GPT4_CHAT, QWEN2_5_0_5B_INSTRUCT, QWEN2_5_LORA, QWEN2_5_TRAINING
 
 DEFAULTS = dict(
     **QWEN2_5_0_5B_INSTRUCT,
@@ -42,6 +41,7 @@ DEFAULTS = dict(
     **QWEN2_5_TRAINING,  # batch 4 x 4, 3 epochs, cosine, 5% warm-up
     **QWEN2_5_LORA,  # r 64, alpha 16, dropout 0.1, q,k,v,o,gate,up,down
     learning_rate=1e-4,
+    padding_free=True,  # a batch laid end to end: no padding computed, same loss (results/packing_alpaca.md)
     output_dir="outputs/qwen2_5_0_5b_lora",
 )
 

@@ -14,6 +14,9 @@ Trade-offs
   - 4-bit weights cost a little quality and some speed (dequantization) against 16-bit LoRA;
     they matter most for big models (see qwen2_7b_qlora.py), little for a 0.5B one.
   - Needs bitsandbytes (CUDA, or its CPU backend for small tests).
+  - Padding-free batches (--padding_free true, this recipe's default): the examples of a batch are laid end
+    to end in one row, no padding computed, same loss (results/packing_alpaca.md). --padding_free false pads
+    each batch to its longest example instead; --packing true also fills rows across examples (fewer steps).
 
 Run it
   python recipes/qwen2_5_0_5b_qlora.py                                   # GPU + Hugging Face Hub
@@ -24,13 +27,9 @@ Run it
 Then (the adapter expects the same 4-bit base):
   python -m harness.infer --base Qwen/Qwen2.5-0.5B-Instruct --adapter outputs/qwen2_5_0_5b_qlora --load-in-4bit --chat
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
-
-from harness.presets import ALPACA_GPT4_CHAT, QWEN2_5_0_5B_INSTRUCT, QWEN2_5_LORA, QWEN2_5_TRAINING  # noqa: E402
-from harness.recipe import run_recipe  # noqa: E402
+from harness.run.flow import run_recipe
+from harness.run.presets import ALPACA_GPT4_CHAT, QWEN2_5_0_5B_INSTRUCT, QWEN2_5_LORA, QWEN2_5_TRAINING
 
 DEFAULTS = dict(
     **QWEN2_5_0_5B_INSTRUCT,
@@ -39,6 +38,7 @@ DEFAULTS = dict(
     **QWEN2_5_LORA,  # r 64, alpha 16, dropout 0.1, q,k,v,o,gate,up,down
     quantization="4bit",  # NF4 + double quantization (the defaults of --bnb_4bit_*)
     learning_rate=2e-4,
+    padding_free=True,  # a batch laid end to end: no padding computed, same loss (results/packing_alpaca.md)
     output_dir="outputs/qwen2_5_0_5b_qlora",
 )
 

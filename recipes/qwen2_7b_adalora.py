@@ -35,13 +35,9 @@ Run it
 Then load the adapter:
   PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "outputs/qwen2_7b_adalora")
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
-
-from harness.presets import IMDB_SENTIMENT, KAGGLE_T4_TRAINING, QWEN2_7B_INSTRUCT_4BIT  # noqa: E402
-from harness.recipe import run_recipe  # noqa: E402
+from harness.run.flow import run_recipe
+from harness.run.presets import IMDB_SENTIMENT, KAGGLE_T4_TRAINING, QWEN2_7B_INSTRUCT_4BIT
 
 DEFAULTS = dict(
     **QWEN2_7B_INSTRUCT_4BIT,  # Qwen/Qwen2-7B-Instruct, 4-bit NF4 + double quantization

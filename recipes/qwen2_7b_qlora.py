@@ -25,13 +25,9 @@ Run it
 Then ask it (the prompt is laid out as in training, and the base is loaded in 4-bit as trained):
   python -m harness.infer --adapter outputs/qwen2_7b_qlora --load-in-4bit --prompt "A gripping, beautifully shot film." --temperature 0 --max_new_tokens 3
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any folder without installing
-
-from harness.presets import IMDB_SENTIMENT, KAGGLE_T4_TRAINING, QWEN2_7B_INSTRUCT_4BIT  # noqa: E402
-from harness.recipe import run_recipe  # noqa: E402
+from harness.run.flow import run_recipe
+from harness.run.presets import IMDB_SENTIMENT, KAGGLE_T4_TRAINING, QWEN2_7B_INSTRUCT_4BIT
 
 DEFAULTS = dict(
     **QWEN2_7B_INSTRUCT_4BIT,

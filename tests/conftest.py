@@ -1,9 +1,9 @@
-"""Shared test setup: offline, CPU, the repo importable, tiny models built once per session."""
+"""Shared test setup: offline, CPU, tiny models built once per session. The harness is importable through the
+README's set-up (an editable install)."""
 from __future__ import annotations
 
 import os
 import signal
-import sys
 import tempfile
 from pathlib import Path
 
@@ -12,11 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FT_COOKBOOK_CACHE", tempfile.mkdtemp(prefix="ft-cookbook-test-models-"))
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import pytest  # noqa: E402
+import pytest  # noqa: E402  (after the environment above)
 
 
 def _sigint_as_default() -> None:  # runs in the child between fork and exec

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from harness.config import parse_args
-from harness.recipe import load_recipe
+from harness.run.command_line import parse_args
+from harness.run.flow import load_recipe
 
 alpaca100 = load_recipe("llama2_7b_lora_alpaca100")
 
@@ -17,7 +17,7 @@ NAME = "llama2_7b_lora_alpaca100"
 
 
 def test_defaults_are_the_guides_settings():
-    from harness.select_train_judge import EXTRA_ARGUMENTS
+    from harness.alpaca100.pipeline import EXTRA_ARGUMENTS
 
     cfg = parse_args({**alpaca100.DEFAULTS, "recipe": NAME}, [], extra_classes=EXTRA_ARGUMENTS)
     assert cfg.model.model == "meta-llama/Llama-2-7b-hf"

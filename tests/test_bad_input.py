@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import REPO_ROOT
+from harness.locations import REPO_ROOT, RESULTS_DIR
 
 FORCE_AVX512BF16 = Path(__file__).parent / "avx512bf16_forced"  # its sitecustomize.py forces the path
 RECIPE = "recipes/qwen2_7b_adalora.py"
@@ -138,7 +138,7 @@ CASES = [
     ("report-empty-runs", ["-m", "harness.report", "--results-dir", "{tmp}/empty-results"], "report", "holds no complete record (it is empty)", "run python -m harness.bench"),
     ("report-foreign-records", ["-m", "harness.report", "--results-dir", "{tmp}/foreign-results"], "report", "holds no harness.bench trial record", "run python -m harness.bench"),
     ("report-no-runs", ["-m", "harness.report", "--results-dir", "{tmp}/nowhere"], "report", "no runs.jsonl in", "run python -m harness.bench first"),
-    ("report-unknown-sweep", ["-m", "harness.report", "--results-dir", str(REPO_ROOT / "results"), "--sweep", "nope"], "report", "sweep 'nope' is not in", "recorded sweeps: stories260k"),
+    ("report-unknown-sweep", ["-m", "harness.report", "--results-dir", str(RESULTS_DIR), "--sweep", "nope"], "report", "sweep 'nope' is not in", "recorded sweeps: stories260k"),
     # harness.infer
     ("infer-missing-adapter", ["-m", "harness.infer", "--adapter", "{tmp}/nowhere", "--prompt", "hi"], "infer", "adapter folder {tmp}/nowhere not found", "pass --adapter"),
     ("infer-top-p", ["-m", "harness.infer", "--base", "stories260k", "--prompt", "hi", "--top_p", "0"], "infer", "--top_p must be in (0, 1]", "got 0"),

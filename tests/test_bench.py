@@ -13,9 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness import bench, report
-from harness.config import REPO_ROOT
-from harness.records import RUNS_FILE, append_record, read_records
+from harness import bench
+from harness.locations import REPO_ROOT
+from harness.reporting import page as report
+from harness.reporting import tables
+from harness.reporting.runs import RUNS_FILE, append_record, read_records
 
 TINY = [
     "--model", "tiny-qwen2",
@@ -110,7 +112,7 @@ def test_sweep_fills_every_column_with_measured_values(sweep):
     assert sweep.records[0]["result"]["git"]["commit"] in text
     rows = markdown_table(text, "## Comparison")
     head, body = rows[0], rows[1:]
-    for column in ("recipe", "method", report.RANK_HEADER, "seeds", "peak memory (MiB)", "memory kind",
+    for column in ("recipe", "method", tables.RANK_HEADER, "seeds", "peak memory (MiB)", "memory kind",
                    "trial process peak RSS (MiB)", "train (s)", "total (s)", "tokens/s", "trainable params",
                    "trainable (%)", "adapter (MiB)", "train loss", "eval loss", "eval accuracy", "eval macro F1",
                    "steps", "stopped by"):
@@ -120,7 +122,7 @@ def test_sweep_fills_every_column_with_measured_values(sweep):
     for row in body:
         assert all(cell and cell.lower() != "nan" for cell in row), row
     column = dict(zip(head, zip(*body)))
-    assert column[report.RANK_HEADER] == ("target_r 4 ← init_r 12", "target_r 8 ← init_r 24", "r 4", "r 8")
+    assert column[tables.RANK_HEADER] == ("target_r 4 ← init_r 12", "target_r 8 ← init_r 24", "r 4", "r 8")
     assert set(column["memory kind"]) == {"cpu_rss"}
     assert all(float(v) > 0 for v in column["train (s)"] + column["tokens/s"] + column["peak memory (MiB)"])
 
@@ -139,7 +141,7 @@ def test_sweep_fills_every_column_with_measured_values(sweep):
 def test_trainable_params_grow_with_rank_as_the_closed_form_says(sweep):
     from transformers import AutoConfig
 
-    from harness.offline_models import resolve_offline_model
+    from harness.models.offline import resolve_offline_model
 
     config = AutoConfig.from_pretrained(resolve_offline_model("tiny-qwen2"))
     h, i = config.hidden_size, config.intermediate_size
@@ -300,7 +302,7 @@ def test_memory_budget_is_checked_against_peak_rss_on_cpu():
 
 
 def test_mfu_uses_the_gpu_peak_and_stays_blank_when_unknown():
-    from harness.flops import gpu_peak_tflops, mfu_percent
+    from harness.reporting.flops import gpu_peak_tflops, mfu_percent
 
     assert gpu_peak_tflops("cuda:0 NVIDIA H100 80GB HBM3") == 989.4
     assert gpu_peak_tflops("cuda:0 NVIDIA H100 PCIe") == 756.0
@@ -390,10 +392,10 @@ def test_baseline_heads_the_table_and_gains_are_judged_against_noise(tmp_path):
     head, *body = markdown_table((results / "s.md").read_text(), "## Comparison")
     assert body[0][head.index("recipe")] == "baseline: untrained (16-bit)"  # first, though recorded last
     rows = {row[head.index("method")]: row for row in body}
-    assert rows["lora"][head.index(report.GAIN)] == "+0.100" and rows["lora"][head.index(report.NOISE)] == "yes"
+    assert rows["lora"][head.index(tables.GAIN)] == "+0.100" and rows["lora"][head.index(tables.NOISE)] == "yes"
     # 0.02 on 200 examples is well inside the noise (1.96 x sqrt(0.032^2 + 0.032^2) = 0.089)
-    assert rows["ia3"][head.index(report.GAIN)] == "+0.020" and rows["ia3"][head.index(report.NOISE)] == "within noise"
-    assert rows["none"][head.index(report.GAIN)] == ""
+    assert rows["ia3"][head.index(tables.GAIN)] == "+0.020" and rows["ia3"][head.index(tables.NOISE)] == "within noise"
+    assert rows["none"][head.index(tables.GAIN)] == ""
     assert rows["lora"][head.index("forgetting (Δ loss)")] == "+0.2500"
     # the baseline trains nothing: no training time or forgetting measured, so blank cells rather than 0
     assert rows["none"][head.index("forgetting (Δ loss)")] == "" and rows["none"][head.index("train (s)")] == ""
@@ -408,7 +410,7 @@ def test_records_the_tools_write_under_results_do_not_mark_a_trial_as_uncommitte
     say it ran the committed code, and a changed source file must still say it did not."""
     import subprocess
 
-    from harness import measure
+    from harness.run import measure
 
     repo = tmp_path / "repo"
     (repo / "results").mkdir(parents=True)
@@ -470,7 +472,7 @@ def test_overhead_timing_table_gives_recipe_over_plain_and_refuses_a_different_t
     # Different tokens or steps mean the two ways did not train the same thing: refused, nothing written.
     figures = iter([run(100, 80), run(100, 80, tokens=500)])
     monkeypatch.setattr(ot, "run_once", lambda way, command, folder: next(figures))
-    monkeypatch.setattr("harness.offline_models.resolve_offline_model", lambda name: "/models/x")
+    monkeypatch.setattr("harness.models.offline.resolve_offline_model", lambda name: "/models/x")
     out = tmp_path / "overhead.md"
     with pytest.raises(SystemExit) as stopped:
         ot.main(["--repeats", "1", "--out", str(out)])

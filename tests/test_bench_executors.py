@@ -17,9 +17,9 @@ import pytest
 
 from harness import bench
 from harness.bench.executors import Job, LocalExecutor, local_slots, parse_gpus
-from harness.bench.plan import Trial
-from harness.config import REPO_ROOT
-from harness.records import RUNS_FILE, read_records
+from harness.bench.grid import Trial
+from harness.locations import REPO_ROOT
+from harness.reporting.runs import RUNS_FILE, read_records
 
 TINY = ["--model", "tiny-qwen2", "--set", "max_samples=40", "--set", "max_seq_length=96",
         "--recipes", "qwen2_7b_qlora", "--ranks", "4,8", "--budget-steps", "4", "--cpu-threads", "1",
@@ -160,7 +160,7 @@ def test_gpus_on_a_machine_without_one_is_refused_in_one_line():
 
 
 def test_the_table_names_the_gpu_and_host_a_trial_ran_on():
-    from harness.report import device_label, failures_table
+    from harness.reporting.tables import device_label, failures_table
 
     record = {"result": {"device": "cuda:0 NVIDIA H100 80GB HBM3"}, "ran_on": {"executor": "local", "gpu": "3"}}
     assert device_label(record) == "GPU 3: NVIDIA H100 80GB HBM3"
@@ -174,7 +174,7 @@ def test_the_table_names_the_gpu_and_host_a_trial_ran_on():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -r requirements-ray.txt")
+    ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[ray]"')
     import logging
 
     context = ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
@@ -248,7 +248,7 @@ def test_ray_not_installed_is_one_line_saying_how_to_install(tmp_path, capsys, m
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["bench: --executor ray needs Ray, which is not installed here: "
-                   "pip install -r requirements-ray.txt (an optional extra)"], err
+                   'pip install -e ".[ray]" (an optional extra)'], err
     assert not (tmp_path / "results" / RUNS_FILE).exists()
 
 

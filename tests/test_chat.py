@@ -4,14 +4,16 @@ from __future__ import annotations
 import unicodedata
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from harness.chat import NO_TEMPLATE, encode_conversation
-from harness.config import DataArguments, ModelArguments
-from harness.data import IGNORE_INDEX, _instruction_example, encode, read_table
+from harness.data.chat import NO_TEMPLATE, encode_conversation
+from harness.data.examples import IGNORE_INDEX, _instruction_example, encode
+from harness.data.formats import Conversation, read_conversations, to_conversation
+from harness.data.reading import read_table
 from harness.errors import UserError
-from harness.formats import Conversation, read_conversations, to_conversation
-from harness.models import load_tokenizer
+from harness.models.loading import load_tokenizer
+from harness.run.config import DataArguments, ModelArguments
 
 # ChatML with {% generation %} around the answer only, so transformers' assistant mask leaves <|im_end|> out.
 CHATML_MARKED = (
@@ -104,7 +106,7 @@ def test_one_bos_whether_the_template_writes_it_or_not():
     written = encode_conversation(opt, conv, 4096)  # its Alpaca template writes the BOS itself
     assert opt.decode(written.input_ids).startswith("</s>### Instruction:") and written.input_ids[1] != opt.bos_token_id
     plain = with_template("tiny-opt", PLAIN)
-    added = encode_conversation(plain, conv, 4096)  # this one does not: the tokenizer's is kept, as harness.data does
+    added = encode_conversation(plain, conv, 4096)  # this one does not: the tokenizer's is kept, as harness.data.reading does
     assert added.input_ids[0] == plain.bos_token_id and added.input_ids[1] != plain.bos_token_id
     assert added.completion_mask[0] == 0 and trained_runs(plain, added) == ["Hello", "</s>"]
 
@@ -146,7 +148,7 @@ def test_mask_is_transformers_assistant_mask_plus_end_of_turn(qwen, stories):
 
 
 def test_one_turn_matches_harness_data_encode(qwen, stories):
-    """The single-turn path of harness.data builds the same tokens, with two documented differences:
+    """The single-turn path of harness.data.reading builds the same tokens, with two documented differences:
     tiny-qwen2: the "\\n" after <|im_end|> is trained there, not here (the next turn's layout owns it);
     stories260k: there the tokenizer adds <s> before the template's own <s> (two BOS); here it is not doubled."""
     args = DataArguments(task="instruction", prompt_format="chat_template")

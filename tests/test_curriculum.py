@@ -7,10 +7,17 @@ import json
 import pytest
 import torch
 
-from harness.config import parse_args
-from harness.curriculum import SINGLE_PASS, bucket_counts, bucket_of, has_code, has_math, plan_stages, train_stages
+from harness.alpaca100.curriculum import (
+    SINGLE_PASS,
+    bucket_counts,
+    bucket_of,
+    has_code,
+    has_math,
+    plan_stages,
+    train_stages,
+)
 from harness.errors import UserError
-
+from harness.run.command_line import parse_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,15 +59,15 @@ def test_stages_are_cumulative_and_empty_buckets_are_skipped():
 
 @pytest.fixture
 def fake_training(monkeypatch):
-    """harness.recipe.train replaced by a recorder that writes what a finished stage writes."""
-    import harness.recipe
-    from harness.data import data_identity
-    from harness.measure import write_json_atomic
+    """harness.run.flow.train, as the curriculum calls it, replaced by a recorder that writes what a finished stage writes."""
+    from harness.alpaca100 import curriculum
+    from harness.data.reading import data_identity
+    from harness.files import write_json_atomic
 
     calls = []
 
     def train(cfg):
-        from harness.rundir import claimed
+        from harness.run.folder import claimed
 
         with claimed(cfg) as folder:
             out = folder.path
@@ -73,12 +80,12 @@ def fake_training(monkeypatch):
         write_json_atomic(out / "result.json", record)
         return record
 
-    monkeypatch.setattr(harness.recipe, "train", train)
+    monkeypatch.setattr(curriculum, "train", train)
     return calls
 
 
 def config(tmp_path):
-    from harness.select_train_judge import EXTRA_ARGUMENTS
+    from harness.alpaca100.pipeline import EXTRA_ARGUMENTS
 
     return parse_args({"task": "instruction", "output_dir": str(tmp_path), "recipe": "curriculum_test"}, [],
                       extra_classes=EXTRA_ARGUMENTS)
@@ -136,9 +143,9 @@ def test_a_stage_starts_from_the_saved_adapter(tmp_path):
     """init_adapter loads the previous stage's LoRA weights (not a fresh init) and refuses a misfit."""
     from peft import LoraConfig, get_peft_model
 
-    from harness.config import MethodArguments, ModelArguments
-    from harness.methods import load_adapter_weights, peft_config
-    from harness.models import load_model
+    from harness.models.loading import load_model
+    from harness.models.methods import load_adapter_weights, peft_config
+    from harness.run.config import MethodArguments, ModelArguments
 
     method = MethodArguments(method="lora", target_modules="attention", r=4, lora_alpha=8)
 

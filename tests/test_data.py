@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 from transformers import DataCollatorForSeq2Seq
 
-from harness.config import DataArguments
-from harness.data import IGNORE_INDEX, Example, build_examples, encode, split_records
-from harness.models import load_tokenizer
-from harness.config import ModelArguments
+from harness.data.examples import IGNORE_INDEX, Example, build_examples, encode
+from harness.data.reading import split_records
+from harness.models.loading import load_tokenizer
+from harness.run.config import DataArguments, ModelArguments
 
 
 @pytest.fixture(scope="module", params=["tiny-qwen2", "stories260k"])
@@ -121,7 +121,8 @@ def test_a_review_ending_in_a_split_character_is_cut_and_does_not_hang(tokenizer
     assert tokenizer.decode(encoded.input_ids[encoded.prompt_len:], skip_special_tokens=True).strip() == "positive"
 
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 _texts = st.lists(st.one_of(st.sampled_from(AWKWARD + [" ", "film ", "\n"]), st.text(max_size=12)), max_size=120).map("".join)
 

@@ -10,19 +10,19 @@ import sys
 
 import pytest
 
-from harness.config import REPO_ROOT
 from harness.errors import UserError
+from harness.locations import RECIPES_DIR, REPO_ROOT
 
-DDP_CPU = REPO_ROOT / "recipes" / "configs" / "accelerate" / "ddp_cpu.yaml"
+DDP_CPU = RECIPES_DIR / "configs" / "accelerate" / "ddp_cpu.yaml"
 
 
 def launch(recipe: str, argv: list[str]) -> subprocess.CompletedProcess:
     """accelerate launch with the shipped two-process CPU config, one thread per process (2 cores here)."""
-    from harness.offline_models import resolve_offline_model
+    from harness.models.offline import resolve_offline_model
 
     resolve_offline_model(argv[argv.index("--model") + 1])  # built once, not by both processes at once
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CPU),
-               "--num_cpu_threads_per_process", "1", str(REPO_ROOT / "recipes" / f"{recipe}.py"), *argv]
+               "--num_cpu_threads_per_process", "1", str(RECIPES_DIR / f"{recipe}.py"), *argv]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO_ROOT)
 
@@ -47,9 +47,9 @@ def two_process_record(result: subprocess.CompletedProcess, out) -> dict:
 def test_lora_recipe_trains_in_two_processes_and_its_adapter_reloads(recipe_argv, tmp_path):
     from peft import PeftModel
 
-    from harness.config import ModelArguments
-    from harness.methods import count_optimizer_steps
-    from harness.models import load_model
+    from harness.models.loading import load_model
+    from harness.models.methods import count_optimizer_steps
+    from harness.run.config import ModelArguments
 
     out = tmp_path / "run"
     argv = recipe_argv("--r", "4", "--load_best_model_at_end", "false", "--eval_strategy", "no",
@@ -112,8 +112,8 @@ def launched(monkeypatch):
 
 
 def settings(*argv: str, recipe: str = "qwen2_5_0_5b_lora"):
-    from harness.config import parse_args
-    from harness.recipe import load_recipe
+    from harness.run.command_line import parse_args
+    from harness.run.flow import load_recipe
 
     return parse_args({**load_recipe(recipe).DEFAULTS, "recipe": recipe}, ["--model", "tiny-qwen2", *argv])
 
@@ -125,7 +125,7 @@ def settings(*argv: str, recipe: str = "qwen2_5_0_5b_lora"):
     ("fsdp", [], "qwen2_5_0_5b_qlora_8bit", "--quantization 4bit"),
 ])
 def test_what_cannot_run_under_several_processes_is_refused(launched, strategy, argv, recipe, expected):
-    from harness.distributed import check_launch
+    from harness.run.distributed import check_launch
 
     cfg = settings(*argv, recipe=recipe)
     launched(strategy)
@@ -135,7 +135,7 @@ def test_what_cannot_run_under_several_processes_is_refused(launched, strategy, 
 
 
 def test_what_runs_under_several_processes_passes(launched):
-    from harness.distributed import check_launch
+    from harness.run.distributed import check_launch
 
     adalora, qlora = settings(recipe="qwen2_7b_adalora"), settings(recipe="qwen2_5_0_5b_qlora")
     launched("ddp")
@@ -147,7 +147,7 @@ def test_what_runs_under_several_processes_passes(launched):
 def test_adalora_spread_over_gpus_by_device_map_is_refused(monkeypatch):
     import torch
 
-    from harness.distributed import check_launch
+    from harness.run.distributed import check_launch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(UserError, match="spread over several GPUs"):
@@ -156,7 +156,7 @@ def test_adalora_spread_over_gpus_by_device_map_is_refused(monkeypatch):
 
 
 def test_the_number_of_processes_is_part_of_the_fingerprint(launched):
-    from harness.rundir import fingerprint_of, run_settings
+    from harness.run.folder import fingerprint_of, run_settings
 
     cfg = settings()
     alone = fingerprint_of(run_settings(cfg))
@@ -165,7 +165,7 @@ def test_the_number_of_processes_is_part_of_the_fingerprint(launched):
 
 
 def test_only_the_main_process_prints(launched, capsys):
-    from harness.distributed import main_speaks
+    from harness.run.distributed import main_speaks
 
     launched("ddp", rank=1)
     with main_speaks():

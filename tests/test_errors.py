@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from harness.config import REPO_ROOT
-from harness.recipe import load_recipe
+from harness.locations import RECIPES_DIR
+from harness.run.flow import load_recipe
 
 flagship = load_recipe("qwen2_7b_adalora")
 
@@ -17,12 +17,13 @@ flagship = load_recipe("qwen2_7b_adalora")
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """These errors must come before the (slow, memory-hungry) model load."""
-    import harness.models
+    from harness.objectives import sft, trl_run
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(harness.models, "load_model", refuse)
+    for objective in (sft, trl_run):  # where the SFT, DPO and GRPO runs load their model
+        monkeypatch.setattr(objective, "load_model", refuse)
 
 
 def one_line_error(capsys, argv) -> str:
@@ -104,7 +105,7 @@ def test_impossible_adalora_schedule(flags, expected, capsys, recipe_argv, no_mo
 
 
 def test_total_step_follows_data_batch_accumulation_and_epochs():
-    from harness.methods import count_optimizer_steps
+    from harness.models.methods import count_optimizer_steps
 
     # 900 rows, batch 1, accumulation 8 -> 113 steps an epoch (the last one shorter), 3 epochs
     assert count_optimizer_steps(900, 1, 8, 3, -1) == 339
@@ -146,7 +147,7 @@ def test_missing_or_broken_config_file(tmp_path, capsys, recipe_argv):
 
 
 def test_config_file_then_command_line_override(tmp_path):
-    from harness.config import parse_args
+    from harness.run.command_line import parse_args
 
     yaml_file = write(tmp_path / "c.yaml", "learning_rate: 3.0e-4\ninit_r: 16\ntarget_r: 6\nmodel: tiny-llama\n")
     json_file = write(tmp_path / "c.json", json.dumps({"learning_rate": 5e-4, "max_samples": 10}))
@@ -169,7 +170,7 @@ def test_config_file_then_command_line_override(tmp_path):
 def test_cli_prints_one_line_not_a_traceback(flags, expected, tmp_path):
     """The real script, as a user runs it."""
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "recipes" / "qwen2_7b_adalora.py"), *flags, "--output_dir", str(tmp_path / "o")],
+        [sys.executable, str(RECIPES_DIR / "qwen2_7b_adalora.py"), *flags, "--output_dir", str(tmp_path / "o")],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )

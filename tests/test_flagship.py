@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from harness.recipe import load_recipe
+from harness.run.flow import load_recipe
 
 flagship = load_recipe("qwen2_7b_adalora")
 
@@ -20,24 +20,24 @@ def run(argv):
 @pytest.fixture
 def keep_trainer(monkeypatch):
     """Capture the Trainer the recipe builds, to compare the in-memory model with what was saved."""
-    import harness.training
+    from harness.objectives import sft
 
     kept = {}
-    original = harness.training.build_trainer
+    original = sft.build_trainer
 
     def capture(*args, **kwargs):
         kept["trainer"] = original(*args, **kwargs)
         return kept["trainer"]
 
-    monkeypatch.setattr(harness.training, "build_trainer", capture)
+    monkeypatch.setattr(sft, "build_trainer", capture)
     return kept
 
 
 def reload_adapter(output_dir, quantization: str):
     from peft import PeftModel
 
-    from harness.config import ModelArguments
-    from harness.models import load_model
+    from harness.models.loading import load_model
+    from harness.run.config import ModelArguments
 
     base = load_model(ModelArguments(model="tiny-qwen2", quantization=quantization), "adalora", False)
     return PeftModel.from_pretrained(base, output_dir).eval()
@@ -136,12 +136,12 @@ def test_orth_penalty_counts_once_per_optimizer_step(tmp_path):
     AdaLoRA's per-forward penalty must then be scaled so it is counted once per optimizer step."""
     from peft import get_peft_model
 
-    from harness import data as data_mod
-    from harness.config import parse_args
-    from harness.encoding import prepare
-    from harness.methods import adalora_schedule, peft_config
-    from harness.models import load_model, load_tokenizer
-    from harness.training import build_trainer, orth_penalty_scaled
+    from harness.data import reading as data_mod
+    from harness.data.encoding import prepare
+    from harness.models.loading import load_model, load_tokenizer
+    from harness.models.methods import adalora_schedule, peft_config
+    from harness.objectives.sft_trainer import build_trainer, orth_penalty_scaled
+    from harness.run.command_line import parse_args
 
     cfg = parse_args(flagship.DEFAULTS, ["--model", "tiny-qwen2", "--quantization", "none", "--lora_dropout", "0",
                                          "--max_samples", "12", "--max_seq_length", "64",
@@ -167,7 +167,7 @@ def test_orth_penalty_counts_once_per_optimizer_step(tmp_path):
 
 
 def test_summary_renders_the_record_it_is_given(recipe_argv, tmp_path):
-    from harness import summary
+    from harness.reporting import summary
 
     run(recipe_argv("--max_steps", "4", "--load_best_model_at_end", "false"))
     out = tmp_path / "summary.md"
@@ -186,7 +186,7 @@ def test_summary_renders_the_record_it_is_given(recipe_argv, tmp_path):
 
 
 def test_eval_on_start_scores_the_untrained_model_as_the_runs_baseline(recipe_argv, tmp_path, capsys):
-    from harness import summary
+    from harness.reporting import summary
 
     run(recipe_argv("--max_steps", "4", "--eval_on_start", "true", "--load_best_model_at_end", "false"))
     record = json.loads((tmp_path / "run" / "result.json").read_text())

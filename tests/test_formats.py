@@ -5,16 +5,25 @@ import copy
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from harness import REPO_ROOT
-from harness.config import DataArguments
-from harness.data import load_records, read_table
-from harness.errors import UserError
-from harness.formats import (
-    FORMATS, Conversation, check_conversation, detect_format, is_conversational, load_hub_rows,
-    read_conversations, read_parquet, to_conversation, usable_alpaca,
+from harness.data.formats import (
+    FORMATS,
+    Conversation,
+    check_conversation,
+    detect_format,
+    is_conversational,
+    load_hub_rows,
+    read_conversations,
+    read_parquet,
+    to_conversation,
+    usable_alpaca,
 )
+from harness.data.reading import load_records, read_table
+from harness.errors import UserError
+from harness.locations import REPO_ROOT
+from harness.run.config import DataArguments
 
 DATASET_INFO = json.loads((REPO_ROOT / "data" / "llamafactory_dataset_info.json").read_text(encoding="utf-8"))
 

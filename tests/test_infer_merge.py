@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from harness import infer, merge
-from harness.recipe import load_recipe
+from harness.run.flow import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one CPU thread (conftest.py)
 
@@ -57,10 +57,10 @@ def test_infer_generates_text_from_a_saved_adapter(trained, capsys):
 
 
 def test_prompts_are_laid_out_as_in_training(trained):
-    from harness.adapters import open_adapter
-    from harness.config import ModelArguments
-    from harness.data import build_examples, generation_prompt
-    from harness.models import load_tokenizer
+    from harness.data.examples import build_examples, generation_prompt
+    from harness.models.adapters import open_adapter
+    from harness.models.loading import load_tokenizer
+    from harness.run.config import ModelArguments
 
     data_args = open_adapter(trained).data_arguments()
     assert (data_args.task, data_args.prompt_format) == ("instruction", "alpaca")
@@ -70,7 +70,7 @@ def test_prompts_are_laid_out_as_in_training(trained):
 
 
 def test_chat_keeps_history_resets_and_exits_on_eof(trained, monkeypatch, capsys):
-    import harness.data
+    import harness.data.examples
 
     typed = iter(["Hello", "Tell me more", "/reset", "", "Again"])
 
@@ -81,14 +81,14 @@ def test_chat_keeps_history_resets_and_exits_on_eof(trained, monkeypatch, capsys
             raise EOFError from None
 
     seen = []
-    real = harness.data.generation_prompt
+    real = harness.data.examples.generation_prompt
 
     def spy(messages, *args):
         seen.append([m["role"] for m in messages])
         return real(messages, *args)
 
     monkeypatch.setattr(builtins, "input", fake_input)
-    monkeypatch.setattr(harness.data, "generation_prompt", spy)
+    monkeypatch.setattr(harness.data.examples, "generation_prompt", spy)
     assert infer.main(["--adapter", str(trained), "--chat", "--max_new_tokens", "4", "--seed", "0"]) == 0
     assert seen == [["user"], ["user", "assistant", "user"], ["user"]]
     assert capsys.readouterr().out.count("model> ") == 3
@@ -117,7 +117,7 @@ def test_merged_model_reproduces_the_adapter_model(trained, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from harness.offline_models import resolve_offline_model
+    from harness.models.offline import resolve_offline_model
 
     out = tmp_path / "merged"
     assert merge.main(["--adapter", str(trained), "--out", str(out)]) == 0
@@ -140,8 +140,8 @@ def test_merged_model_reproduces_the_adapter_model(trained, tmp_path, capsys):
 def test_prompt_learning_adapters_are_refused(tmp_path, capsys):
     from peft import PromptTuningConfig, get_peft_model
 
-    from harness.config import ModelArguments
-    from harness.models import load_model
+    from harness.models.loading import load_model
+    from harness.run.config import ModelArguments
 
     adapter = tmp_path / "prompt_tuning"
     model = load_model(ModelArguments(model="stories260k"), "prompt_tuning", False)

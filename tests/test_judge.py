@@ -10,8 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from harness.errors import UserError
-from harness.judge import (
-    DIMENSIONS,
+from harness.evaluation.judge import (
     JudgeArguments,
     JudgmentCache,
     LocalModelJudge,
@@ -19,8 +18,8 @@ from harness.judge import (
     build_judge,
     cache_key,
     judge_all,
-    parse_scores,
 )
+from harness.evaluation.judge_scores import DIMENSIONS, parse_scores
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -225,8 +224,8 @@ def test_local_judge_scores_every_dimension_from_digit_probabilities():
 
 def test_the_alpaca100_recipe_asks_its_judge_before_training(endpoint, tmp_path, capsys):
     """A wrong key, model or URL used to surface only after selection, training and decoding."""
-    from harness.recipe import load_recipe
-    from harness.select_train_judge import run_select_train_judge
+    from harness.alpaca100.pipeline import run_select_train_judge
+    from harness.run.flow import load_recipe
 
     recipe = load_recipe("llama2_7b_lora_alpaca100")
     argv = ["--model", "stories260k", "--quantization", "none", "--output_dir", str(tmp_path / "run"),

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from harness.config import MethodArguments, ModelArguments
 from harness.errors import UserError
-from harness.methods import check_method, linear_module_names, peft_config, resolve_target_modules
-from harness.models import load_model, load_tokenizer, parameter_counts
+from harness.models.loading import load_model, load_tokenizer, parameter_counts
+from harness.models.methods import check_method, linear_module_names, peft_config, resolve_target_modules
+from harness.run.config import MethodArguments, ModelArguments
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one CPU thread (conftest.py)
 
@@ -121,8 +121,8 @@ def test_loftq_on_a_16bit_base_names_its_missing_dependency():
 def test_loftq_starts_lora_at_the_quantization_error():
     from peft import get_peft_model
 
-    from harness.methods import initialise_loftq
-    from harness.offline_models import resolve_offline_model
+    from harness.models.methods import initialise_loftq
+    from harness.models.offline import resolve_offline_model
 
     model = load_model(ModelArguments(model="tiny-llama", quantization="4bit"), "loftq", False)
     model = get_peft_model(model, peft_config(MethodArguments(method="loftq", r=8, target_modules="attention"), model))
@@ -140,7 +140,7 @@ def test_loftq_refuses_an_8bit_base():
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning"])
 def test_label_scores_stay_aligned_with_virtual_tokens(method):
     """Batched, padded scoring equals scoring each example alone, read at the real tokens' positions."""
-    from harness.evaluation import candidate_scores
+    from harness.evaluation.scores import candidate_scores
 
     torch.manual_seed(0)
     model = adapted("tiny-opt", method=method, num_virtual_tokens=5).eval()

@@ -6,11 +6,10 @@ import json
 
 import pytest
 
-from harness.config import parse_args
+from harness.data import gsm8k, preference
 from harness.errors import UserError
-from harness.objectives import gsm8k, preference
-from harness.recipe import load_recipe
-
+from harness.run.command_line import parse_args
+from harness.run.flow import load_recipe
 
 # ---------------------------------------------------------------------------- preference pairs
 
@@ -36,7 +35,7 @@ def test_trl_formats_read_as_trl_would():
 
 
 def test_the_shipped_pairs_all_read():
-    from harness.data import read_table
+    from harness.data.reading import read_table
 
     pairs = preference.checked_rows(read_table("data/dpo_en_demo.json"), "data/dpo_en_demo.json")
     assert len(pairs) == 300 and preference.is_conversational(pairs)
@@ -69,7 +68,7 @@ def test_reference_answers_and_where_a_completion_gives_its_own():
 
 
 def test_every_shipped_gsm8k_row_has_a_reference():
-    from harness.data import read_table
+    from harness.data.reading import read_table
 
     for name, rows in (("train", 7473), ("test", 1319)):
         checked = gsm8k.checked_rows(read_table(f"data/gsm8k_{name}.jsonl"), name)
@@ -147,7 +146,7 @@ def test_bench_plans_both_recipes_over_ranks(tmp_path):
 # ---------------------------------------------------------------------------- end to end
 
 def test_dpo_recipe_trains_and_scores_pairs_it_never_saw(tmp_path, one_torch_thread):
-    from harness.recipe import run_recipe
+    from harness.run.flow import run_recipe
 
     recipe = load_recipe("qwen2_5_0_5b_dpo")
     pairs = [{"prompt": f"Question {i}: which colour is the sky?", "chosen": "Blue.", "rejected": f"Green {i}."}
@@ -166,7 +165,7 @@ def test_dpo_recipe_trains_and_scores_pairs_it_never_saw(tmp_path, one_torch_thr
     assert saved["tokens_trained"] > 0 and saved["adapter_bytes"] > 0 and saved["memory_plan"]["status"] == "planned"
     assert record["train_seconds"] > 0
     # the held-out pairs are pairs the run never trained on
-    from harness import data as data_mod
+    from harness.data import reading as data_mod
 
     cfg = parse_args({**recipe.DEFAULTS, "recipe": "x"}, ["--data_file", str(data), "--validation_split", "0.25",
                                                            "--output_dir", "unused"])
@@ -175,7 +174,7 @@ def test_dpo_recipe_trains_and_scores_pairs_it_never_saw(tmp_path, one_torch_thr
 
 
 def test_grpo_recipe_trains_with_its_rewards_and_times_generation(tmp_path, one_torch_thread):
-    from harness.recipe import run_recipe
+    from harness.run.flow import run_recipe
 
     recipe = load_recipe("qwen2_5_0_5b_grpo")
     out = tmp_path / "grpo"
@@ -191,14 +190,14 @@ def test_grpo_recipe_trains_with_its_rewards_and_times_generation(tmp_path, one_
     assert sum("reward" in entry for entry in saved["log_history"]) == 2  # the mean reward of every step
     # prompt and completion tokens: 2 steps x 4 completions of up to 8 tokens, plus their prompts
     assert saved["tokens_trained"] > 2 * 4 * 8
-    from harness.summary import render
+    from harness.reporting.summary import render
 
     summary = render(saved)  # results/'s page of the run: the before/after, the reward of every step
     assert "untrained (baseline, step 0) accuracy" in summary and "## Mean reward of every step (GRPO)" in summary
 
 
 def test_grpo_without_reward_functions_is_refused(tmp_path):
-    from harness.recipe import run_recipe
+    from harness.run.flow import run_recipe
 
     with pytest.raises(SystemExit) as stop:
         run_recipe("qwen2_5_0_5b_grpo", load_recipe("qwen2_5_0_5b_grpo").DEFAULTS,

@@ -10,15 +10,10 @@ import json
 import os
 import re
 import struct
-import sys
 from pathlib import Path
 
 # huggingface_hub reads this when first imported, so set it before transformers is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,12 +21,12 @@ from safetensors.torch import load_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from harness import offline_models  # noqa: E402
-from harness.convert_llama2c import convert, read_llama2c_checkpoint  # noqa: E402
-from harness.offline_models import OFFLINE_MODELS, build_offline_model, resolve_offline_model  # noqa: E402
+from harness.locations import LLAMA2C_DIR  # noqa: E402
+from harness.locations import STORIES260K_DIR as STORIES_DIR
+from harness.models import offline as offline_models  # noqa: E402
+from harness.models.llama2c import convert, read_llama2c_checkpoint  # noqa: E402
+from harness.models.offline import OFFLINE_MODELS, build_offline_model, resolve_offline_model  # noqa: E402
 
-LLAMA2C_DIR = REPO_ROOT / "models" / "llama2c"
-STORIES_DIR = REPO_ROOT / "models" / "stories260k"
 TINY_MODELS = ["tiny-qwen2", "tiny-llama", "tiny-opt"]
 EXPECTED_ARCH = {"tiny-qwen2": "Qwen2ForCausalLM", "tiny-llama": "LlamaForCausalLM", "tiny-opt": "OPTForCausalLM"}
 
@@ -157,7 +152,7 @@ def test_converter_is_deterministic_and_reproduces_shipped_model(converted, tmp_
 
 def test_v1_checkpoint_reads_like_v0(tmp_path):
     params, v0 = read_llama2c_checkpoint(LLAMA2C_DIR / "stories260K.bin")
-    # Re-pack the same weights in llama2.c's "version 1" layout (see harness/convert_llama2c.py).
+    # Re-pack the same weights in llama2.c's "version 1" layout (see harness/models/llama2c.py).
     header = struct.pack(
         "<Ii7iB", 0x616B3432, 1, params.dim, params.hidden_dim, params.n_layers, params.n_heads,
         params.n_kv_heads, params.vocab_size, params.seq_len, 1,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.config import DataArguments, ModelArguments
-from harness.data import IGNORE_INDEX
-from harness.encoding import prepare
-from harness.models import load_model, load_tokenizer
+from harness.data.encoding import prepare
+from harness.data.examples import IGNORE_INDEX
+from harness.models.loading import load_model, load_tokenizer
+from harness.run.config import DataArguments, ModelArguments
 
 # Float32 on CPU: packed and one-by-one runs differ only by summation order (measured ~1e-7 relative).
 LOSS_RTOL, GRAD_ATOL = 1e-5, 1e-6
@@ -47,7 +47,7 @@ def _lora_model():
 
 
 def _trainer(model, tokenizer, data, tmp_path, **settings):
-    from harness.training import SFTSettings, build_trainer
+    from harness.objectives.sft_trainer import SFTSettings, build_trainer
 
     settings = {"max_length": 64, "completion_only_loss": True, **settings}
     args = SFTSettings(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[], bf16=False,
@@ -134,7 +134,7 @@ def test_completion_only_loss_false_trains_every_token(tokenizer, tmp_path):
 
 def test_a_model_whose_attention_mixes_packed_examples_is_refused():
     from harness.errors import UserError
-    from harness.training import check_packed_attention
+    from harness.objectives.sft_trainer import check_packed_attention
 
     check_packed_attention(load_model(ModelArguments(model="tiny-qwen2"), "lora", False), 256)  # isolates: passes
     opt = load_model(ModelArguments(model="tiny-opt"), "lora", False)  # OPT's positions ignore position_ids
@@ -145,9 +145,9 @@ def test_a_model_whose_attention_mixes_packed_examples_is_refused():
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning"])
 @pytest.mark.parametrize("flag", ["--packing", "--padding_free"])
 def test_packing_is_refused_for_virtual_token_methods(method, flag, recipe_argv):
-    from harness.config import parse_args
     from harness.errors import UserError
-    from harness.recipe import preflight
+    from harness.run.command_line import parse_args
+    from harness.run.flow import preflight
 
     cfg = parse_args({"recipe": "t", "method": method}, recipe_argv(flag, "true"))
     with pytest.raises(UserError, match=f"{flag} would let examples see each other under {method}"):
@@ -155,9 +155,9 @@ def test_packing_is_refused_for_virtual_token_methods(method, flag, recipe_argv)
 
 
 def test_max_length_must_agree_with_the_window(recipe_argv):
-    from harness.config import parse_args
     from harness.errors import UserError
-    from harness.recipe import preflight
+    from harness.run.command_line import parse_args
+    from harness.run.flow import preflight
 
     cfg = parse_args({"recipe": "t"}, recipe_argv("--max_length", "300"))
     with pytest.raises(UserError, match="--max_length is TRL's name for --max_seq_length here"):
@@ -170,7 +170,7 @@ def test_packing_recipe_end_to_end(recipe_argv, tmp_path):
     """The LoRA recipe with --packing trains, evaluates, saves and records the packing it used."""
     import json
 
-    from harness.recipe import load_recipe, run_recipe
+    from harness.run.flow import load_recipe, run_recipe
 
     recipe = load_recipe("qwen2_5_0_5b_lora")
     out = tmp_path / "packed"
@@ -179,3 +179,49 @@ def test_packing_recipe_end_to_end(recipe_argv, tmp_path):
     saved = json.loads((out / "result.json").read_text())
     assert saved["config"]["packing"] is True and saved["tokens_trained"] > 0
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_padding_free_by_a_recipes_default_gives_way_where_asked_for_it_is_refused(recipe_argv, tmp_path, capsys):
+    """A recipe may default to padding-free; where it cannot serve (a virtual-token method, an attention that mixes
+    packed examples) the run trains padded batches and says so in one line. Asked for by the user, it is refused."""
+    import json
+
+    from harness.errors import UserError
+    from harness.run.command_line import parse_args
+    from harness.run.flow import preflight, run_recipe
+
+    cfg = parse_args({"recipe": "t", "method": "prompt_tuning", "padding_free": True}, recipe_argv())
+    assert cfg.train.padding_free and not cfg.user_set("padding_free")
+    assert preflight(cfg, output_dir=False).targs.padding_free is False
+    assert "Padding-free: off for prompt_tuning" in capsys.readouterr().out
+    asked = parse_args({"recipe": "t", "method": "prompt_tuning"}, recipe_argv("--padding_free", "true"))
+    assert asked.user_set("padding_free")
+    with pytest.raises(UserError, match="--padding_free would let examples see each other under prompt_tuning"):
+        preflight(asked, output_dir=False)
+
+    # tiny-opt's attention mixes packed examples: found after loading, the default gives way...
+    out = tmp_path / "opt"
+    record = run_recipe("t", {"padding_free": True}, recipe_argv("--max_steps", "1", model="tiny-opt", output_dir=out))
+    assert record["status"] == "ok" and record["config"]["padding_free"] is False
+    assert "Padding-free: off, packed examples would see each other in this opt model" in capsys.readouterr().out
+    assert json.loads((out / "result.json").read_text())["positions_trained"] > record["tokens_trained"]  # padded
+    # ...and the same setting from a --config file is the user's: refused, in one line.
+    config = tmp_path / "c.yaml"
+    config.write_text("padding_free: true\n")
+    with pytest.raises(SystemExit) as stop:
+        run_recipe("t", {}, recipe_argv("--config", str(config), "--max_steps", "1", model="tiny-opt",
+                                        output_dir=tmp_path / "opt-asked"))
+    assert stop.value.code == 2
+    assert "drop --packing / --padding_free for this model" in capsys.readouterr().err
+
+
+def test_batch_layout_is_not_part_of_a_runs_fingerprint(recipe_argv):
+    """Padded, padded to a multiple or padding-free train the same tokens with the same loss: a rerun that changes
+    the layout still finds (or resumes) its run."""
+    from harness.run.command_line import parse_args
+    from harness.run.folder import fingerprint_of, run_settings
+
+    prints = {fingerprint_of(run_settings(parse_args({"recipe": "t"}, recipe_argv(*flags))))
+              for flags in ([], ["--padding_free", "true"], ["--pad_to_multiple_of", "96"])}
+    assert len(prints) == 1
+    assert fingerprint_of(run_settings(parse_args({"recipe": "t"}, recipe_argv("--packing", "true")))) not in prints

@@ -9,10 +9,11 @@ import weakref
 import pytest
 import torch
 
-from harness.config import REPO_ROOT, parse_args
-from harness.offline_models import resolve_offline_model
+from harness.locations import REPO_ROOT
+from harness.models.offline import resolve_offline_model
 from harness.plan.architectures import model_config
 from harness.plan.memory import plan_run, quantized_weight_bytes
+from harness.run.command_line import parse_args
 
 SETTINGS = ["--model", "tiny-qwen2", "--output_dir", "unused", "--max_seq_length", "24",
             "--per_device_train_batch_size", "2", "--optim", "adamw_torch", "--activation_checkpointing", "false"]
@@ -27,7 +28,7 @@ def _real_step(cfg):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from harness.methods import adalora_schedule, peft_config
+    from harness.models.methods import adalora_schedule, peft_config
 
     model = AutoModelForCausalLM.from_pretrained(resolve_offline_model("tiny-qwen2"), attn_implementation="eager")
     if cfg.method.method == "full":
@@ -96,7 +97,7 @@ def test_4bit_weights_take_the_bytes_bitsandbytes_stores():
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    from harness.models import load_model
+    from harness.models.loading import load_model
 
     cfg = _cfg("--method", "lora", "--quantization", "4bit")
     model = load_model(cfg.model, "lora", gradient_checkpointing=False)
@@ -249,7 +250,7 @@ def test_planned_qwen2_7b_nf4_weights_match_the_guides_5_5_gb():
 
 
 def test_the_report_puts_the_plan_beside_the_gpu_measurement():
-    from harness.report import PLANNED, PLANNED_RATIO, planned_memory
+    from harness.reporting.tables import PLANNED, PLANNED_RATIO, planned_memory
 
     plan = {"planned_peak_mb": 1524.0, "cuda_context_mb": 512.0}
     gpu = planned_memory({"memory_plan": plan, "peak_memory_mb": 1100.0, "peak_memory_kind": "cuda_reserved"})

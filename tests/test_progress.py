@@ -5,16 +5,16 @@ import re
 
 import pytest
 
-from harness import progress
-from harness.config import DataArguments, ModelArguments
+from harness.evaluation import progress
+from harness.run.config import DataArguments, ModelArguments
 
 
 @pytest.fixture
 def scorer_and_model():
-    from harness.data import label_set
-    from harness.encoding import prepare
-    from harness.evaluation import ClassificationScorer
-    from harness.models import load_model, load_tokenizer
+    from harness.data.encoding import prepare
+    from harness.data.reading import label_set
+    from harness.evaluation.scores import ClassificationScorer
+    from harness.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(ModelArguments(model="tiny-qwen2"))
     args = DataArguments(max_seq_length=64)
@@ -44,8 +44,8 @@ def test_disable_tqdm_silences_it(scorer_and_model, capsys):
 
 
 def test_generation_counts_answers(capsys):
-    from harness.generation import generate
-    from harness.models import load_model, load_tokenizer
+    from harness.evaluation.generation import generate
+    from harness.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(ModelArguments(model="tiny-qwen2"))
     model = load_model(ModelArguments(model="tiny-qwen2"), "none", False)

@@ -10,16 +10,18 @@ import math
 import pytest
 import torch
 
-from harness.config import REPO_ROOT, DataArguments, ModelArguments, parse_args
-from harness.recipe import load_recipe
+from harness.locations import RECIPES_DIR
+from harness.run.command_line import parse_args
+from harness.run.config import DataArguments, ModelArguments
+from harness.run.flow import load_recipe
 
-RECIPES = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.py"))
+RECIPES = sorted(p.stem for p in (RECIPES_DIR).glob("*.py"))
 # Tested in their own files: the flagship (test_flagship.py), the select-train-judge pipeline, and the DPO and
 # GRPO recipes (test_objectives.py: their records hold other scores, and GRPO's run needs its reward functions).
 OWN_TESTS = {"qwen2_7b_adalora", "llama2_7b_lora_alpaca100", "qwen2_5_0_5b_dpo", "qwen2_5_0_5b_grpo"}
 OFFLINE_MODEL = {"qwen2": "tiny-qwen2", "opt": "tiny-opt", "llama2": "tiny-llama"}  # by name prefix
 GPU_ONLY = {"llama2_7b_loftq"}  # PEFT computes LoftQ on CUDA
-CONFIGS = REPO_ROOT / "recipes" / "configs"
+CONFIGS = RECIPES_DIR / "configs"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one CPU thread (conftest.py)
 
@@ -164,12 +166,13 @@ def one_line_error(capsys, name: str, argv: list[str]) -> str:
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
-    import harness.models
+    from harness.objectives import sft, trl_run
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(harness.models, "load_model", refuse)
+    for objective in (sft, trl_run):  # where the SFT, DPO and GRPO runs load their model
+        monkeypatch.setattr(objective, "load_model", refuse)
 
 
 @pytest.mark.skipif(unsloth_usable(), reason="unsloth and a GPU are here: the recipe would run")
@@ -182,13 +185,13 @@ def test_unsloth_recipe_without_unsloth_names_both_ways_forward(tmp_path, capsys
 
 
 def test_unsloth_missing_on_a_gpu_machine_is_named(monkeypatch):
-    import harness.backends
+    import harness.models.backends
     from harness.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(harness.backends.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(harness.models.backends.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"\(the unsloth package is not installed\): .*--backend peft"):
-        harness.backends.check_backend("unsloth", "lora", "4bit")
+        harness.models.backends.check_backend("unsloth", "lora", "4bit")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="LoftQ runs where there is a GPU")
@@ -200,7 +203,7 @@ def test_loftq_recipe_without_a_gpu_stops_in_one_line(tmp_path, capsys, no_model
 # ---------------------------------------------------------------------------- prompt layouts
 
 def test_alpaca_layout_for_classification_scores_bare_labels():
-    from harness.data import build_examples
+    from harness.data.examples import build_examples
 
     tokenizer = load_tokenizer("tiny-opt")
     args = DataArguments(prompt_format="alpaca")
@@ -211,7 +214,7 @@ def test_alpaca_layout_for_classification_scores_bare_labels():
 
 
 def test_auto_layout_uses_the_chat_template_only_where_there_is_one():
-    from harness.data import build_examples
+    from harness.data.examples import build_examples
 
     row = [{"instruction": "Say hi.", "input": "", "output": "Hi!"}]
     args = DataArguments(task="instruction", prompt_format="auto")
@@ -223,7 +226,7 @@ def test_auto_layout_uses_the_chat_template_only_where_there_is_one():
 
 
 def test_a_long_instruction_answer_is_cut_but_a_label_never():
-    from harness.data import build_examples, encode
+    from harness.data.examples import build_examples, encode
     from harness.errors import UserError
 
     tokenizer = load_tokenizer("tiny-opt")
@@ -238,6 +241,6 @@ def test_a_long_instruction_answer_is_cut_but_a_label_never():
 
 
 def load_tokenizer(name: str):
-    from harness.models import load_tokenizer as load
+    from harness.models.loading import load_tokenizer as load
 
     return load(ModelArguments(model=name))

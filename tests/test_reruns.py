@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from harness.config import REPO_ROOT
-from harness.recipe import load_recipe, run_recipe
-from harness.rundir import LAST_ATTEMPT_FILE, LOCK_FILE, RESULT_FILE, SEAL_FILE
+from harness.locations import RECIPES_DIR
+from harness.run.flow import load_recipe, run_recipe
+from harness.run.folder import LAST_ATTEMPT_FILE, LOCK_FILE, RESULT_FILE, SEAL_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -118,12 +118,12 @@ def test_a_failed_or_refused_rerun_never_replaces_a_finished_run(tmp_path, capsy
     # run's record and adapter; the attempt is recorded beside them, and said in one line.
     import torch
 
-    import harness.training
+    from harness.objectives import sft
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(harness.training, "build_trainer", out_of_memory)
+    monkeypatch.setattr(sft, "build_trainer", out_of_memory)
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         qlora(out, "--max_steps", "2", "--resume", "false")
@@ -187,8 +187,9 @@ def test_rows_without_text_are_reported_not_silently_dropped(tmp_path, capsys):
 
 
 def test_null_instruction_or_output_is_left_out_not_trained_as_none(tmp_path):
-    from harness import data as data_mod
-    from harness.config import DataArguments
+    from harness.data import examples
+    from harness.data import reading as data_mod
+    from harness.run.config import DataArguments
 
     path = tmp_path / "a.json"
     path.write_text(json.dumps([
@@ -199,13 +200,13 @@ def test_null_instruction_or_output_is_left_out_not_trained_as_none(tmp_path):
     ]))
     loaded = data_mod.load_records(DataArguments(data_file=str(path), task="instruction"))
     assert [r["output"] for r in loaded.rows] == ["Hi.", "1 2 3"] and loaded.left_out == [2, 3]
-    assert "None" not in json.dumps([data_mod._instruction_example(r, DataArguments(task="instruction", prompt_format="alpaca"), None).prompt
+    assert "None" not in json.dumps([examples._instruction_example(r, DataArguments(task="instruction", prompt_format="alpaca"), None).prompt
                                      for r in loaded.rows])
 
 
 def _recipe_process(tmp_path, *flags: str, **popen):
     return subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "recipes" / f"{QLORA}.py"), *TINY[:-4], "--output_dir", str(tmp_path / "X"),
+        [sys.executable, str(RECIPES_DIR / f"{QLORA}.py"), *TINY[:-4], "--output_dir", str(tmp_path / "X"),
          "--max_steps", "4000", "--save_steps", "2", "--eval_steps", "1000", "--load_best_model_at_end", "false", *flags],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, **popen,
@@ -247,8 +248,8 @@ def test_a_run_recorded_before_later_settings_keeps_its_fingerprint(recipe_argv)
     from transformers import TrainingArguments
     from trl import SFTConfig
 
-    from harness.config import parse_args
-    from harness.rundir import ADDED_LATER, fingerprinted
+    from harness.run.command_line import parse_args
+    from harness.run.folder import ADDED_LATER, fingerprinted
 
     config = parse_args({"recipe": "t"}, recipe_argv()).to_dict()
     trl_only = {f.name for f in dataclasses.fields(SFTConfig)} - {f.name for f in dataclasses.fields(TrainingArguments)}

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from harness.errors import UserError
-from harness.select import (
+from harness.alpaca100.select import (
     SelectionArguments,
     instruction_complexity,
     main,
@@ -15,6 +14,7 @@ from harness.select import (
     word_count,
     write_selection,
 )
+from harness.errors import UserError
 
 
 def rec(instruction: str, output_words: int, given: str = "", **extra) -> dict:

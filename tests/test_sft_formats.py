@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from harness.config import REPO_ROOT, DataArguments, ModelArguments
-from harness.data import IGNORE_INDEX
+from harness.data.examples import IGNORE_INDEX
+from harness.locations import RECIPES_DIR
+from harness.run.config import REPO_ROOT, DataArguments, ModelArguments
 
 TURNS = [("Name a colour.", "Red."), ("Another one?", "Blue, like the sea."), ("And a third?", "Green.")]
 
@@ -46,7 +47,7 @@ def _write(tmp_path, name: str, rows: list[dict]):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from harness.models import load_tokenizer
+    from harness.models.loading import load_tokenizer
 
     return load_tokenizer(ModelArguments(model="tiny-qwen2"))
 
@@ -65,7 +66,7 @@ def _trained_text(tokenizer, encoded) -> list[str]:
 
 @pytest.mark.parametrize("kind", ["messages", "sharegpt", "alpaca with system and history"])
 def test_every_assistant_turn_and_its_end_of_turn_carry_loss_and_nothing_else(tokenizer, tmp_path, kind):
-    from harness.encoding import encode_rows
+    from harness.data.encoding import encode_rows
 
     args = DataArguments(data_file=str(_write(tmp_path, kind, ROWS[kind])), task="instruction",
                          prompt_format="chat_template", max_seq_length=256)
@@ -76,7 +77,7 @@ def test_every_assistant_turn_and_its_end_of_turn_carry_loss_and_nothing_else(to
 
 
 def test_a_long_conversation_keeps_its_whole_first_turns(tokenizer, tmp_path):
-    from harness.encoding import encode_rows
+    from harness.data.encoding import encode_rows
 
     turns = [("Tell me more.", "More words here. " * 6)] * 6
     rows = [{"messages": _messages(turns)}]
@@ -89,7 +90,7 @@ def test_a_long_conversation_keeps_its_whole_first_turns(tokenizer, tmp_path):
 
 
 def test_text_trains_every_token_and_prompt_completion_the_completion(tokenizer, tmp_path):
-    from harness.encoding import encode_rows
+    from harness.data.encoding import encode_rows
 
     text_args = DataArguments(data_file="t.jsonl", task="instruction", max_seq_length=64)
     (text,), counts = encode_rows(ROWS["text"][:1], text_args, tokenizer)
@@ -100,7 +101,7 @@ def test_text_trains_every_token_and_prompt_completion_the_completion(tokenizer,
 
 
 def _run(tmp_path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO_ROOT / "recipes" / "qwen2_5_0_5b_lora.py"), "--model", "tiny-qwen2",
+    command = [sys.executable, str(RECIPES_DIR / "qwen2_5_0_5b_lora.py"), "--model", "tiny-qwen2",
                "--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2",
                "--max_seq_length", "128", "--per_device_train_batch_size", "2", "--forgetting_samples", "0",
                "--validation_split", "0.34", "--disable_tqdm", "true", *extra]
@@ -145,9 +146,9 @@ def test_a_local_dataset_folder_by_dataset_name(tmp_path):
 ])
 def test_a_file_the_recipes_cannot_train_on_is_refused_before_loading(tmp_path, rows, expected):
     """Refused by the checks that need no model (in-process here; test_tool_calls_... runs one as a user would)."""
-    from harness.config import parse_args
     from harness.errors import UserError
-    from harness.recipe import load_recipe, preflight
+    from harness.run.command_line import parse_args
+    from harness.run.flow import load_recipe, preflight
 
     path = _write(tmp_path, "bad", rows)
     cfg = parse_args({**load_recipe("qwen2_5_0_5b_lora").DEFAULTS, "recipe": "t"},

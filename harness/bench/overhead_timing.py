@@ -4,7 +4,7 @@
       --max_samples 48 --max_seq_length 256 --max_steps 12
 
 Both train the same examples with the same settings: one LoRA on the seven projections, the same seed, batch,
-learning rate and schedule, fp32, no checkpointing, no evaluation, no checkpoint saved mid-run. The recipe
+learning rate and schedule, fp32, padded batches, no checkpointing, no evaluation, no checkpoint saved mid-run. The recipe
 (recipes/qwen2_5_0_5b_lora.py) reads the plain-text file through its own data path; the plain script
 (harness/bench/plain_sft.py, TRL's trl/scripts/sft.py with a local file) hands it to SFTTrainer as it is. That the
 settings really are the same is checked, not assumed: both must train the same number of non-padding tokens in the
@@ -25,8 +25,11 @@ import time
 from pathlib import Path
 
 from harness.bench.packing_timing import spread
-from harness.config import REPO_ROOT
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
+from harness.files import write_json_atomic, write_text_atomic
+from harness.locations import REPO_ROOT, RESULTS_DIR
+from harness.models.offline import resolve_offline_model
+from harness.reporting.page import model_note
 
 RECIPE = "recipes/qwen2_5_0_5b_lora.py"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the recipe's "all7"
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_seq_length", type=int, default=256)
     parser.add_argument("--max_steps", type=int, default=12)
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "overhead.md"), help="The table; its .json beside it.")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "overhead.md"), help="The table; its .json beside it.")
     return parser
 
 
@@ -62,6 +65,7 @@ def commands(args: argparse.Namespace, model_folder: str) -> dict[str, list[str]
             RECIPE, "--model", args.model, "--data_file", args.data_file, "--max_samples", str(args.max_samples),
             "--validation_split", "0", "--max_seq_length", str(args.max_seq_length), "--r", str(args.r),
             "--target_modules", "all7", "--activation_checkpointing", "false", "--save_steps", "100000",
+            "--padding_free", "false",  # padded batches, as SFTTrainer's default (the recipe's own is padding-free)
             "--eval_on_start", "false", "--forgetting_samples", "0", *shared],
     }
 
@@ -86,9 +90,6 @@ def run_once(way: str, command: list[str], folder: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.measure import write_json_atomic, write_text_atomic
-    from harness.offline_models import resolve_offline_model
-
     argv = list(sys.argv[1:] if argv is None else argv)
     with reported_as_one_line("overhead_timing"):
         args = build_parser().parse_args(argv)
@@ -124,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(data: dict) -> str:
-    from harness.report import model_note
-
     runs, git = data["runs"], data["git"] or {}
     lines = ["# The harness's own cost: a recipe against a plain SFTTrainer script", "",
              "Made with (from the repository root):", "", "```", data["command"], "```", "",

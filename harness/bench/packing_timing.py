@@ -4,9 +4,9 @@ padding-free, and packed; several runs each, side by side.
   python -m harness.bench.packing_timing --repeats 3 -- recipes/qwen2_5_0_5b_lora.py --model smollm2-135m \
       --max_samples 400 --max_steps 8 --per_device_train_batch_size 4 --max_seq_length 512
 
-Each way runs the recipe as a whole process with its own flags added (SFTConfig's: `--pad_to_multiple_of N` pads
-every batch to N, the window: every example to the full length as fixed-length notebook scripts do; nothing,
-the batch's longest; `--padding_free true`; `--packing true`), into a temporary folder of its own, so nothing is
+Each way runs the recipe as a whole process with its own flags added (SFTConfig's: `--padding_free false
+--pad_to_multiple_of N` pads every batch to N, the window: every example to the full length as fixed-length
+notebook scripts do; `--padding_free false`, the batch's longest; `--padding_free true`; `--packing true`), into a temporary folder of its own, so nothing is
 resumed; the ways take turns, repeat after repeat, so a slow spell of the machine falls on all of them. From each
 run's result.json: non-padding tokens per second of training, the tokens and the input positions it computed
 (padding included), the training seconds, the peak memory and the final train and eval losses. Writes
@@ -24,16 +24,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness.config import REPO_ROOT
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
+from harness.files import write_json_atomic, write_text_atomic
+from harness.locations import REPO_ROOT, RESULTS_DIR
+from harness.reporting.page import model_note
+from harness.run.flow import load_recipe
 
 BASELINE = "fixed length (pad to the window)"
 
 
 def ways(window: int) -> dict[str, list[str]]:
     return {
-        BASELINE: ["--pad_to_multiple_of", str(window)],
-        "padded to the batch's longest (today's default)": [],
+        BASELINE: ["--padding_free", "false", "--pad_to_multiple_of", str(window)],
+        "padded to the batch's longest": ["--padding_free", "false"],
         "padding-free": ["--padding_free", "true"],
         "packed (BFD)": ["--packing", "true"],
     }
@@ -46,7 +49,7 @@ FIGURES = ("tokens_per_second", "train_seconds", "tokens_trained", "positions_tr
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="python -m harness.bench.packing_timing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="Runs of each way (they take turns).")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "packing.md"), help="The table; its .json beside it.")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "packing.md"), help="The table; its .json beside it.")
     parser.add_argument("run", nargs=argparse.REMAINDER, help="After --: the recipe script and its arguments.")
     return parser
 
@@ -55,7 +58,6 @@ def window_of(run_args: list[str]) -> int:
     """The run's --max_seq_length (the recipe's default when not given)."""
     if "--max_seq_length" in run_args:
         return int(run_args[run_args.index("--max_seq_length") + 1])
-    from harness.recipe import load_recipe
 
     return int(load_recipe(run_args[0]).DEFAULTS.get("max_seq_length", 512))
 
@@ -71,8 +73,6 @@ def run_once(run_args: list[str], extra: list[str], folder: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.measure import write_json_atomic, write_text_atomic
-
     argv = list(sys.argv[1:] if argv is None else argv)
     with reported_as_one_line("packing_timing"):
         args = build_parser().parse_args(argv)
@@ -108,8 +108,6 @@ def spread(values: list[float], digits: int = 1) -> str:
 
 
 def render(data: dict) -> str:
-    from harness.report import model_note
-
     runs = data["runs"]
     base = [r["tokens_per_second"] for r in runs[BASELINE]]
     git = data["git"] or {}

@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 from harness.bench.executors import Finished, Job
 from harness.bench.trial import DIE_WITH_PARENT, STOP_GRACE_S, not_run
-from harness.config import REPO_ROOT
 from harness.errors import UserError
+from harness.locations import REPO_ROOT
 
-INSTALL_HINT = "pip install -r requirements-ray.txt (an optional extra)"
+INSTALL_HINT = 'pip install -e ".[ray]" (an optional extra)'
 RAY_OPTION_NAMES = ("num_cpus", "num_gpus", "memory")  # anything else is a custom resource
 
 
@@ -73,7 +73,6 @@ def _asked(options: dict[str, Any]) -> dict[str, float]:
 def _trial_task():
     """The function a Ray worker runs. Defined inside a function so Ray ships it by value: a node that
     lacks this project then gets a clear failure instead of an import error. Standard library only."""
-
     def run_trial_on_this_node(repo_root: str, die_with_parent: str, spec: str) -> dict:
         import json
         import os

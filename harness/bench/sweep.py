@@ -12,18 +12,28 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from harness.bench.executors import (Finished, Job, LocalExecutor, check_executor_options, cores_note, echo_note,
-                                     local_slots, parse_gpus)
-from harness.bench.plan import OFFLINE_BUDGET_STEPS, OFFLINE_CPU_THREADS, OFFLINE_SETTINGS, Trial, plan_trials
+from harness.bench.executors import (
+    Finished,
+    Job,
+    LocalExecutor,
+    check_executor_options,
+    cores_note,
+    echo_note,
+    local_slots,
+    parse_gpus,
+)
+from harness.bench.grid import OFFLINE_BUDGET_STEPS, OFFLINE_CPU_THREADS, OFFLINE_SETTINGS, Trial, plan_trials
+from harness.bench.ray_executor import RayExecutor
 from harness.bench.trial import STATUS_OK, classify
-from harness.config import REPO_ROOT
 from harness.errors import EXIT_INTERRUPTED, UserError
-from harness.records import RUNS_FILE, append_record, read_records
+from harness.locations import REPO_ROOT
+from harness.models.offline import OFFLINE_MODELS
+from harness.reporting.flops import mfu_percent
+from harness.reporting.page import write_report
+from harness.reporting.runs import RUNS_FILE, append_record, read_records
 
 
 def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
-    from harness.offline_models import OFFLINE_MODELS
-
     name = args.name or _slug(args.model or "default-models")
     if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
         raise UserError(f"--name {name!r}: use letters, digits and . _ + - only (it becomes a file name)")
@@ -109,7 +119,6 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _executor(args: argparse.Namespace, gpus: list[str] | None, timeout_s: float, announce):
     if args.executor == "ray":
-        from harness.bench.ray_executor import RayExecutor
 
         return RayExecutor(args.ray_address, args.ray_resources, args.parallel, timeout_s, args.cpu_threads, announce)
     return LocalExecutor(local_slots(args.parallel, gpus), timeout_s, args.cpu_threads, echo=not args.quiet,
@@ -118,7 +127,6 @@ def _executor(args: argparse.Namespace, gpus: list[str] | None, timeout_s: float
 
 def _record(name: str, finished: Finished, status: str, reason: str | None, args: argparse.Namespace,
             timeout_s: float, bench_command: str, sweep_dir: Path) -> dict[str, Any]:
-    from harness.flops import mfu_percent
 
     trial, outcome = finished.job.trial, finished.outcome
     result = outcome.get("result")
@@ -191,8 +199,6 @@ def check_writable(folder: Path, option: str) -> None:
 
 
 def _write_tables(results_dir: Path, name: str) -> None:
-    from harness.report import write_report
-
     written = write_report(results_dir, name)
     if written:
         print("Tables and plots: " + ", ".join(_show(p) for p in written), flush=True)

@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Light imports only: a Ray worker starts this module for every trial (harness.config would pull in
-# transformers, seconds of start-up per trial).
-from harness import REPO_ROOT
 from harness.errors import EXIT_INTERRUPTED, EXIT_OOM
+
+# Light imports only: a Ray worker starts this module for every trial (harness.run.config would pull in
+# transformers, seconds of start-up per trial).
+from harness.locations import REPO_ROOT
 
 STATUS_OK = "ok"
 STOP_GRACE_S = 30  # how long a trial asked to stop may take to record itself as interrupted

@@ -1,4 +1,4 @@
-"""DPO with TRL's DPOTrainer, in the recipe flow (harness.recipe.train), scored on held-out pairs.
+"""DPO with TRL's DPOTrainer, in the recipe flow (harness.run.flow.train), scored on held-out pairs.
 
 The held-out score is computed pair by pair at the end, in one pass over pairs the run never trained on:
   reward_accuracy / reward_margin  DPO's implicit reward, beta x (log p_policy - log p_reference) summed
@@ -16,8 +16,14 @@ from typing import Any
 
 from trl import DPOConfig
 
+from harness.data.preference import is_conversational
 from harness.errors import UserError
+from harness.models.loading import print_parameter_counts
 from harness.objectives import trl_run
+from harness.objectives.protocol import Objective
+from harness.reporting.tables import noise_verdict
+from harness.run.record import run_record
+from harness.run.training import run_callbacks, save_final, shard_adapters_apart
 
 
 @dataclass
@@ -28,8 +34,8 @@ class DPOSettings(DPOConfig):
 
 
 def preflight(cfg, output_dir: bool = True):
-    plan = trl_run.preflight(cfg, output_dir, "dpo")
-    if not plan.eval_rows:
+    work = trl_run.preflight(cfg, output_dir, "dpo")
+    if not work.eval_rows:
         raise UserError("DPO is scored on held-out pairs: set --validation_split above 0 or pass --eval_file")
     if cfg.train.max_length not in (None, cfg.data.max_seq_length, _TRL_DEFAULT_MAX_LENGTH):
         raise UserError(f"--max_length is TRL's name for --max_seq_length here; set --max_seq_length "
@@ -37,40 +43,39 @@ def preflight(cfg, output_dir: bool = True):
     import dataclasses
 
     targs = dataclasses.replace(cfg.train, max_length=cfg.data.max_seq_length)
-    return dataclasses.replace(plan, targs=targs)
+    return dataclasses.replace(work, targs=targs)
 
 
 # TRL's own default: a --max_length nobody set. Read from DPOConfig, so a TRL release that changes it is followed.
 _TRL_DEFAULT_MAX_LENGTH = DPOConfig.__dataclass_fields__["max_length"].default
 
 
-def prepare(cfg, plan, tokenizer):
+def prepare(cfg, work, tokenizer):
     """The pairs as datasets TRL tokenizes itself, and how long they are in this tokenizer's tokens."""
     from datasets import Dataset
 
-    from harness.objectives.preference import is_conversational
 
-    conversational = is_conversational(plan.train_rows)
+    conversational = is_conversational(work.train_rows)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"{cfg.data.data_file} holds conversations but {cfg.model.model}'s tokenizer has no chat "
                         "template: use a chat model, or pairs with a text prompt (TRL's prompt/chosen/rejected)")
-    limit = cfg.data.eval_max_samples or len(plan.eval_rows)
-    eval_rows = plan.eval_rows[:limit]
-    lengths = [_pair_tokens(tokenizer, pair, conversational) for pair in plan.train_rows + eval_rows]
+    limit = cfg.data.eval_max_samples or len(work.eval_rows)
+    eval_rows = work.eval_rows[:limit]
+    lengths = [_pair_tokens(tokenizer, pair, conversational) for pair in work.train_rows + eval_rows]
     window = cfg.data.max_seq_length
-    n_train = len(plan.train_rows)
+    n_train = len(work.train_rows)
     dropped = sum(prompt >= window for prompt, _ in lengths[:n_train])
     if dropped == n_train:
         raise UserError(f"every training pair's prompt alone fills --max_seq_length {window}: raise it")
     stats = {
-        "train_pairs": len(plan.train_rows), "eval_pairs": len(eval_rows),
+        "train_pairs": len(work.train_rows), "eval_pairs": len(eval_rows),
         "longest_pair_tokens": max(longest for _, longest in lengths),
         "pairs_cut_to_max_seq_length": sum(longest > window for _, longest in lengths),
         # TRL drops a pair whose prompt alone fills the window: no answer token would be left to compare
         "train_pairs_dropped_prompt_too_long": dropped,
         "eval_pairs_dropped_prompt_too_long": sum(prompt >= window for prompt, _ in lengths[n_train:]),
     }
-    return _Prepared(Dataset.from_list(plan.train_rows), Dataset.from_list(eval_rows), stats)
+    return _Prepared(Dataset.from_list(work.train_rows), Dataset.from_list(eval_rows), stats)
 
 
 @dataclass
@@ -92,14 +97,11 @@ def _pair_tokens(tokenizer, pair: dict[str, Any], conversational: bool) -> tuple
     return prompt, max(count(pair["prompt"] + pair[side]) for side in ("chosen", "rejected"))
 
 
-def train_and_evaluate(cfg, plan, tokenizer, prepared, folder, memory) -> dict[str, Any]:
+def train_and_evaluate(cfg, work, tokenizer, prepared, folder, memory) -> dict[str, Any]:
     from trl import DPOTrainer
 
-    from harness.recipe import run_record
-    from harness.models import print_parameter_counts
-    from harness.training import run_callbacks, save_final, shard_adapters_apart
 
-    targs = trl_run.training_settings(cfg, plan.targs)
+    targs = trl_run.training_settings(cfg, work.targs)
     model, peft = trl_run.policy_model(cfg, targs)
     clock, callbacks = run_callbacks(cfg, folder)
     trainer = DPOTrainer(model=model, args=targs, train_dataset=prepared.train, eval_dataset=prepared.eval,
@@ -113,7 +115,7 @@ def train_and_evaluate(cfg, plan, tokenizer, prepared, folder, memory) -> dict[s
     print(held_out_line(scores, trainer.state.global_step))
     save_final(trainer, tokenizer, folder.staging)
     final_eval = [e for e in trainer.state.log_history if "eval_loss" in e]
-    return run_record(cfg, trainer, clock, outcome, counts, folder, plan, prepared.stats, planned_steps=None,
+    return run_record(cfg, trainer, clock, outcome, counts, folder, work, prepared.stats, planned_steps=None,
                       stopped_by=clock.stopped_by, scores={
                           "eval_loss": final_eval[-1]["eval_loss"] if final_eval else None,
                           "eval": {k: v for k, v in scores.items() if not k.startswith("untrained_")},
@@ -174,8 +176,6 @@ def _answer_logps(trainer, model, inputs):
 
 
 def held_out_line(scores: dict[str, Any], steps: int) -> str:
-    from harness.report import noise_verdict
-
     gain = scores["prefers_chosen"] - scores["untrained_prefers_chosen"]
     noise = noise_verdict(gain, scores["prefers_chosen_se"], scores["untrained_prefers_chosen_se"])
     return (f"Held-out pairs ({scores['pairs']}): the model prefers the chosen answer in "
@@ -184,10 +184,4 @@ def held_out_line(scores: dict[str, Any], steps: int) -> str:
             f"{scores['reward_margin']:+.4f} (both 0 untrained: the model is its own reference)")
 
 
-def _objective():
-    from harness.recipe import Objective
-
-    return Objective(preflight, prepare, train_and_evaluate)
-
-
-DPO = _objective()
+DPO = Objective(preflight, prepare, train_and_evaluate)

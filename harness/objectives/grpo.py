@@ -1,4 +1,4 @@
-"""GRPO with TRL's GRPOTrainer on GSM8K, in the recipe flow (harness.recipe.train).
+"""GRPO with TRL's GRPOTrainer on GSM8K, in the recipe flow (harness.run.flow.train).
 
 The recipe brings its reward functions (TRL's signature: completions and the dataset's columns, here the
 reference `answer`, in; one float per completion out). The run scores greedy answers to held-out problems
@@ -14,8 +14,16 @@ from typing import Any
 
 from trl import GRPOConfig, GRPOTrainer
 
+from harness.data import gsm8k
 from harness.errors import UserError
-from harness.objectives import gsm8k, trl_run
+from harness.evaluation.generation import generate
+from harness.models.loading import print_parameter_counts
+from harness.objectives import trl_run
+from harness.objectives.protocol import Objective
+from harness.reporting.tables import noise_verdict
+from harness.run.distributed import launched_processes
+from harness.run.record import run_record
+from harness.run.training import run_callbacks, save_final, shard_adapters_apart, wait_for_gpu
 
 
 @dataclass
@@ -29,7 +37,6 @@ class GRPOSettings(GRPOConfig):
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             # A copy (dataclasses.replace) of settings TRL already derived both of: derive them again.
             self.generation_batch_size = None
-        from harness.distributed import launched_processes
 
         steps = self.steps_per_generation or self.gradient_accumulation_steps
         processes = launched_processes()  # under accelerate launch the group may span the processes' batches
@@ -48,20 +55,20 @@ class GRPOSettings(GRPOConfig):
 
 
 def preflight(cfg, output_dir: bool = True):
-    plan = trl_run.preflight(cfg, output_dir, "grpo")
+    work = trl_run.preflight(cfg, output_dir, "grpo")
     targs = cfg.train
     if targs.max_completion_length >= cfg.data.max_seq_length:
         raise UserError(
             f"--max_completion_length {targs.max_completion_length} leaves no room for the prompt in --max_seq_length "
             f"{cfg.data.max_seq_length} (prompt + completion): raise --max_seq_length or lower --max_completion_length"
         )
-    if not plan.eval_rows:
+    if not work.eval_rows:
         raise UserError("GRPO is scored on held-out problems: pass --eval_file or set --validation_split above 0")
     # Scored by its own greedy pass at the end, not by the Trainer's evaluation; TRL counts the prompt and
     # completion tokens itself (the Trainer's own count finds no input_ids in a batch of prompts).
     targs = dataclasses.replace(targs, eval_strategy="no", load_best_model_at_end=False,
                                 include_num_input_tokens_seen="no")
-    return dataclasses.replace(plan, targs=targs)
+    return dataclasses.replace(work, targs=targs)
 
 
 def _names(cfg) -> list[str]:
@@ -76,7 +83,7 @@ class _Prepared:
     stats: dict[str, Any]
 
 
-def prepare(cfg, plan, tokenizer) -> _Prepared:
+def prepare(cfg, work, tokenizer) -> _Prepared:
     """Prompts as conversations (system: --instruction; user: the problem) when the tokenizer has a chat
     template, else as text; a problem whose prompt leaves no room for --max_completion_length is left out
     (and counted), as TRL would otherwise cut its completions short."""
@@ -85,7 +92,7 @@ def prepare(cfg, plan, tokenizer) -> _Prepared:
     # Here rather than in preflight, which harness.bench runs without the recipe's functions.
     if not cfg.reward_funcs:
         raise UserError("GRPO needs reward functions: run a GRPO recipe (it passes its own to run_recipe)")
-    weights = plan.targs.reward_weights
+    weights = work.targs.reward_weights
     if weights is not None and len(weights) != len(cfg.reward_funcs):
         raise UserError(f"--reward_weights gives {len(weights)} weights for {len(cfg.reward_funcs)} reward "
                         f"functions ({', '.join(_names(cfg))}): one each")
@@ -100,7 +107,7 @@ def prepare(cfg, plan, tokenizer) -> _Prepared:
     def rendered(prompt) -> str:
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if chat else prompt
 
-    room = cfg.data.max_seq_length - plan.targs.max_completion_length
+    room = cfg.data.max_seq_length - work.targs.max_completion_length
 
     def fitting(rows):
         """The rows whose prompt leaves --max_completion_length tokens in the window, and how many do not."""
@@ -109,14 +116,14 @@ def prepare(cfg, plan, tokenizer) -> _Prepared:
                 if len(tokenizer(rendered(prompt), add_special_tokens=False, verbose=False)["input_ids"]) <= room]
         return kept, len(rows) - len(kept)
 
-    train_kept, train_out = fitting(plan.train_rows)
-    limit = cfg.data.eval_max_samples or len(plan.eval_rows)
-    eval_kept, eval_out = fitting(plan.eval_rows)
+    train_kept, train_out = fitting(work.train_rows)
+    limit = cfg.data.eval_max_samples or len(work.eval_rows)
+    eval_kept, eval_out = fitting(work.eval_rows)
     eval_kept = eval_kept[:limit]
     if not train_kept or not eval_kept:
         raise UserError(f"no {'training' if not train_kept else 'held-out'} problem's prompt fits the {room} tokens "
                         f"--max_seq_length {cfg.data.max_seq_length} leaves beside --max_completion_length "
-                        f"{plan.targs.max_completion_length}: raise --max_seq_length or lower --max_completion_length")
+                        f"{work.targs.max_completion_length}: raise --max_seq_length or lower --max_completion_length")
     if train_out or eval_out:
         print(f"Data: left out {train_out} training and {eval_out} held-out problems whose prompt is longer than the "
               f"{room} tokens --max_seq_length leaves beside --max_completion_length")
@@ -134,8 +141,6 @@ class TimedGRPOTrainer(GRPOTrainer):
     generation_seconds = 0.0
 
     def _generate(self, prompts):
-        from harness.training import wait_for_gpu
-
         wait_for_gpu()
         start = time.perf_counter()
         try:
@@ -146,12 +151,8 @@ class TimedGRPOTrainer(GRPOTrainer):
                 self.generation_seconds += time.perf_counter() - start
 
 
-def train_and_evaluate(cfg, plan, tokenizer, prepared: _Prepared, folder, memory) -> dict[str, Any]:
-    from harness.recipe import run_record
-    from harness.models import print_parameter_counts
-    from harness.training import run_callbacks, save_final, shard_adapters_apart
-
-    targs = trl_run.training_settings(cfg, plan.targs)
+def train_and_evaluate(cfg, work, tokenizer, prepared: _Prepared, folder, memory) -> dict[str, Any]:
+    targs = trl_run.training_settings(cfg, work.targs)
     model, peft = trl_run.policy_model(cfg, targs)
     clock, callbacks = run_callbacks(cfg, folder)
     trainer = TimedGRPOTrainer(model=model, reward_funcs=list(cfg.reward_funcs), args=targs,
@@ -176,7 +177,7 @@ def train_and_evaluate(cfg, plan, tokenizer, prepared: _Prepared, folder, memory
         "mean_reward_first_logged": rewards[0] if rewards else None,
         "mean_reward_last_logged": rewards[-1] if rewards else None,
     }
-    return run_record(cfg, trainer, clock, outcome, counts, folder, plan, prepared.stats, planned_steps=None,
+    return run_record(cfg, trainer, clock, outcome, counts, folder, work, prepared.stats, planned_steps=None,
                       stopped_by=clock.stopped_by,
                       scores={"eval_loss": None, "eval": after, "before_training": before, "grpo": grpo})
 
@@ -184,8 +185,6 @@ def train_and_evaluate(cfg, plan, tokenizer, prepared: _Prepared, folder, memory
 def score_problems(model, tokenizer, prepared: _Prepared, targs) -> dict[str, Any]:
     """Greedy answers to the held-out problems, read flexibly (the marked or else the last number) and strictly
     (the number after `####`), and how often the answer is marked."""
-    from harness.generation import generate
-
     answers = generate(model, tokenizer, prepared.eval_prompts, None, targs.max_completion_length,
                        seed=targs.seed, batch_size=targs.per_device_eval_batch_size)
     n = len(answers)
@@ -207,8 +206,6 @@ def _scores_text(scores: dict[str, Any]) -> str:
 
 
 def held_out_line(before: dict[str, Any], after: dict[str, Any], steps: int) -> str:
-    from harness.report import noise_verdict
-
     parts = []
     for key, name in (("accuracy", "accuracy"), ("answer_marked", "answer marked with ####")):
         gain = after[key] - before[key]
@@ -217,10 +214,4 @@ def held_out_line(before: dict[str, Any], after: dict[str, Any], steps: int) -> 
     return f"Held-out problems ({after['problems']}, greedy): " + "; ".join(parts)
 
 
-def _objective():
-    from harness.recipe import Objective
-
-    return Objective(preflight, prepare, train_and_evaluate)
-
-
-GRPO = _objective()
+GRPO = Objective(preflight, prepare, train_and_evaluate)

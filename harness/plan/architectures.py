@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.models.offline import resolve_offline_model
 
 # The memory-relevant fields of each published config.json (Hugging Face Hub, main branch).
 BUILT_IN: dict[str, dict] = {
@@ -24,7 +25,7 @@ BUILT_IN: dict[str, dict] = {
         model_type="opt", hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16,
         vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=512, do_layer_norm_before=False,
         activation_function="relu", enable_bias=True),
-    # The anchors' models (README "Will it fit?": the planner beside their published figures)
+    # The anchors' models (docs/will-it-fit.md: the planner beside their published figures)
     "meta-llama/Llama-3.2-3B": dict(
         model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
         num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
@@ -43,7 +44,6 @@ def model_config(name: str, trust_remote_code: bool = False):
     config.json is fetched)."""
     from transformers import AutoConfig
 
-    from harness.offline_models import resolve_offline_model
 
     if name in BUILT_IN:
         fields = dict(BUILT_IN[name])

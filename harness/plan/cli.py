@@ -8,7 +8,7 @@ recipes' own models).
 
 Any recipe setting can follow (--r, --quantization, --max_seq_length, --optim, ...). Without a recipe
 the table uses the 7B recipes' T4 training (batch 1, 512 tokens, checkpointing, paged 8-bit AdamW).
-How each part is computed, and how accurate it is: harness/plan/memory.py and README "Will it fit?".
+How each part is computed, and how accurate it is: harness/plan/memory.py and docs/will-it-fit.md.
 """
 from __future__ import annotations
 
@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         recipe = argv.pop(0) if argv and not argv[0].startswith("-") else None
         options, settings = _parser().parse_known_args(argv)
         options.recipe = recipe
+        # imported here, not at the top: --help and one-line refusals answer without importing torch
         from harness.plan.memory import quiet_libraries
 
         if options.published:
+            # imported here, not at the top: --help and one-line refusals answer without importing torch
             from harness.plan.published import table
 
             with quiet_libraries():
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _gpu(spec: str | None):
+    # imported here, not at the top: --help and one-line refusals answer without importing torch
     from harness.plan.gpus import gpu_memory
 
     if spec is not None:
@@ -98,14 +101,16 @@ def _gpu(spec: str | None):
 
 
 def _plans(options, settings: list[str]):
-    from harness.bench.plan import parse_int_list
-    from harness.config import parse_args
-    from harness.methods import check_method
+    # imported here, not at the top: --help and one-line refusals answer without importing torch
+    from harness.bench.grid import parse_int_list
+    from harness.models.methods import check_method
     from harness.plan.architectures import model_config
     from harness.plan.memory import plan_run
+    from harness.run.command_line import parse_args
 
     if options.recipe:
-        from harness.bench.plan import load_defaults
+        # imported here, not at the top: --help and one-line refusals answer without importing torch
+        from harness.bench.grid import load_defaults
 
         path = Path(options.recipe)
         if not path.is_file():
@@ -138,7 +143,8 @@ def _compute_dtype(cfg):
     """--dtype as given; auto plans a GPU's bf16 (a T4's fp16 takes the same bytes)."""
     import torch
 
-    from harness.models import DTYPES
+    # imported here, not at the top: --help and one-line refusals answer without importing torch
+    from harness.models.loading import DTYPES
 
     return DTYPES.get(cfg.model.dtype, torch.bfloat16)
 

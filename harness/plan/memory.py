@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness.models.methods import LORA_FAMILY, adalora_schedule, peft_config
+
 GIB = 2**30
 
 # Modelled: what a process holds before its first tensor (CUDA context, cuBLAS workspace). Measured on a
@@ -280,13 +282,12 @@ def saved_for_backward(model, batch_size: int, seq_length: int, vocab_size: int)
 def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention: str = PLANNED_ATTENTION,
              context_bytes: int = CUDA_CONTEXT_BYTES, label: str = "") -> Plan:
     """Plan the peak memory of the run `cfg` (a RunConfig) on a model with this transformers config."""
-    from harness.methods import LORA_FAMILY, adalora_schedule, peft_config
 
     method, quantization = cfg.method.method, cfg.model.quantization
     targs = cfg.train
     optim = str(getattr(targs.optim, "value", targs.optim))  # an OptimizerNames member, or a name
     dtype_name = str(compute_dtype).removeprefix("torch.")
-    # As harness.models loads it: full fine-tuning keeps fp32 master weights; 4/8-bit bases get their
+    # As harness.models.loading loads it: full fine-tuning keeps fp32 master weights; 4/8-bit bases get their
     # remaining 16-bit weights (embeddings, norms, head) cast to fp32 by prepare_model_for_kbit_training.
     master_fp32 = method == "full" and cfg.model.dtype == "auto"
     model = meta_model(config, compute_dtype, attention, cfg.model.trust_remote_code)

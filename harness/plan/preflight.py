@@ -2,7 +2,7 @@
 
 Checked against the GPU's free memory (and --memory_budget_gb when smaller) on a GPU, against
 --memory_budget_gb alone on CPU (the plan is then for this machine's fp32 run), not at all otherwise.
---memory_check false prints the plan and runs anyway: the plan is an estimate (README "Will it fit?").
+--memory_check false prints the plan and runs anyway: the plan is an estimate (docs/will-it-fit.md).
 """
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import dataclasses
 from typing import Any
 
 from harness.errors import UserError
+from harness.models.loading import compute_dtype
+from harness.models.methods import LORA_FAMILY, check_method
+from harness.plan.architectures import model_config
+from harness.plan.memory import CUDA_CONTEXT_BYTES, plan_run, quiet_libraries
+from harness.run.distributed import strategy
+from harness.run.measure import command_line
 
 GIB = 2**30
 
@@ -26,8 +32,6 @@ def check_memory_plan(cfg, targs) -> dict[str, Any]:
     for result.json ("memory_plan")."""
     import torch
 
-    from harness.models import compute_dtype
-    from harness.plan.memory import CUDA_CONTEXT_BYTES, quiet_libraries
 
     cuda = torch.cuda.is_available()
     cfg = dataclasses.replace(cfg, train=targs)
@@ -40,7 +44,6 @@ def check_memory_plan(cfg, targs) -> dict[str, Any]:
         print(f"Memory plan: not made ({reason.splitlines()[0][:300]}); the run goes on unchecked.")
         return {"status": "not_made", "reason": reason[:500]}
     budget = _budget(cfg, cuda)
-    from harness.distributed import strategy
 
     unsloth = cfg.model.backend == "unsloth"
     sharded = strategy() == "fsdp"  # each GPU holds a shard: the plan (one whole copy) is an upper bound
@@ -72,9 +75,6 @@ def check_memory_plan(cfg, targs) -> dict[str, Any]:
 
 
 def _plan(cfg, dtype, context: int):
-    from harness.plan.architectures import model_config
-    from harness.plan.memory import plan_run
-
     config = model_config(cfg.model.model, cfg.model.trust_remote_code)
     return config, plan_run(cfg, config, compute_dtype=dtype, context_bytes=context)
 
@@ -104,8 +104,6 @@ def _summary(plan, context: int) -> str:
 
 def _plan_command(cfg) -> str:
     """The harness.plan command for this run's breakdown (its own flags; a recipe script when there is one)."""
-    from harness.measure import command_line
-
     command = command_line(cfg.run.recipe, cfg.argv)
     if command.startswith("python recipes/"):
         return command.replace("python ", "python -m harness.plan ", 1)
@@ -119,9 +117,6 @@ def _size(n: float) -> str:
 def what_would_fit(cfg, config, plan, capacity: float, context: int) -> list[str]:
     """The changes, each alone, after which the plan fits in capacity bytes (context included): a smaller
     batch (the same effective batch through accumulation), checkpointing, a 4-bit base, a lower rank."""
-    from harness.methods import LORA_FAMILY, check_method
-    from harness.plan.memory import plan_run
-
     targs, method = cfg.train, cfg.method
     fixes = []
     largest, batch_now = plan.max_batch_size(capacity), targs.per_device_train_batch_size
@@ -156,8 +151,6 @@ def what_would_fit(cfg, config, plan, capacity: float, context: int) -> list[str
 
 
 def _rank(method) -> int:
-    from harness.methods import LORA_FAMILY
-
     return method.init_r if method.method == "adalora" else method.r if method.method in LORA_FAMILY else 1
 
 

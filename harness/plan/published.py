@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from harness.plan.architectures import model_config
+from harness.plan.memory import meta_model, plan_run, quantized_linears, quantized_weight_bytes
+from harness.run.command_line import parse_args
+
 GIB = 2**30
 GB = 10**9
 
@@ -132,8 +136,6 @@ PUBLISHED: list[Published] = [
 
 def loaded_weight_bytes(config, quantization: str, double_quant: bool, dtype) -> int:
     """The weights as from_pretrained leaves them: quantized linears, the rest in the 16-bit dtype."""
-    from harness.plan.memory import meta_model, quantized_linears, quantized_weight_bytes
-
     model = meta_model(config, dtype)
     quantized = quantized_linears(model) if quantization in ("4bit", "8bit") else {}
     return sum(quantized_weight_bytes(p.numel(), quantized[id(p)].out_features, quantization, double_quant)
@@ -144,9 +146,6 @@ def planned(entry: Published) -> tuple[float, float]:
     """(planned figure in the source's unit, trainable parameters in millions)."""
     import torch
 
-    from harness.config import parse_args
-    from harness.plan.architectures import model_config
-    from harness.plan.memory import plan_run
 
     cfg = parse_args({"output_dir": "outputs/plan"}, list(entry.settings))
     config = model_config(cfg.model.model)
