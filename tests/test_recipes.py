@@ -244,3 +244,28 @@ def load_tokenizer(name: str):
     from harness.models.loading import load_tokenizer as load
 
     return load(ModelArguments(model=name))
+
+
+def test_help_is_in_groups_with_the_most_used_settings_first(capsys):
+    """--help: model, method, data, training, evaluation, run, each group's most used settings first; every setting
+    still parses as before (only the help is laid out)."""
+    from harness.run.command_line import HELP_ORDER, HELP_TITLES, parse_args
+
+    with pytest.raises(SystemExit) as done:
+        parse_args({"recipe": "t"}, ["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    titles = [HELP_TITLES[kind] + ":" for kind in HELP_ORDER]
+    assert [text.index(t) for t in titles] == sorted(text.index(t) for t in titles)  # in this order
+
+    def group(kind: str) -> str:
+        start = text.index(HELP_TITLES[kind] + ":")
+        later = [text.index(t) for t in titles if text.index(t) > start]
+        return text[start:min(later, default=len(text))]
+
+    training = group("training")
+    first_flags = [line.split()[0] for line in training.splitlines()[1:] if line.startswith("  --")][:3]
+    assert first_flags == ["--learning_rate", "--num_train_epochs", "--max_steps"]
+    assert "--eval_steps" in group("evaluation") and "--eval_steps" not in training
+    assert "--output_dir" in group("run") and "--eval_file" in group("evaluation") and "--r R" in group("method")
+    assert parse_args({"recipe": "t"}, ["--eval_steps", "25", "--output_dir", "x"]).train.eval_steps == 25
