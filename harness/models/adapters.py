@@ -10,6 +10,7 @@ from typing import Any
 
 from harness.errors import UserError
 from harness.run.config import DataArguments
+from harness.run.swap import refuse_while_swapping
 
 PROMPT_LEARNING_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -54,6 +55,7 @@ def open_adapter(path: str | Path) -> AdapterFolder:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise UserError(f"adapter folder {path} not found; pass --adapter with the output_dir of a finished run")
+    refuse_while_swapping(folder)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
         if (folder / "config.json").is_file():

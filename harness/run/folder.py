@@ -14,7 +14,8 @@ A rerun into an existing output_dir (docs/runs-and-results.md, "Reruns", says th
     (kept, never picked up again).
 A finished run's files (adapter or model, tokenizer, result.json) are replaced only when a new run
 in the folder finishes ok: the new files are written to a staging folder and moved in at the very
-end. A run that fails, is interrupted or refused meanwhile writes its record to last_attempt.json.
+end, with result.json, as one journaled unit (harness.run.swap: a stop half-way is completed by the next start,
+and readers refuse the folder meanwhile). A run that fails, is interrupted or refused meanwhile writes its record to last_attempt.json.
 Two runs at once in one folder: the second is refused (a lock is held while a run lives).
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from harness.errors import UserError
 from harness.files import write_json_atomic
 from harness.run import distributed
 from harness.run.distributed import fingerprint_part
+from harness.run.swap import pending_record, plain_names, roll_forward, swap_in
 
 RESULT_FILE = "result.json"
 LAST_ATTEMPT_FILE = "last_attempt.json"
@@ -138,31 +140,15 @@ class RunFolder:
         write_json_atomic(target, record)
         return target
 
-    def promote(self, record: dict[str, Any]) -> None:
-        """Move the staged final files into the folder, replacing the previous finished run's (its files
-        that this run did not write are removed). Called with signals deferred, just before the record."""
-        if not self.staging.is_dir():
-            return
+    def finish(self, record: dict[str, Any]) -> None:
+        """Swap the staged final files in for the previous finished run's (its files that this run did not write
+        are removed) and write the record, as one journaled unit (harness.run.swap). Called with signals deferred."""
         previous = _read_json(self.path / RESULT_FILE) or {}
         listed = previous.get("files") if previous.get("status") == "ok" else None
         # Plain names of final files only: a record edited by hand must not make this delete anything else.
-        old_files = [n for n in listed or [] if isinstance(n, str) and n == Path(n).name and not n.startswith(".")
+        old_files = [n for n in plain_names(listed) if not n.startswith(".")
                      and n not in (RESULT_FILE, LAST_ATTEMPT_FILE, RUN_MARKER) and not n.startswith(CHECKPOINT_PREFIX)]
-        staged = sorted(p.name for p in self.staging.iterdir())
-        for name in staged:
-            target = self.path / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(self.staging / name, target)
-        for name in set(old_files) - set(staged):
-            stale = self.path / name
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-        self.staging.rmdir()
-        record["files"] = staged
-
+        swap_in(self.path, self.staging, record, old_files)
 
 def check_output_dir(cfg, with_checkpoints: bool = True) -> None:
     """The refusals `claimed` would make, made now and changing nothing, so that a bad output_dir is
@@ -261,6 +247,8 @@ def _lock(out: Path) -> int:
 def _decide(folder: RunFolder, resume: bool, with_checkpoints: bool, dry_run: bool = False) -> None:
     """Refuse, or settle what the run does in the folder; dry_run: only refuse, change nothing."""
     out = folder.path
+    if not dry_run:
+        roll_forward(out)  # a run stopped while finishing: its swap completes first, as it planned
     marker_path = out / RUN_MARKER
     if not marker_path.exists():
         foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
@@ -287,7 +275,7 @@ def _decide(folder: RunFolder, resume: bool, with_checkpoints: bool, dry_run: bo
 def _settle_resume(folder: RunFolder, marker: Any, damaged: bool, resume: bool, dry_run: bool) -> bool:
     """Finished, resume, refuse or start over (see the module doc). True when the run is finished."""
     out = folder.path
-    record = _read_json(out / RESULT_FILE)
+    record = pending_record(out) or _read_json(out / RESULT_FILE)  # a half-done swap's record is the one to come
     finished = record if isinstance(record, dict) and record.get("status") == "ok" else None
     if resume and finished is not None and finished.get("fingerprint") == folder.fingerprint:
         folder.finished = finished

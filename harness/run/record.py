@@ -63,8 +63,10 @@ def recorded_run(folder: RunFolder, cfg: RunConfig, start: RunStart, memory=None
     if not is_main():
         return
     with signals_deferred():  # the files and the record that describes them change together
-        folder.promote(record)
-        folder.write_record(_ordered(record))
+        ordered = _ordered({**record, "files": []})  # "files" in its place among the fields; finish() fills it in
+        folder.finish(ordered)
+        record.clear()
+        record.update(ordered)
 
 
 def run_record(cfg: RunConfig, trainer, clock, outcome, counts: tuple[int, int], folder: RunFolder, work: Workload,
