@@ -16,15 +16,14 @@ import argparse
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from harness.bench.timing import commit_and_versions, run_whole
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
 from harness.files import write_json_atomic, write_text_atomic
-from harness.locations import REPO_ROOT, RESULTS_DIR
+from harness.locations import RESULTS_DIR
 from harness.reporting.page import model_note
 from harness.reporting.runs import RUNS_FILE, read_records
 from harness.reporting.tables import latest_per_trial, ok_rows
@@ -61,13 +60,7 @@ def run_way(extra: list[str], sweep_args: list[str], folder: Path) -> tuple[floa
     results = folder / "results"
     command = [sys.executable, "-m", "harness.bench", *sweep_args, *extra, "--name", "timing", "--quiet",
                "--results-dir", str(results), "--output-root", str(folder / "outputs")]
-    started = time.monotonic()
-    done = subprocess.run(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wall = time.monotonic() - started
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise UserError(f"the sweep `{shlex.join(['python', '-m', 'harness.bench', *sweep_args, *extra])}` "
-                        f"failed: {last}")
+    wall = run_whole(command, f"the sweep `{shlex.join(['python', '-m', 'harness.bench', *sweep_args, *extra])}`")
     return wall, results
 
 
@@ -128,8 +121,7 @@ def render(data: dict) -> str:
         "the trials and the tables. The ways took turns, repeat after repeat.",
         f"- **Device**: {data['device']}.",
         f"- **Model**: {', '.join(model_note(m) for m in data['models'])}.",
-        f"- **Commit**: {git.get('commit') or 'unknown'}{' (with uncommitted changes)' if git.get('dirty') else ''}.",
-        f"- **Versions**: {', '.join(f'{k} {v}' for k, v in data['versions'].items())}.",
+        *commit_and_versions(git, data["versions"]),
         f"- **Same results every way**: {'yes' if data['same_scores_every_way'] else '**no**'} (every trial's "
         "losses, scores and parameter counts in the three tables).",
         "",

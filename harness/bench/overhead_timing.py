@@ -18,16 +18,14 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from harness.bench.packing_timing import spread
+from harness.bench.timing import commit_and_versions, run_whole, spread
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
 from harness.files import write_json_atomic, write_text_atomic
-from harness.locations import REPO_ROOT, RESULTS_DIR
+from harness.locations import RESULTS_DIR
 from harness.models.offline import resolve_offline_model
 from harness.reporting.page import model_note
 
@@ -71,13 +69,7 @@ def commands(args: argparse.Namespace, model_folder: str) -> dict[str, list[str]
 
 
 def run_once(way: str, command: list[str], folder: Path) -> dict:
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, *command, "--output_dir", str(folder)], cwd=REPO_ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise UserError(f"`{shlex.join(['python', *command])}` failed: {last}")
+    wall = run_whole([*command, "--output_dir", str(folder)], f"`{shlex.join(['python', *command])}`")
     if way == "recipe":
         record = json.loads((folder / "result.json").read_text(encoding="utf-8"))
         runtime = next(e["train_runtime"] for e in reversed(record["log_history"]) if "train_runtime" in e)
@@ -130,8 +122,7 @@ def render(data: dict) -> str:
              "Made with (from the repository root):", "", "```", data["command"], "```", "",
              *[f"- **{way}**: `{command}`" for way, command in data["ways"].items()],
              f"- **Device**: {data['device']}.", f"- **Model**: {model_note(data['model'])}.",
-             f"- **Commit**: {git.get('commit') or 'unknown'}{' (with uncommitted changes)' if git.get('dirty') else ''}.",
-             f"- **Versions**: {', '.join(f'{k} {v}' for k, v in (data['versions'] or {}).items())}.", "",
+             *commit_and_versions(git, data["versions"]), "",
              "Each way is a whole process; they took turns. *Wall* is from starting the process to its exit (imports, "
              "loading, preparing the data, training, saving: what a user waits); *train_runtime* is Trainer.train()'s "
              "own figure. The ratio is recipe / plain on the medians (1.00 = no overhead); *beyond noise?* asks whether "

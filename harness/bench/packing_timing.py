@@ -19,14 +19,14 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from harness.bench.timing import commit_and_versions, run_whole, spread
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
 from harness.files import write_json_atomic, write_text_atomic
-from harness.locations import REPO_ROOT, RESULTS_DIR
+from harness.locations import RESULTS_DIR
 from harness.reporting.page import model_note
 from harness.run.flow import load_recipe
 
@@ -63,11 +63,8 @@ def window_of(run_args: list[str]) -> int:
 
 
 def run_once(run_args: list[str], extra: list[str], folder: Path) -> dict:
-    command = [sys.executable, *run_args, *extra, "--output_dir", str(folder), "--disable_tqdm", "true"]
-    done = subprocess.run(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise UserError(f"`{shlex.join(['python', *run_args, *extra])}` failed: {last}")
+    run_whole([*run_args, *extra, "--output_dir", str(folder), "--disable_tqdm", "true"],
+              f"`{shlex.join(['python', *run_args, *extra])}`")
     record = json.loads((folder / "result.json").read_text(encoding="utf-8"))
     return {name: record.get(name) for name in (*FIGURES, "model", "device", "versions", "git", "data")}
 
@@ -103,9 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def spread(values: list[float], digits: int = 1) -> str:
-    return f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f} / {max(values):.{digits}f}"
-
 
 def render(data: dict) -> str:
     runs = data["runs"]
@@ -126,8 +120,7 @@ def render(data: dict) -> str:
         f"- **Model**: {model_note(data['model'])}.",
         f"- **Data**: `{(data['data'] or {}).get('data_file')}`, {(data['data'] or {}).get('train_examples')} "
         "training examples.",
-        f"- **Commit**: {git.get('commit') or 'unknown'}{' (with uncommitted changes)' if git.get('dirty') else ''}.",
-        f"- **Versions**: {', '.join(f'{k} {v}' for k, v in (data['versions'] or {}).items())}.",
+        *commit_and_versions(git, data["versions"]),
         "",
         "Tokens/s counts the non-padding tokens trained on per second of training (optimizer steps only); positions "
         "are what the model computed, padding included. The ideal speed-up is the baseline's positions per real "

@@ -154,12 +154,6 @@ def packed_examples_mix(model, vocab_size: int) -> str | None:
             f"(an example's logits move by {gap:.3g} when another shares its row)")
 
 
-def check_packed_attention(model, vocab_size: int) -> None:
-    """Refuse (one line) a model whose attention would let packed examples see each other."""
-    mixing = packed_examples_mix(model, vocab_size)
-    if mixing:
-        raise UserError(f"{mixing}: drop --packing / --padding_free for this model")
-
 
 class RecipeTrainer(SFTTrainer):
     """TRL's SFTTrainer on data this project tokenized (input_ids + completion_mask: TRL builds the labels, pads,
