@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from harness.locations import LLAMA2C_DIR  # noqa: E402
 from harness.locations import STORIES260K_DIR as STORIES_DIR
 from harness.models import offline as offline_models  # noqa: E402
-from harness.models.llama2c import convert, read_llama2c_checkpoint  # noqa: E402
+from harness.models.llama2c import convert, read_llama2c_checkpoint, read_llama2c_tokenizer  # noqa: E402
 from harness.models.offline import OFFLINE_MODELS, build_offline_model, resolve_offline_model  # noqa: E402
 
 TINY_MODELS = ["tiny-qwen2", "tiny-llama", "tiny-opt"]
@@ -258,3 +258,15 @@ def test_resolve_builds_once_and_survives_losing_a_build_race(monkeypatch, tmp_p
     assert len(calls) == 1  # second call reused the cache
     assert [p.name for p in tmp_path.iterdir()] == [target.name]  # our temp build was cleaned up
     AutoModelForCausalLM.from_pretrained(target)
+
+
+@pytest.mark.parametrize("length", [-8, 10_000])
+def test_a_damaged_tokenizer_is_refused_not_read_forever(tmp_path, length):
+    """A negative piece length once left the reader's offset standing still: a loop without end."""
+    damaged = tmp_path / "tokenizer.bin"
+    damaged.write_bytes(struct.pack("<i", 8) + struct.pack("<fi", 0.0, 1) + b"a" + struct.pack("<fi", 0.0, length) + b"bc")
+    with pytest.raises(ValueError, match=f"claims {length} bytes"):
+        read_llama2c_tokenizer(damaged)
+    good = tmp_path / "good.bin"
+    good.write_bytes(struct.pack("<i", 8) + struct.pack("<fi", -1.5, 2) + b"ab")
+    assert read_llama2c_tokenizer(good) == [("ab", -1.5)]

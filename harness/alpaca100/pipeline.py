@@ -108,7 +108,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     pool = data_mod.load_records(cfg.data)
     if pool.left_out:
         print(f"Data: {pool.summary()}")
-    train_pool, heldout = data_mod.split_records(pool.rows, cfg.data)
+    eval_records = data_mod.load_eval_records(cfg.data)  # refused if all training rows; some are stated
+    train_pool, heldout = data_mod.split_records(pool.rows, cfg.data, eval_records)
     check_judge_reachable(judge_args)  # the judge is first needed hours from now: ask it one thing first
 
     # The folder holds selection/, one folder per stage (each resumes on its own) and the reports.
@@ -118,6 +119,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             record.update(_run(cfg, folder.path, train_pool, heldout, grid, test_prompts,
                                selection_args, curriculum_args, decoding_args, judge_args))
             record["data_rows_left_out"] = pool.report()
+            if eval_records is not None:  # its rows left out, and those also in the pool (not held-out)
+                record["eval_file_rows"] = eval_records.report()
     print(f"\nReport: {folder.path / REPORT_FILE}\nResult: {folder.path / RESULT_FILE}")
     return record
 

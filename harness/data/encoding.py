@@ -21,6 +21,7 @@ from harness.data.examples import (
     IGNORE_INDEX,
     Encoded,
     Example,
+    PromptTooLong,
     _instruction_example,
     build_examples,
     encode,
@@ -54,9 +55,12 @@ def prepare(rows_train: list[dict], rows_eval: list[dict], args: DataArguments, 
         })
 
     train_enc, counts = encode_rows(rows_train, args, tokenizer)
+    # --eval_max_samples caps the eval loss's examples as well as the task metrics' (as DPO and GRPO cap theirs): a
+    # short run does not spend its time scoring thousands of rows
+    rows_eval = rows_eval[: args.eval_max_samples] if args.eval_max_samples else rows_eval
     if not train_enc:
-        raise UserError(f"no training example fits --max_seq_length {args.max_seq_length}: every conversation's "
-                             "first answer starts beyond it; raise --max_seq_length")
+        raise UserError(f"no training example fits --max_seq_length {args.max_seq_length}: every one's prompt (a "
+                        "conversation's, up to its first answer) fills it; raise --max_seq_length")
     # Classification keeps its eval examples: the task scorer scores their label candidates
     eval_examples = build_examples(rows_eval, args, tokenizer) if rows_eval and args.task == "classification" else []
     if eval_examples:
@@ -74,8 +78,8 @@ def prepare(rows_train: list[dict], rows_eval: list[dict], args: DataArguments, 
         "mean_example_tokens": round(sum(lengths) / len(lengths), 1),
         "examples_cut_to_fit": sum(e.body_cut for e in train_enc + eval_enc),
         **({"assistant_turns_trained": counts["assistant_turns"]} if "assistant_turns" in counts else {}),
-        **({"examples_left_out_too_long": counts["too_long"] + eval_counts.get("too_long", 0)}
-           if "too_long" in counts else {}),
+        **({"examples_left_out_too_long": counts.get("too_long", 0) + eval_counts.get("too_long", 0)}
+           if "too_long" in counts or "too_long" in eval_counts else {}),
     }
     eval_prompts = [e.input_ids[: e.prompt_len] for e in eval_enc]
     eval_answers = [e.input_ids[e.prompt_len:] for e in eval_enc]
@@ -85,7 +89,8 @@ def prepare(rows_train: list[dict], rows_eval: list[dict], args: DataArguments, 
 
 def encode_rows(rows: list[dict], args: DataArguments, tokenizer) -> tuple[list[Encoded], dict[str, Any]]:
     """The rows' examples, tokenized and cut to --max_seq_length, and what happened to them (format, assistant
-    turns trained, conversations left out as too long)."""
+    turns trained, rows left out as too long: a conversation whose first answer, an instruction whose prompt, starts
+    beyond the window)."""
     window = args.max_seq_length
     if args.task == "classification":
         return [encode(tokenizer, ex, window) for ex in build_examples(rows, args, tokenizer)], {}
@@ -96,11 +101,15 @@ def encode_rows(rows: list[dict], args: DataArguments, tokenizer) -> tuple[list[
     for number, row in enumerate(rows, start=1):
         if fmt == "text":
             encoded.append(_encode_text(tokenizer, str(row["text"]), window))
-        elif fmt == "prompt_completion" and not formats.is_conversational(row):
-            # TRL's plain prompt/completion: no template; the prompt is the text cut to fit
-            encoded.append(encode(tokenizer, Example("", str(row["prompt"]), "", str(row["completion"])), window))
-        elif fmt == "alpaca" and mapping is None and not row.get("system") and not row.get("history"):
-            encoded.append(encode(tokenizer, _instruction_example(row, args, tokenizer), window))
+        elif fmt == "prompt_completion" and not formats.is_conversational(row) or (
+                fmt == "alpaca" and mapping is None and not row.get("system") and not row.get("history")):
+            # TRL's plain prompt/completion (no template; the prompt is the text cut to fit), or one Alpaca turn
+            example = (_instruction_example(row, args, tokenizer) if fmt == "alpaca"
+                       else Example("", str(row["prompt"]), "", str(row["completion"])))
+            try:
+                encoded.append(encode(tokenizer, example, window))
+            except PromptTooLong:
+                counts["too_long"] += 1
         else:
             template = template or _conversation_tokenizer(tokenizer, args, fmt)
             conv = formats.to_conversation(row, fmt, mapping, path=args.data_file, row_number=number)
@@ -112,8 +121,8 @@ def encode_rows(rows: list[dict], args: DataArguments, tokenizer) -> tuple[list[
             labels = [t if m else IGNORE_INDEX for t, m in zip(done.input_ids, done.completion_mask)]
             first = next((i for i, m in enumerate(done.completion_mask) if m), len(labels))
             encoded.append(Encoded(done.input_ids, labels, first, done.turns_cut))
-    if fmt not in CONVERSATIONS and not counts["assistant_turns"] and not counts["too_long"]:
-        counts = {"format": fmt}
+    if fmt not in CONVERSATIONS:  # counts of what these formats may not have had: said only when there was some
+        counts = {key: value for key, value in counts.items() if key == "format" or value}
     return encoded, counts
 
 

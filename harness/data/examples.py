@@ -175,6 +175,11 @@ def _chat_answer(tokenizer, prompt: str, answer: str, history: list[dict] | None
     return full[len(prompt):] if full.startswith(prompt) else answer
 
 
+class PromptTooLong(UserError):
+    """An instruction whose prompt, its input cut away, still fills the window: harness.data.encoding leaves the row
+    out and counts it, as it does a conversation whose first answer starts beyond the window."""
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -209,14 +214,17 @@ def encode(tokenizer, example: Example, max_len: int, add_eos: bool = True) -> E
     for _ in range(len(body)):
         if overflow <= 0 or not body:
             break
-        body = _cut_tokens(tokenizer, body, overflow)
+        body = without_last_tokens(tokenizer, body, overflow)
         cut = True
         prompt_ids = _ids(tokenizer, example.head + body + example.tail, True)  # merges at the seams can change
         overflow = len(prompt_ids) + len(target) - max_len
     if overflow > 0:
         # A label cut short would teach a wrong label; a long instruction answer (with or without an
         # input) is cut like any text, so one long record does not stop the whole run.
-        if example.label is not None or len(prompt_ids) >= max_len:
+        if example.label is None and len(prompt_ids) >= max_len:
+            raise PromptTooLong(f"an instruction's prompt alone needs {len(prompt_ids)} tokens, more than "
+                                f"--max_seq_length {max_len}; raise it or shorten the instruction")
+        if example.label is not None:
             raise UserError(
                 f"--max_seq_length {max_len} is too short: the prompt without any text and the answer "
                 f"need {len(prompt_ids) + len(target)} tokens; pass --max_seq_length {len(prompt_ids) + len(target)} or more"
@@ -225,10 +233,15 @@ def encode(tokenizer, example: Example, max_len: int, add_eos: bool = True) -> E
     return Encoded(prompt_ids + target, [IGNORE_INDEX] * len(prompt_ids) + target, len(prompt_ids), cut)
 
 
-def _cut_tokens(tokenizer, body: str, count: int) -> str:
-    """body without its last `count` tokens, cut where the first dropped token starts: always strictly shorter.
-    Cutting where the last kept token ends is not: byte-level BPE splits one character (U+0085, an emoji) into
-    several tokens that share its span, so dropping one of them can leave the text unchanged."""
+def without_last_tokens(tokenizer, body: str, count: int) -> str:
+    """body without its last `count` tokens, cut where the first dropped token starts: always strictly shorter,
+    so a loop that cuts until a text fits ends. Cutting where the last kept token ends is not: byte-level BPE splits
+    one character (U+0085, an emoji) into several tokens that share its span, so dropping one of them can leave the
+    text unchanged; nor is decoding the kept tokens (a split character decodes to U+FFFD, which can take more)."""
+    if not getattr(tokenizer, "is_fast", False):  # a slow tokenizer has no offsets: the same share of characters
+        total = len(_ids(tokenizer, body, False))
+        keep = total - count
+        return "" if keep <= 0 or not body else body[: min(len(body) * keep // total, len(body) - 1)]
     offsets = tokenizer(body, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
     keep = len(offsets) - count
     if keep <= 0:

@@ -265,10 +265,29 @@ def _call(call: Any, where: str) -> Any:
     return {**call, "function": {**call["function"], "arguments": _arguments(call["function"].get("arguments"), where)}}
 
 
+def _check_content(turn: dict, field: str, role: Any, calls: Any, where: str) -> None:
+    """Refuse a turn without content, naming its row, turn and field: an assistant turn with no answer (None, the
+    field missing, or blank) unless it makes tool calls, any other turn with no text at all (None or missing).
+    A blank user or system turn is kept: it is valid, if odd, and the chat template writes it."""
+    content = turn.get(field)
+    blank = isinstance(content, str) and not content.strip()
+    if content is not None and not (role == "assistant" and blank):
+        return  # content that is not text is refused by check_conversation, naming its type
+    if role == "assistant" and calls:
+        return  # a turn that only calls a tool
+    why = f'no "{field}" field' if field not in turn else f'"{field}" is null' if content is None else f'"{field}" is blank'
+    if role == "assistant":
+        state = "missing" if content is None else "empty"
+        raise UserError(f"{where}: the assistant's answer is {state} ({why}); give it the answer or delete the row")
+    raise UserError(f"{where}: the {role if isinstance(role, str) else 'turn'}'s text is missing ({why}); "
+                    "give it its text or delete the row")
+
+
 def _message(message: Any, where: str) -> dict:
     """An OpenAI-style message, cleaned of the nulls that Parquet/datasets add for fields other rows have."""
     if not isinstance(message, dict):
         raise UserError(f"{where} is a {type(message).__name__}, not a {{role, content}} object")
+    _check_content(message, "content", message.get("role"), message.get("tool_calls"), where)
     out = {k: v for k, v in message.items() if v is not None or k == "content"}
     if out.get("content") is None and out.get("tool_calls"):
         out["content"] = ""
@@ -281,7 +300,9 @@ def _message_list(value: Any, column: str, where: str) -> list[dict]:
     if not isinstance(value, list):
         raise UserError(f"{where}: column {column!r} must be a list of {{role, content}} messages, "
                         f"not {type(value).__name__}")
-    return [_message(m, f"{where}, message {k}") for k, m in enumerate(value, start=1)]
+    # a prompt/completion row numbers its messages per column: "completion message 1", not 3 of the whole
+    label = "message" if column == "messages" else f"{column} message"
+    return [_message(m, f"{where}, {label} {k}") for k, m in enumerate(value, start=1)]
 
 
 def _system(row: dict, columns: dict) -> list[dict]:
@@ -329,6 +350,8 @@ def _sharegpt(row: dict, columns: dict, tags: dict, where: str) -> list[dict]:
             messages.append({"role": "assistant", "content": "",
                              "tool_calls": _function_calls(content, f"{where}, turn {k}")})
         else:
+            # here, where the turn's own number is known (a system column adds a message before the turns)
+            _check_content(turn, content_tag, role, None, f"{where}, turn {k}")
             messages.append({"role": role, "content": content})
     return messages
 

@@ -22,11 +22,30 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 def checked_rows(rows: list[dict[str, Any]], path: str) -> list[dict[str, Any]]:
-    """Every row as a TRL preference pair; one line naming the row for the first that is not one."""
+    """Every row as a TRL preference pair; one line naming the row for the first that is not one, and for a file
+    whose every pair has the same chosen and rejected answer (harness.data.reading counts and reports fewer)."""
     pairs = [_pair(row, f"data file {path}, row {number}") for number, row in enumerate(rows, start=1)]
     if len({isinstance(pair["prompt"], list) for pair in pairs}) > 1:
         raise UserError(f"data file {path} mixes conversations and plain-text pairs; convert them to one format")
+    if len(same_answer_rows(pairs)) == len(pairs):
+        every = "its one pair has" if len(pairs) == 1 else f"all {len(pairs)} pairs have"
+        raise UserError(f"data file {path}: {every} the same chosen and rejected answer, so there is no preference "
+                        "to learn; give each pair a rejected answer that differs from the chosen one")
     return pairs
+
+
+def same_answer_rows(pairs: list[dict[str, Any]]) -> list[int]:
+    """The 1-based rows whose chosen and rejected answers are the same (whitespace aside). DPO learns from the
+    difference between the two answers' likelihoods, which such a pair does not have (its sigmoid loss is log 2
+    whatever the model does), and it can never count as preferred when scored."""
+    return [number for number, pair in enumerate(pairs, start=1)
+            if _answer_text(pair["chosen"]) == _answer_text(pair["rejected"])]
+
+
+def _answer_text(answer: Any) -> Any:
+    if isinstance(answer, str):
+        return " ".join(answer.split())
+    return [(m["role"], " ".join(m["content"].split())) for m in answer]
 
 
 def is_conversational(pairs: list[dict[str, Any]]) -> bool:

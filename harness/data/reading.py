@@ -5,6 +5,7 @@ turns a run's rows of every format into the datasets it trains on."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,6 +19,13 @@ from harness.files import file_sha256
 from harness.run.config import DataArguments, find_file
 
 PROMPT_FORMATS = ("human_assistant", "chat_template", "alpaca", "auto")
+# An eval set above this many rows, uncapped, is said to be large: scoring it can take longer than a short run
+# trains (a 1-step trial scoring 5,000 rows), so the run says so and names --eval_max_samples.
+LARGE_EVAL_ROWS = 1_000
+# The columns an instruction row's content is in (harness.data.formats' formats): what makes two rows the same
+# example, whatever ids or metadata they carry beside.
+_CONTENT_COLUMNS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "tools",
+                    "prompt", "completion", "text")
 
 
 # ---------------------------------------------------------------------------- reading
@@ -96,15 +104,29 @@ class RecordFile:
     total: int  # rows read (after --max_samples)
     left_out: list[int] = field(default_factory=list)  # 1-based row numbers
     reason: str = ""
+    same_answers: list[int] = field(default_factory=list)  # preference pairs whose chosen and rejected are the same
+    also_trained: list[int] = field(default_factory=list)  # --eval_file rows the run also trains on (split_records)
 
     def summary(self) -> str:
-        shown = ", ".join(map(str, self.left_out[:20])) + (", ..." if len(self.left_out) > 20 else "")
         return (f"left out {len(self.left_out)} of {self.total} rows of {self.path} with {self.reason} "
-                f"({'rows' if len(self.left_out) > 1 else 'row'} {shown}); they are neither trained on nor evaluated")
+                f"({_numbered(self.left_out)}); they are neither trained on nor evaluated")
 
     def report(self) -> dict[str, Any]:
-        """For result.json: how many rows were left out and which (the first 100)."""
-        return {"count": len(self.left_out), "rows": self.left_out[:100], "reason": self.reason or None}
+        """For result.json: how many rows were left out and which (the first 100); pairs with the same two answers
+        and eval rows that are training rows too, when there are any (the run keeps and scores them, as given)."""
+        report = {"count": len(self.left_out), "rows": self.left_out[:100], "reason": self.reason or None}
+        if self.same_answers:
+            report["pairs_with_the_same_answers"] = {"count": len(self.same_answers), "of": len(self.rows),
+                                                     "rows": self.same_answers[:100]}
+        if self.also_trained:
+            report["rows_also_trained_on"] = {"count": len(self.also_trained), "of": len(self.rows),
+                                              "rows": self.also_trained[:100]}
+        return report
+
+    def row_numbers(self) -> list[int]:
+        """The 1-based number in the file of each of self.rows (the rows left out are skipped)."""
+        skipped = set(self.left_out)
+        return [n for n in range(1, self.total + 1) if n not in skipped]
 
 
 def data_source(args: DataArguments) -> str:
@@ -129,7 +151,14 @@ def load_records(args: DataArguments, option: str = "--data_file") -> RecordFile
     elif args.task in ("preference", "math"):  # DPO's pairs, GRPO's problems: a bad row is refused, not left out
 
         checked = (preference if args.task == "preference" else gsm8k).checked_rows(rows, args.data_file)
-        return RecordFile(args.data_file, checked, len(rows))
+        record = RecordFile(args.data_file, checked, len(rows))
+        if args.task == "preference":  # (checked_rows refuses a file where every pair is so)
+            record.same_answers = preference.same_answer_rows(checked)
+        if record.same_answers:
+            print(f"Data: {len(record.same_answers)} of {len(checked)} pairs of {args.data_file} have the same chosen "
+                  f"and rejected answer ({_numbered(record.same_answers)}): they teach DPO nothing and are kept as "
+                  "given (recorded in result.json); give them a different rejected answer or delete them")
+        return record
     else:
         raise UserError(f"unknown --task {args.task!r}; use classification or instruction")
     kept_ids = {id(row) for row in kept}
@@ -253,9 +282,14 @@ def load_eval_records(args: DataArguments) -> RecordFile | None:
 def split_records(rows: list[dict], args: DataArguments, eval_records: RecordFile | None = None) -> tuple[list[dict], list[dict]]:
     """A fixed-seed train/validation split, the same one datasets' train_test_split makes.
     With --eval_file, that file's records (eval_records, when already loaded) are the validation set
-    and every row trains. validation_split is in [0, 1) (harness.run.checks)."""
+    and every row trains; one that is all training rows is refused, one that holds some is stated (check_held_out).
+    validation_split is in [0, 1) (harness.run.checks). A large eval set is stated in one line (LARGE_EVAL_ROWS);
+    --eval_max_samples caps what is scored of it (each objective's prepare), not the rows held out."""
     if args.eval_file:
-        return rows, (eval_records or load_eval_records(args)).rows
+        eval_records = eval_records or load_eval_records(args)
+        check_held_out(rows, eval_records, args)
+        _say_size(len(eval_records.rows), "--eval_file", args)
+        return rows, eval_records.rows
     n_eval = math.ceil(args.validation_split * len(rows))
     if n_eval == 0:
         return rows, []
@@ -267,7 +301,80 @@ def split_records(rows: list[dict], args: DataArguments, eval_records: RecordFil
 
     # Indices, not the rows: the split is then independent of the columns' types.
     split = Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(test_size=n_eval, seed=args.split_seed)
+    _say_size(n_eval, f"the validation split (--validation_split {args.validation_split:g})", args)
     return [rows[i] for i in split["train"]["i"]], [rows[i] for i in split["test"]["i"]]
+
+
+def _say_size(count: int, what: str, args: DataArguments) -> None:
+    """One line when a large eval set will be scored whole: a short run may spend most of its time there."""
+    if args.eval_max_samples is None and count > LARGE_EVAL_ROWS:
+        print(f"Data: {what} holds {count:,} rows, every one scored at each evaluation; --eval_max_samples N scores "
+              "only the first N")
+
+
+def check_held_out(train_rows: list[dict], eval_records: RecordFile, args: DataArguments) -> None:
+    """Refuse an --eval_file whose every row is a training row (the training file itself, most often); state the
+    eval rows that are training rows too, in one line and in eval_records (for result.json). They are kept and
+    scored, as given: the line and the record say their scores are not held-out. Rows are compared by their content
+    (harness.data.formats' columns, or the classification text), whitespace and key order aside."""
+    content = _content_columns(args)
+    trained = {_row_key(row, args, content) for row in train_rows}
+    numbers = eval_records.row_numbers()
+    also = [n for n, row in zip(numbers, eval_records.rows) if _row_key(row, args, content) in trained]
+    if not also:
+        return
+    fix = (f"pass --eval_file with rows the run does not train on, or leave it out to hold out --validation_split of "
+           f"{data_source(args)}")
+    if len(also) == len(eval_records.rows):
+        eval_hash = data_identity(args.eval_file)["data_sha256"]
+        if eval_hash is not None and eval_hash == data_identity(data_source(args))["data_sha256"]:
+            raise UserError(f"--eval_file {args.eval_file} is the training file ({data_source(args)}), so its scores "
+                            f"would not be held-out; {fix}")
+        raise UserError(f"all {len(also)} rows of --eval_file {args.eval_file} are also training rows, so its scores "
+                        f"would not be held-out; {fix}")
+    eval_records.also_trained = also
+    are, their = ("is also a training row", "its score is") if len(also) == 1 else ("are also training rows",
+                                                                                   "their scores are")
+    print(f"Data: {len(also)} of {len(eval_records.rows)} --eval_file rows {are} ({_numbered(also)}): {their} not "
+          "held-out (kept and scored as given, and recorded in result.json); delete them from the file for held-out "
+          "scores")
+
+
+def _content_columns(args: DataArguments) -> set[str]:
+    if args.task != "instruction":
+        return set()
+    mapping = column_mapping(args) or {}
+    named = (mapping.get("columns") or {}).values() if isinstance(mapping.get("columns"), dict) else ()
+    return set(_CONTENT_COLUMNS) | {name for name in named if isinstance(name, str)}
+
+
+def _row_key(row: dict, args: DataArguments, content: set[str]) -> bytes:
+    """What makes two rows the same example: a classification row's text, an instruction row's content columns,
+    a checked preference pair or math problem whole; hashed, so a large file's keys stay small."""
+    if args.task == "classification":
+        value = row.get(args.text_column)
+    elif args.task == "instruction":
+        value = {k: v for k, v in row.items() if k in content} or row
+    else:
+        value = row
+    return hashlib.sha256(json.dumps(_normalized(value), sort_keys=True, ensure_ascii=False).encode()).digest()
+
+
+def _normalized(value: Any) -> Any:
+    """Text with its whitespace collapsed, numbers as text (a CSV's "3" is a JSON file's 3), nulls dropped from
+    records (Parquet adds them for fields other rows have)."""
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if isinstance(value, dict):
+        return {str(k): _normalized(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_normalized(v) for v in value]
+    return "" if value is None else str(value)
+
+
+def _numbered(numbers: list[int]) -> str:
+    shown = ", ".join(map(str, numbers[:20])) + (", ..." if len(numbers) > 20 else "")
+    return f"{'rows' if len(numbers) > 1 else 'row'} {shown}"
 
 
 # ---------------------------------------------------------------------------- prompt layout

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from harness.data.examples import answer_ids
+from harness.data.examples import answer_ids, without_last_tokens
 from harness.errors import UserError
 from harness.evaluation.judge_scores import DIMENSION_NAMES, DIMENSIONS, parse_scores
 from harness.models.loading import load_model, load_tokenizer
@@ -294,23 +294,30 @@ class LocalModelJudge:
         return ids
 
     def _fit(self, question: str, answer: str) -> tuple[str, str]:
-        """Cut the answer (then the question) by tokens so the longest prompt fits the model."""
+        """Cut the answer (then the question) by tokens so the longest prompt fits the model, " ..." marking a cut.
+        Each round keeps a strictly shorter prefix of the text (harness.data.examples.without_last_tokens), so the
+        rounds end (at most one per character; re-tokenizing a cut text shifts a few tokens, so one or two settle it)."""
         longest = max(DIMENSIONS, key=lambda d: len(DIMENSION_NAMES[d]))
-        def over(q: str, a: str) -> int:
-            return len(self._ids(self._prompt(longest, q, a))) - (self.max_positions - 1)
+        texts = {"question": question, "answer": answer}
+
+        def over() -> int:
+            prompt = self._prompt(longest, texts["question"], texts["answer"])
+            return len(self._ids(prompt)) - (self.max_positions - 1)
 
         for part in ("answer", "question"):
-            for _ in range(4):  # re-tokenizing a cut text can shift a few tokens; a few rounds settle it
-                excess = over(question, answer)
+            kept = texts[part]
+            for _ in range(len(kept) + 1):
+                excess = over()
                 if excess <= 0:
-                    return question, answer
-                text = answer if part == "answer" else question
-                ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-                if not ids:
+                    return texts["question"], texts["answer"]
+                if not kept:
                     break
-                cut = self.tokenizer.decode(ids[: max(len(ids) - excess - 8, 0)]) + " ..."
-                answer, question = (cut, question) if part == "answer" else (answer, cut)
-        return question, answer
+                kept = without_last_tokens(self.tokenizer, kept, excess + 8)
+                texts[part] = kept + " ..."
+        if over() > 0:
+            raise UserError(f"judge model {self.id}: its {self.max_positions} positions do not hold the judging prompt "
+                            "even with the question and answer cut away; use a judge model with a longer context")
+        return texts["question"], texts["answer"]
 
     def rate(self, question: str, answer: str) -> Judgment:
         torch = self._torch

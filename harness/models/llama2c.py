@@ -168,8 +168,12 @@ def read_llama2c_tokenizer(path: str | Path) -> list[tuple[str, float]]:
     offset = 4  # skip max_token_length
     pieces: list[tuple[str, float]] = []
     while offset < len(data):
+        if offset + 8 > len(data):
+            raise ValueError(f"{path}: truncated tokenizer at byte {offset}")
         score, length = struct.unpack_from("<fi", data, offset)
         offset += 8
+        if length < 0 or offset + length > len(data):  # a negative length would never advance: refuse, not spin
+            raise ValueError(f"{path}: damaged tokenizer (piece {len(pieces)} claims {length} bytes)")
         pieces.append((data[offset : offset + length].decode("utf-8"), score))
         offset += length
     return pieces
