@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import os
 import signal
 import sys
 import threading
@@ -14,12 +16,18 @@ class UserError(Exception):
     """Bad input or an impossible setting. The message names the problem and the fix."""
 
 
+class RunFailed(Exception):
+    """A run that cannot succeed as it is (its training diverged, the disk is full): the message names what
+    happened and what to do. Recorded as failed, reported as one line, exit EXIT_RUN_FAILED."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, `kill`, a closing notebook): handled exactly like Ctrl-C."""
 
 
 EXIT_USER_ERROR = 2
 EXIT_OOM = 3
+EXIT_RUN_FAILED = 4  # RunFailed, or a full disk
 EXIT_INTERRUPTED = 130
 
 INTERRUPTED_NOTE = "files already written are kept"
@@ -43,10 +51,18 @@ def reported_as_one_line(program: str = "error", interrupted_note: str = INTERRU
             if is_main():  # the launcher stops every process alike
                 _say(f"{program}: {how}; {interrupted_note}")
             sys.exit(EXIT_INTERRUPTED)
+        except RunFailed as exc:
+            if is_main():  # a diverged run diverges in every process
+                _say(f"{program}: {exc}")
+            sys.exit(EXIT_RUN_FAILED)
         except MemoryError as exc:  # torch.OutOfMemoryError is not a MemoryError; see is_out_of_memory
             _say(f"{program}: out of memory ({exc}); {OOM_HINT}")
             sys.exit(EXIT_OOM)
         except Exception as exc:
+            if is_disk_full(exc):  # outside a run's record, which says where (harness.run.record)
+                where = f" in {os.path.dirname(exc.filename)}" if getattr(exc, "filename", None) else ""
+                _say(f"{program}: no space left on device{where}: free space and rerun the same command")
+                sys.exit(EXIT_RUN_FAILED)
             if not is_out_of_memory(exc):
                 raise
             _say(f"{program}: out of GPU memory; {OOM_HINT}")
@@ -117,6 +133,21 @@ def is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC or EDQUOT anywhere in the exception's chain; safetensors' error says it only in its text."""
+    said = [os.strerror(code) for code in DISK_FULL] + [f"(os error {code})" for code in DISK_FULL]
+    for _ in range(8):  # a chain is short; a cycle must not loop
+        if exc is None:
+            return False
+        if (isinstance(exc, OSError) and exc.errno in DISK_FULL) or any(text in str(exc) for text in said):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def raise_usage_error(message: str):

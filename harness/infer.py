@@ -8,11 +8,13 @@
 Prompts are laid out the way the run that trained the adapter laid them out (its result.json
 records the prompt format): the base model's chat template, or the Alpaca / Human-Assistant text
 layout for models without one. --chat keeps the conversation; /reset starts over; Ctrl-D, Ctrl-C
-or /exit leave.
+or /exit leave. A reply never runs past the positions the model has (its max_position_embeddings, where
+no RoPE scaling stretches it): --max_new_tokens is capped at what is left after the prompt, said on stderr.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
@@ -48,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 def check_options(args) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:  # nan fails every comparison, so it is refused here too
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise UserError(f"--top_k must be >= 0, got {args.top_k}")
@@ -61,8 +63,8 @@ def check_options(args) -> None:
 def load_for_generation(args):
     """(model, tokenizer, data settings for the prompt layout)."""
     # imported here, not at the top: --help and one-line refusals answer without importing torch
-    from harness.models.adapters import attach, open_adapter
-    from harness.models.loading import load_model, load_tokenizer
+    from harness.models.adapters import attach, check_fits, open_adapter
+    from harness.models.loading import load_config, load_model, load_tokenizer, position_limit
     from harness.run.config import DataArguments, ModelArguments
 
     adapter = open_adapter(args.adapter) if args.adapter else None
@@ -75,18 +77,59 @@ def load_for_generation(args):
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
     )
+    tokenizer = load_tokenizer(model_args)  # the base's tokenizer and chat template
+    data_args = adapter.data_arguments() if adapter else DataArguments(task="instruction", prompt_format="auto")
+    if args.prompt_format:
+        data_args.prompt_format = args.prompt_format
+    if args.prompt is not None:  # a prompt that leaves no room is refused, a cap said, before the weights load
+        reply_length(args, len(prompt_ids(tokenizer, data_args, first_messages(args))["input_ids"][0]),
+                     position_limit(load_config(model_args)))
+    if adapter:
+        check_fits(adapter, model_args, base)  # an adapter for another base is refused before the weights load
     if adapter and adapter.trained_quantization == "4bit" and not args.load_in_4bit:
         print("note: this adapter was trained on a 4-bit base; --load-in-4bit reproduces that base exactly",
               file=sys.stderr)
-    tokenizer = load_tokenizer(model_args)  # the base's tokenizer and chat template
     model = load_model(model_args, "lora", gradient_checkpointing=False, for_training=False)
     if adapter:
         model = attach(model, adapter, base)
     model.eval()
-    data_args = adapter.data_arguments() if adapter else DataArguments(task="instruction", prompt_format="auto")
-    if args.prompt_format:
-        data_args.prompt_format = args.prompt_format
     return model, tokenizer, data_args
+
+
+def first_messages(args) -> list[dict]:
+    """The conversation --prompt starts: the system message, if any, and the prompt."""
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + [{"role": "user", "content": args.prompt}]
+
+
+def prompt_ids(tokenizer, data_args, messages: list[dict]):
+    """The prompt for the next assistant turn, tokenized exactly as training tokenized its prompts (special
+    tokens included)."""
+    from harness.data.examples import generation_prompt
+
+    # verbose=False: a prompt longer than the model's positions is said in one line of this tool's (reply_length)
+    return tokenizer(generation_prompt(messages, data_args, tokenizer), return_tensors="pt", verbose=False)
+
+
+class ConversationTooLong(UserError):
+    """The prompt fills every position the model has: nothing can be generated after it."""
+
+
+def reply_length(args, prompt_tokens: int, positions: int | None) -> int:
+    """--max_new_tokens, capped at the positions the model has left after the prompt (said once, on stderr):
+    past them a model with learned positions fails and a RoPE model without scaling writes on untrained ones."""
+    if positions is None or prompt_tokens + args.max_new_tokens <= positions:
+        return args.max_new_tokens
+    room = positions - prompt_tokens
+    if room < 1:
+        raise ConversationTooLong(f"the prompt takes {prompt_tokens:,} tokens, and the model has {positions:,} "
+                                  "positions in all: none is left for a reply; shorten the prompt")
+    if not getattr(args, "cap_said", False):
+        sys.stdout.flush()
+        print(f"infer: --max_new_tokens {args.max_new_tokens} capped at {room:,} (the model has {positions:,} "
+              f"positions and the prompt takes {prompt_tokens:,})", file=sys.stderr, flush=True)
+        args.cap_said = True
+    return room
 
 
 def reply(model, tokenizer, data_args, messages: list[dict], args) -> str:
@@ -95,13 +138,12 @@ def reply(model, tokenizer, data_args, messages: list[dict], args) -> str:
     from transformers import TextStreamer
 
     # imported here, not at the top: --help and one-line refusals answer without importing torch
-    from harness.data.examples import generation_prompt, stop_strings
+    from harness.data.examples import stop_strings
+    from harness.models.loading import position_limit
 
-    prompt = generation_prompt(messages, data_args, tokenizer)
-    # Tokenized exactly as training tokenized its prompts (special tokens included).
-    inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    inputs = prompt_ids(tokenizer, data_args, messages).to(next(model.parameters()).device)
     options = dict(
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=reply_length(args, inputs["input_ids"].shape[1], position_limit(model.config)),
         do_sample=args.temperature > 0,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -129,7 +171,7 @@ def chat(model, tokenizer, data_args, args) -> None:
     while True:
         try:
             text = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt, OSError):  # Ctrl-D, Ctrl-C, a terminal gone: the session ends
             print()
             return
         if not text:
@@ -148,6 +190,10 @@ def chat(model, tokenizer, data_args, args) -> None:
             print("\n(reply interrupted)")
             history.pop()
             continue
+        except ConversationTooLong as exc:
+            print(f"\n({exc}: /reset starts over)")
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": answer})
 
 
@@ -155,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     with reported_as_one_line("infer"):
         args = build_parser().parse_args(argv)
         check_options(args)
+        if args.chat and sys.stdin is None:  # started with stdin closed (`<&-`): no message can come
+            print("Chat: stdin is closed, so there is nothing to answer; bye.")
+            return 0
         if args.seed is not None:
             from transformers import set_seed
 
@@ -163,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.chat:
             chat(model, tokenizer, data_args, args)
         else:
-            system = [{"role": "system", "content": args.system}] if args.system else []
-            reply(model, tokenizer, data_args, system + [{"role": "user", "content": args.prompt}], args)
+            reply(model, tokenizer, data_args, first_messages(args), args)
     return 0
 
 

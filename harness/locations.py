@@ -16,7 +16,7 @@ LLAMA2C_DIR = REPO_ROOT / "models" / "llama2c"
 
 # The offline models' build version, part of their cache folder's name: bump it when a build recipe
 # (harness.models.builders) changes, so stale caches are never reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 
 def offline_cache_dir() -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import shutil
 import sys
@@ -53,13 +54,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """--out must be a new or empty folder, outside any run's folder, that can be written; checked (with a
+    folder made and removed again) before anything loads."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pass a new folder for the merged model")
+    if out.is_dir() and any(out.iterdir()):
         raise UserError(
             f"--out {out} already exists and is not an empty folder; pass a new folder so nothing is overwritten"
         )
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK):
-        raise UserError(f"--out {out} cannot be created ({parent} is not writable); pass a folder you can write to")
+    absolute = out.absolute()
+    run = next((p for p in absolute.parents if _holds_a_run(p)), None)
+    if run is not None:
+        raise UserError(
+            f"--out {out} is inside the run folder {run}: a rerun there replaces the run's files and would leave "
+            f"this merged model beside an adapter it was not made from; pass a folder outside it, e.g. {run}-merged"
+        )
+    existing = next(p for p in absolute.parents if p.exists())  # the root always does
+    if not existing.is_dir():
+        raise UserError(f"--out {out} cannot be created: {existing} is a file, not a folder; pass a folder you can "
+                        "write to")
+    try:  # os.access says yes to root even where the file system is read-only: try it
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".merge-write-test-"))
+    except OSError as exc:
+        raise UserError(f"--out {out} cannot be created: {existing} cannot be written ({exc.strerror}); pass a "
+                        "folder you can write to") from None
+
+
+def _unwritable(out: Path, exc: OSError) -> UserError:
+    return UserError(f"the merged model could not be written next to {out} ({exc.strerror or exc}); nothing was "
+                     f"written to {out}: free space or pass --out somewhere you can write to")
+
+
+def _holds_a_run(folder: Path) -> bool:
+    """A recipe's output_dir: its marker, or a record of this project (a result.json naming its recipe)."""
+    from harness.run.folder import RESULT_FILE, RUN_MARKER
+
+    if (folder / RUN_MARKER).is_file():
+        return True
+    try:
+        record = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "recipe" in record
 
 
 def _prequantized(source: str, trust_remote_code: bool) -> bool:
@@ -83,7 +119,7 @@ def _probe_logits(model, tokenizer):
 def merge(args) -> dict:
     # imported here, not at the top: --help and one-line refusals answer without importing torch
     from harness.files import write_json_atomic
-    from harness.models.adapters import attach, open_adapter
+    from harness.models.adapters import attach, check_fits, open_adapter
     from harness.models.loading import compute_dtype, load_model, load_tokenizer, resolve_model
     from harness.run.config import ModelArguments
     from harness.run.measure import versions
@@ -114,6 +150,7 @@ def merge(args) -> dict:
     rtol = args.rtol if args.rtol is not None else DEFAULT_RTOL["float32" if dtype.itemsize == 4 else "half"]
 
     tokenizer = load_tokenizer(model_args)
+    check_fits(adapter, model_args, base)  # an adapter for another base is refused before the weights load
     model = load_model(model_args, "lora", gradient_checkpointing=False, for_training=False)
     if prequantized:
         model = model.dequantize()  # transformers turns bitsandbytes layers back into plain ones
@@ -122,8 +159,11 @@ def merge(args) -> dict:
     merged = with_adapter.merge_and_unload()
 
     # Written next to --out and renamed into place only once it has passed the check.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise _unwritable(out, exc) from None
     try:
         merged.save_pretrained(staging)  # safetensors
         tokenizer.save_pretrained(staging)
@@ -163,6 +203,8 @@ def merge(args) -> dict:
         if out.is_dir():
             out.rmdir()  # empty, checked above
         os.replace(staging, out)
+    except OSError as exc:  # disk full, permissions changed under us: the staging folder goes, --out stays as it was
+        raise _unwritable(out, exc) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(

@@ -10,7 +10,8 @@ from pathlib import Path
 # Set before transformers/huggingface_hub are imported anywhere: they read it at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("FT_COOKBOOK_CACHE", tempfile.mkdtemp(prefix="ft-cookbook-test-models-"))
+if not os.environ.get("FT_COOKBOOK_CACHE"):  # a cache the user gave is used as it is: no empty folder made beside it
+    os.environ["FT_COOKBOOK_CACHE"] = tempfile.mkdtemp(prefix="ft-cookbook-test-models-")
 
 import pytest  # noqa: E402  (after the environment above)
 

@@ -158,6 +158,44 @@ CASES = [
     # harness.summary
     ("summary-missing-record", ["-m", "harness.summary", "{tmp}/nowhere/result.json"], "summary", "{tmp}/nowhere/result.json", "result.json"),
     ("summary-not-a-record", ["-m", "harness.summary", "{tmp}/wrong_type.json"], "summary", "is not a run's record", "pass the result.json of a run"),
+    ("learning-rate-inf", [*LORA, "--learning_rate", "inf"], "qwen2_5_0_5b_lora", "--learning_rate inf is not a finite number", "pass a number such as 0.0001"),
+    ("config-learning-rate-nan", [*FLAGSHIP, "--config", "{tmp}/nan.yaml"], "qwen2_7b_adalora", "--learning_rate nan is not a finite number", "pass a number such as"),
+    ("dpo-beta-zero", [*DPO, "--beta", "0"], "qwen2_5_0_5b_dpo", "--beta must be greater than 0, got 0", "TRL's default is 0.1"),
+    ("dpo-unknown-loss-type", [*DPO, "--loss_type", "sigmoidal"], "qwen2_5_0_5b_dpo", "unknown --loss_type 'sigmoidal'", "use sigmoid, hinge"),
+    ("grpo-no-generations", [*GRPO, "--num_generations", "0"], "qwen2_5_0_5b_grpo", "--num_generations 0: GRPO needs at least 2 generations", "pass --num_generations 2 or more"),
+    ("grpo-completion-length-zero", [*GRPO, "--max_completion_length", "0"], "qwen2_5_0_5b_grpo", "--max_completion_length must be at least 1", "got 0"),
+    ("grpo-unknown-loss-type", [*GRPO, "--loss_type", "ppo"], "qwen2_5_0_5b_grpo", "unknown --loss_type 'ppo'", "use grpo, dr_grpo"),
+    ("sft-loss-type-in-config", [*LORA, "--config", "{tmp}/loss_type.yaml"], "qwen2_5_0_5b_lora", "unknown --loss_type 'nlll'", "use nll, dft"),
+    ("config-duplicate-key", [*FLAGSHIP, "--config", "{tmp}/duplicate.yaml"], "qwen2_7b_adalora", "sets 'learning_rate' twice (on lines 1 and 3)", "keep one"),
+    ("config-duplicate-key-json", [*FLAGSHIP, "--config", "{tmp}/duplicate.json"], "qwen2_7b_adalora", "sets 'r' twice (on lines 2 and 3)", "keep one"),
+    ("window-beyond-positions", [*FLAGSHIP, "--max_seq_length", "4096"], "qwen2_7b_adalora", "--max_seq_length 4096 is beyond the 512 positions stories260k has", "pass --max_seq_length 512 or less"),
+    # round 3 (settings): cases added here
+    ("recipe-damaged-swap-journal", ["recipes/qwen2_7b_qlora.py", "--model", "stories260k", "--output_dir", "{tmp}/damaged-journal"], "qwen2_7b_qlora", "damaged-journal/.finishing.json is damaged", "then delete that file"),
+    ("infer-half-swapped-run", ["-m", "harness.infer", "--adapter", "{tmp}/half-swapped", "--prompt", "hi"], "infer", "was left half-way through moving in a finished run's files", "rerun that run's command to complete it"),
+    # round 3 (lifecycle): cases added here
+    ("infer-temperature-nan", ["-m", "harness.infer", "--base", "stories260k", "--prompt", "hi", "--temperature", "nan"], "infer", "--temperature must be a finite number >= 0", "got nan"),
+    ("infer-adapter-a-file", ["-m", "harness.infer", "--adapter", "{tmp}/a-file", "--prompt", "hi"], "infer", "adapter folder {tmp}/a-file is a file, not a folder", "pass --adapter"),
+    ("infer-base-a-file", ["-m", "harness.infer", "--base", "{tmp}/a-file", "--prompt", "hi"], "infer", "model folder {tmp}/a-file is a file, not a folder", "pass the folder that holds config.json"),
+    ("infer-adapter-wrong-base", ["-m", "harness.infer", "--adapter", "{tmp}/adapter", "--base", "tiny-qwen2", "--prompt", "hi"], "infer", "does not fit base model tiny-qwen2", "pass the --base it was trained on"),
+    ("infer-remote-code", ["-m", "harness.infer", "--base", "{tmp}/remote-code-model", "--prompt", "hi"], "infer", "needs code shipped with it to load", "pass --trust_remote_code"),
+    ("recipe-remote-code", [*LORA, "--model", "{tmp}/remote-code-model"], "qwen2_5_0_5b_lora", "needs code shipped with it to load", "pass --trust_remote_code"),
+    ("merge-out-a-file", ["-m", "harness.merge", "--adapter", "{tmp}/adapter", "--out", "{tmp}/a-file"], "merge", "--out {tmp}/a-file is a file, not a folder", "pass a new folder"),
+    ("merge-out-unwritable", ["-m", "harness.merge", "--adapter", "{tmp}/adapter", "--out", "/sys/ft-cookbook-merged"], "merge", "cannot be written", "pass a folder you can write to"),
+    ("merge-out-inside-a-run", ["-m", "harness.merge", "--adapter", "{tmp}/adapter", "--out", "{tmp}/other-recipe/merged"], "merge", "is inside the run folder {tmp}/other-recipe", "pass a folder outside it"),
+    # round 3 (tools-infer-merge): cases added here
+    ("bench-ray-resources-garbage", [*BENCH, "--executor", "ray", "--ray-resources", "garbage"], "bench", "--ray-resources 'garbage'", "write NAME=AMOUNT"),
+    ("bench-not-a-recipe", [*BENCH, "--recipes", "{tmp}/not_a_recipe.py"], "bench", "is not a recipe of this project", "pass a recipe from recipes/"),
+    ("plan-not-a-recipe", ["-m", "harness.plan", "{tmp}/not_a_recipe.py"], "plan", "is not a recipe of this project", "pass a recipe from recipes/"),
+    ("plan-impossible-sizes", ["-m", "harness.plan", "--model", "{tmp}/zero-hidden-model"], "plan", "hidden_size is 0", "fix its config.json"),
+    ("plan-heads-do-not-divide", ["-m", "harness.plan", "--model", "{tmp}/odd-heads-model"], "plan", "not a multiple of the number of attention heads", "fix its config.json"),
+    ("plan-remote-code", ["-m", "harness.plan", "--model", "{tmp}/remote-code-model"], "plan", "needs code shipped with it to be built", "unless you pass --trust_remote_code"),
+    # round 3 (tools-bench-plan-report): cases added here
+    ("eval-file-is-train-file", [*LORA, "--data_file", "{tmp}/alpaca_rows.json", "--eval_file", "{tmp}/alpaca_rows.json"], "qwen2_5_0_5b_lora", "--eval_file {tmp}/alpaca_rows.json is the training file", "pass --eval_file with rows the run does not train on"),
+    ("eval-file-all-trained", [*LORA, "--data_file", "{tmp}/alpaca_rows.json", "--eval_file", "{tmp}/alpaca_some.jsonl"], "qwen2_5_0_5b_lora", "all 2 rows of --eval_file", "are also training rows"),
+    ("dpo-same-answers", [*DPO, "--data_file", "{tmp}/same_answers.jsonl"], "qwen2_5_0_5b_dpo", "all 3 pairs have the same chosen and rejected answer", "give each pair a rejected answer that differs"),
+    ("sft-assistant-no-content", [*LORA, "--data_file", "{tmp}/no_content.jsonl"], "qwen2_5_0_5b_lora", "row 2, message 2: the assistant's answer is missing (no \"content\" field)", "give it the answer or delete the row"),
+    ("sft-sharegpt-null-answer", [*LORA, "--data_file", "{tmp}/null_value.json"], "qwen2_5_0_5b_lora", "row 1, turn 2: the assistant's answer is missing (\"value\" is null)", "give it the answer or delete the row"),
+    # round 3 (data): cases added here
 ]
 
 
@@ -213,6 +251,46 @@ def _files(tmp: Path) -> None:
     (tmp / "mixed_pairs.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps(chat) + "\n")
     (tmp / "gsm8k_bad.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n"
                                          + json.dumps({"question": "2+2?", "answer": "It is four."}) + "\n")
+    (tmp / "nan.yaml").write_text("learning_rate: .nan\n")
+    (tmp / "loss_type.yaml").write_text("loss_type: nlll\n")
+    (tmp / "duplicate.yaml").write_text("learning_rate: 1e-4\nr: 4\nlearning_rate: 2e-4\n")
+    (tmp / "duplicate.json").write_text('{\n  "r": 4,\n  "r": 8\n}\n')
+    # round 3 (settings): files added here
+    # a run folder whose swap journal is not one this project wrote; one caught half-way through a swap
+    (tmp / "damaged-journal").mkdir()
+    (tmp / "damaged-journal" / "recipe_run.json").write_text(json.dumps({"recipe": "qwen2_7b_qlora"}))
+    (tmp / "damaged-journal" / ".finishing.json").write_text('{"staged": ["adapter_model.safetensors"]')
+    (tmp / "half-swapped").mkdir()
+    (tmp / "half-swapped" / ".finishing.json").write_text(json.dumps({"staging": ".staging-1", "record": {}}))
+    # round 3 (lifecycle): files added here
+    # a model folder whose config.json maps its classes to code in its own files (which would leave a mark if run)
+    (tmp / "remote-code-model").mkdir()
+    (tmp / "remote-code-model" / "config.json").write_text(json.dumps({"model_type": "custom-thing", "auto_map": {
+        "AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}))
+    for module in ("configuration_custom.py", "modeling_custom.py"):
+        (tmp / "remote-code-model" / module).write_text("import pathlib; pathlib.Path(__file__).with_suffix('.ran').touch()\n")
+    # round 3 (tools-infer-merge): files added here
+    # a .py file that is no recipe: running it to look for DEFAULTS would leave recipe-ran behind
+    (tmp / "not_a_recipe.py").write_text("import pathlib\npathlib.Path(__file__).with_name('recipe-ran').touch()\n")
+    llama = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=100, max_position_embeddings=128)
+    for name, config in (("zero-hidden-model", {**llama, "hidden_size": 0}),
+                         ("odd-heads-model", {**llama, "num_attention_heads": 5, "num_key_value_heads": 5})):
+        (tmp / name).mkdir()
+        (tmp / name / "config.json").write_text(json.dumps(config))
+    # round 3 (tools-bench-plan-report): files added here
+    alpaca_rows = [{"instruction": f"Name a colour ({k}).", "output": "Blue."} for k in range(6)]
+    (tmp / "alpaca_rows.json").write_text(json.dumps(alpaca_rows))
+    # the same rows as JSON lines, with other whitespace and an extra id field: still training rows
+    (tmp / "alpaca_some.jsonl").write_text("".join(json.dumps({"id": k, **row, "output": " Blue. "}) + "\n"
+                                                   for k, row in enumerate(alpaca_rows[:2])))
+    (tmp / "same_answers.jsonl").write_text("".join(json.dumps({**pair, "rejected": "Hi!", "prompt": f"Say hi ({k})."})
+                                                    + "\n" for k in range(3)))
+    (tmp / "no_content.jsonl").write_text(json.dumps(answer) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}) + "\n")
+    (tmp / "null_value.json").write_text(json.dumps([{"system": "Be brief.", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": None}]}]))
+    # round 3 (data): files added here
 
 
 # One case per entry point, run as a fresh process with the warning path forced on.
@@ -303,7 +381,26 @@ def test_as_a_fresh_process_with_the_avx512bf16_warning_path_forced(case, fresh,
     _check(case, fresh[case[0]], bad_files)
 
 
-def test_nothing_was_written_where_a_case_was_refused(bad_files, fresh):
+def _tree(folder: Path) -> dict[str, str]:
+    """Every path under folder, with its bytes' sha256 (a folder: "/")."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): "/" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_nothing_was_written_where_a_case_was_refused(bad_files, fresh, tmp_path, capfd, monkeypatch):
+    """Whatever ran before this test, or did not: every case is refused here into a folder of its own, which must
+    then hold exactly the bad inputs, byte for byte (no output folder, lock, journal or half-written file left);
+    `fresh` has run its cases (every case under FT_COOKBOOK_BATTERY=fresh) into the shared folder, checked too."""
+    if not ALL_FRESH:
+        _files(tmp_path)
+        before = _tree(tmp_path)
+        for case in CASES:
+            _in_this_process(case, tmp_path, capfd, monkeypatch)
+        after = _tree(tmp_path)
+        changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+        assert not changed, f"refused cases wrote, changed or removed: {', '.join(changed)}"
     tmp = bad_files
     assert [p.name for p in (tmp / "foreign").iterdir()] == ["notes.txt"]
     assert (tmp / "a-file").read_text() == "x"

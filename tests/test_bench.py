@@ -265,7 +265,8 @@ def test_killing_the_sweep_mid_trial_leaves_runs_jsonl_valid(sig, tmp_path, inte
         (["--set", "seed=1,2"], "use --seeds"),
         (["--set", "learning_rate=fast"], "recipe qwen2_7b_adalora refuses the settings"),
         (["--seeds", "1.5"], "--seeds: '1.5' is not a whole number"),
-        (["--results-dir", "{file}/results"], "is not writable (Not a directory)"),
+        (["--results-dir", "{file}/results"], "results: {file} is a file, not a folder"),
+        (["--results-dir", "{file}"], "--results-dir {file} is a file, not a folder"),
         (["--budget-steps", "0"], "--budget-steps must be at least 1"),
         (["--parallel", "0"], "--parallel must be at least 1"),
         (["--gpus", "0,1", "--parallel", "2"], "list it twice: --gpus 0,0"),
@@ -277,7 +278,7 @@ def test_killing_the_sweep_mid_trial_leaves_runs_jsonl_valid(sig, tmp_path, inte
 def test_bad_input_is_one_clear_line(argv, expected, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    argv = [a.format(file=blocker) for a in argv]
+    argv, expected = [a.format(file=blocker) for a in argv], expected.format(file=blocker)
     if "--results-dir" not in argv:
         argv += ["--results-dir", str(tmp_path / "results")]
     with pytest.raises(SystemExit) as exit_info:

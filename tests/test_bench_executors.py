@@ -208,7 +208,10 @@ def test_ray_retries_a_dead_worker_once_then_records_the_trial_failed(local_ray,
     assert (tmp_path / "attempts.txt").read_text().split() == ["42", "42"]  # the first try and one retry
 
 
-def test_ctrl_c_cancels_the_ray_tasks_and_records_them_interrupted(local_ray, tmp_path, interruptible):
+# SIGTERM too: ray.init installs its own SIGTERM handler (sys.exit(15)), which would end the sweep without
+# recording its trials; the sweep keeps its own.
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_cancels_the_ray_tasks_and_records_them_interrupted(sig, local_ray, tmp_path, interruptible):
     _, address = local_ray
     recipe = stand_in(tmp_path)
     for seed in (1, 2):
@@ -221,7 +224,7 @@ def test_ctrl_c_cancels_the_ray_tasks_and_records_them_interrupted(local_ray, tm
     while not all(says(tmp_path / "outputs" / "cancelled", seed, "blocking") for seed in (1, 2)):
         assert sweep.poll() is None and time.monotonic() < deadline, sweep.stderr.read().decode()
         time.sleep(0.2)
-    os.kill(sweep.pid, signal.SIGINT)
+    os.kill(sweep.pid, sig)
     _, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 130, err.decode()[-2000:]
     records = read_records(tmp_path / "results" / RUNS_FILE, warn=pytest.fail)
@@ -253,7 +256,7 @@ def test_ray_not_installed_is_one_line_saying_how_to_install(tmp_path, capsys, m
 
 
 def test_ray_resources_are_parsed_into_task_options():
-    from harness.bench.ray_executor import parse_resources
+    from harness.bench.executors import parse_resources
     from harness.errors import UserError
 
     assert parse_resources("num_gpus=1,num_cpus=4,A100=1") == {"num_gpus": 1.0, "num_cpus": 4.0,

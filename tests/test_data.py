@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-from transformers import DataCollatorForSeq2Seq
 
 from harness.data.examples import IGNORE_INDEX, Example, build_examples, encode
 from harness.data.reading import split_records
@@ -32,20 +31,41 @@ def test_labels_mask_the_prompt_and_keep_the_answer(tokenizer):
     assert encoded.input_ids[: encoded.prompt_len] == tokenizer(example.prompt)["input_ids"]
 
 
-def test_padding_is_masked_by_the_collator(tokenizer):
-    short = encode(tokenizer, classification_example(tokenizer, "Bad."), 512)
-    long = encode(tokenizer, classification_example(tokenizer, "Bad. " * 20, "negative"), 512)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    batch = collator([
-        {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in (short, long)
-    ])
-    width = len(long.input_ids)
-    assert batch["input_ids"].shape == (2, width)  # padded to the longest in the batch, not to max_len
-    pad_positions = batch["attention_mask"][0] == 0
-    assert int(pad_positions.sum()) == width - len(short.input_ids)
-    assert (batch["labels"][0][pad_positions] == IGNORE_INDEX).all()
-    trained = batch["labels"] != IGNORE_INDEX
-    assert int(trained[0].sum()) == len(short.input_ids) - short.prompt_len
+def test_padding_is_masked_by_the_collator(tokenizer, tmp_path):
+    """The batch the SFT trainer really trains on (its own collator, as the flagship recipe sets it up): padded to
+    the longest row, padding and prompt out of the loss, every answer token in it."""
+    from transformers import AutoModelForCausalLM
+
+    from harness.data.encoding import prepare
+    from harness.objectives.sft_trainer import build_trainer
+    from harness.run.command_line import parse_args
+    from harness.run.flow import load_recipe, preflight
+    from harness.run.training import trainer_settings
+
+    recipe = "qwen2_7b_adalora"
+    cfg = parse_args({**load_recipe(recipe).DEFAULTS, "recipe": recipe}, [
+        "--model", tokenizer.name_or_path, "--output_dir", str(tmp_path / "run"), "--validation_split", "0",
+        "--per_device_train_batch_size", "2"])
+    targs = trainer_settings(cfg, preflight(cfg, output_dir=False).targs)
+    rows = [{"text": "Bad.", "label": "positive"}, {"text": "Bad. " * 20, "label": "negative"}]
+    prepared = prepare(rows, [], cfg.data, tokenizer)
+    examples = sorted(prepared.train, key=lambda e: len(e["input_ids"]))  # short, long
+    model = AutoModelForCausalLM.from_pretrained(tokenizer.name_or_path)
+    trainer = build_trainer(model, tokenizer, targs, prepared)
+    [batch] = list(trainer.get_train_dataloader())  # both examples, one batch, through the trainer's collator
+
+    short, long = (len(e["input_ids"]) for e in examples)
+    assert short < long and batch["input_ids"].shape == (2, long)  # padded to the longest in the batch, not max_len
+    for row in range(2):
+        length = int(batch["attention_mask"][row].sum())
+        example = next(e for e in examples if len(e["input_ids"]) == length)
+        assert batch["input_ids"][row, :length].tolist() == example["input_ids"]  # real tokens first (right padding)
+        assert (batch["attention_mask"][row, length:] == 0).all()
+        assert (batch["labels"][row, length:] == IGNORE_INDEX).all()  # no loss on padding
+        trained = batch["labels"][row] != IGNORE_INDEX
+        assert trained.tolist() == [bool(m) for m in example["completion_mask"]] + [False] * (long - length)
+        assert 0 < int(trained.sum()) < length  # the answer, not the prompt
+        assert (batch["labels"][row][trained] == batch["input_ids"][row][trained]).all()
 
 
 def test_long_review_is_cut_never_the_instruction_or_answer(tokenizer):

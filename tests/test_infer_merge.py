@@ -47,13 +47,17 @@ def one_line_error(capsys, main, argv) -> str:
 
 def test_infer_generates_text_from_a_saved_adapter(trained, capsys):
     # No --base: the run's result.json says stories260k; greedy, so the reply is repeatable.
-    argv = ["--adapter", str(trained), "--prompt", "Tell me a story about a cat.", "--max_new_tokens", "8",
-            "--temperature", "0"]
+    prompt = ["--prompt", "Tell me a story about a cat.", "--max_new_tokens", "8", "--temperature", "0"]
+    argv = ["--adapter", str(trained), *prompt]
     assert infer.main(argv) == 0
     first = capsys.readouterr().out.strip()
     assert len(first) > 0
     infer.main(argv)
     assert capsys.readouterr().out.strip() == first
+    # The adapter is used: the base model alone, the prompt laid out the same way, answers otherwise.
+    assert infer.main(["--base", "stories260k", "--prompt_format", "alpaca", *prompt]) == 0
+    without = capsys.readouterr().out.strip()
+    assert len(without) > 0 and without != first, (first, without)
 
 
 def test_prompts_are_laid_out_as_in_training(trained):
@@ -94,12 +98,17 @@ def test_chat_keeps_history_resets_and_exits_on_eof(trained, monkeypatch, capsys
     assert capsys.readouterr().out.count("model> ") == 3
 
 
-def test_chat_exits_cleanly_on_ctrl_c(trained, monkeypatch):
+def test_chat_exits_cleanly_on_ctrl_c(trained, monkeypatch, capsys):
     def interrupted(prompt=""):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(builtins, "input", interrupted)
+    capsys.readouterr()
     assert infer.main(["--adapter", str(trained), "--chat"]) == 0
+    out, err = capsys.readouterr()
+    # Nothing on stderr but the model's loading bar: no traceback, no "interrupted" line, no warning.
+    assert [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")] == [], err
+    assert out.startswith("Chat: ") and out.endswith("\n")  # the shell's prompt comes back on a line of its own
 
 
 def test_infer_bad_input_is_one_line(trained, tmp_path, capsys):

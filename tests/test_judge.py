@@ -221,6 +221,27 @@ def test_local_judge_scores_every_dimension_from_digit_probabilities():
     long = judge.rate("Tell a story.", "Once upon a time there was a dog. " * 200)
     assert long.status == "ok" and all(1.0 <= s <= 5.0 for s in long.scores.values())
 
+    # Two answers whose digit probabilities differ: the model's next token is made "5" after one and "1" after the
+    # other (every token that reads as that digit, whichever the judge takes), for every dimension's prompt.
+    tokenizer = judge.tokenizer
+    digits = {d: [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip() == str(d)] for d in (1, 5)}
+    assert all(digits.values())
+
+    def favour_a_digit(module, args, kwargs, output):
+        text = tokenizer.decode(kwargs["input_ids"][0])
+        digit = 5 if "Blue." in text else 1 if "Green." in text else None
+        if digit is not None:
+            output.logits[..., digits[digit]] += 30.0
+        return output
+
+    hook = judge.model.register_forward_hook(favour_a_digit, with_kwargs=True)
+    try:
+        good, bad = judge.rate("Name a colour.", "Blue."), judge.rate("Name a colour.", "Green.")
+    finally:
+        hook.remove()
+    assert good.scores == pytest.approx(dict.fromkeys(DIMENSIONS, 5.0), abs=0.01)  # the expected digit, per dimension
+    assert bad.scores == pytest.approx(dict.fromkeys(DIMENSIONS, 1.0), abs=0.01)
+
 
 def test_the_alpaca100_recipe_asks_its_judge_before_training(endpoint, tmp_path, capsys):
     """A wrong key, model or URL used to surface only after selection, training and decoding."""

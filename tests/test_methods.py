@@ -111,10 +111,16 @@ def test_loftq_is_refused_without_a_gpu():
         check_method(MethodArguments(method="loftq"), "4bit")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("scipy") is not None, reason="scipy is installed here")
-def test_loftq_on_a_16bit_base_names_its_missing_dependency():
-    with pytest.raises(UserError, match="needs scipy"):
+def test_loftq_on_a_16bit_base_names_its_missing_dependency(monkeypatch):
+    # scipy is pinned in the README's set-up: the lookup is made to miss it, wherever the test runs.
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "scipy" else find_spec(name, *args))
+    with pytest.raises(UserError) as refused:
         check_method(MethodArguments(method="loftq"), "none")
+    assert str(refused.value) == ("LoftQ on a 16-bit base needs scipy (PEFT requires it): pip install scipy, "
+                                  "or use --quantization 4bit")
+    check_method(MethodArguments(method="loftq"), "none", this_machine=False)  # a plan for another machine: no lookup
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PEFT computes LoftQ with CUDA")

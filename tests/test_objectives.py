@@ -171,6 +171,36 @@ def test_dpo_recipe_trains_and_scores_pairs_it_never_saw(tmp_path, one_torch_thr
                                                            "--output_dir", "unused"])
     train_rows, eval_rows = data_mod.split_records(data_mod.load_records(cfg.data).rows, cfg.data)
     assert not {r["rejected"] for r in train_rows} & {r["rejected"] for r in eval_rows}
+    # Trained towards the chosen answer, not the rejected one: by the run's own held-out score, and, independently of
+    # the harness's reading and scoring, by the saved adapter against the base on every held-out pair of the file.
+    assert saved["eval"]["reward_margin"] > 0 and saved["eval"]["reward_accuracy"] > 0.5
+    assert [_chosen_margin_gain(out, pair) > 0 for pair in pairs if pair["rejected"] in
+            {r["rejected"] for r in eval_rows}] == [True] * 5
+
+
+def _chosen_margin_gain(adapter, pair: dict) -> float:
+    """How much the adapter raised log p(chosen) - log p(rejected) after the pair's prompt, over the base model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.models.offline import resolve_offline_model
+
+    path = resolve_offline_model("tiny-qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), str(adapter)).eval()
+    prompt = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]
+
+    def logp(answer: str) -> float:
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()
+        return float(torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids)[:, None]).sum())
+
+    trained = logp(pair["chosen"]) - logp(pair["rejected"])
+    with model.disable_adapter():
+        untrained = logp(pair["chosen"]) - logp(pair["rejected"])
+    return trained - untrained
 
 
 def test_grpo_recipe_trains_with_its_rewards_and_times_generation(tmp_path, one_torch_thread):
@@ -196,10 +226,13 @@ def test_grpo_recipe_trains_with_its_rewards_and_times_generation(tmp_path, one_
     assert "untrained (baseline, step 0) accuracy" in summary and "## Mean reward of every step (GRPO)" in summary
 
 
-def test_grpo_without_reward_functions_is_refused(tmp_path):
+def test_grpo_without_reward_functions_is_refused(tmp_path, capsys):
     from harness.run.flow import run_recipe
 
     with pytest.raises(SystemExit) as stop:
         run_recipe("qwen2_5_0_5b_grpo", load_recipe("qwen2_5_0_5b_grpo").DEFAULTS,
                    ["--model", "tiny-qwen2", "--output_dir", str(tmp_path / "g")])
-    assert stop.value.code == 2 and not (tmp_path / "g" / "result.json").exists()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "qwen2_5_0_5b_grpo: GRPO needs reward functions: run a GRPO recipe (it passes its own to run_recipe)"]
+    assert not (tmp_path / "g").exists()  # refused before output_dir was claimed

@@ -64,8 +64,51 @@ def test_every_recipe_of_the_issue_exists():
     assert expected <= set(RECIPES)
 
 
+@pytest.fixture
+def initial_weights(monkeypatch) -> dict:
+    """The weights a run saves (the adapter's, or the whole model's), as they were when its trainer was built:
+    after the adapter's initialisation (LoftQ's, an --init_adapter's), before the first step."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from harness.objectives import sft
+
+    snapshot: dict[str, torch.Tensor] = {}
+    real = sft.build_trainer
+
+    def snapshotting(model, *args, **kwargs):
+        weights = get_peft_model_state_dict(model) if isinstance(model, PeftModel) else model.state_dict()
+        snapshot.update({name: tensor.detach().float().cpu().clone() for name, tensor in weights.items()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(sft, "build_trainer", snapshotting)
+    return snapshot
+
+
+def assert_training_changed_the_saved_weights(out, initial: dict, method: str) -> None:
+    """The saved weights are trained ones: compared with the same tensors before the first step."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / ("model.safetensors" if method == "full" else "adapter_model.safetensors")))
+    common = sorted(saved.keys() & initial.keys())
+    assert common and len(common) >= len(saved) - 1, (sorted(saved)[:5], sorted(initial)[:5])  # (a tied head aside)
+    changed = {name for name in common if not torch.equal(saved[name].float(), initial[name])}
+    if method in PROMPT_METHODS:
+        core = {"prompt_embeddings"}  # the virtual tokens' embeddings (P-tuning: its encoder's output)
+    elif method == "ia3":
+        core = {name for name in common if "ia3_l" in name}  # every learned scale vector, all ones at the start
+    elif method == "full":
+        core = {name for name in common if ".layers." in name}  # every weight of every layer
+    else:  # the LoRA family: B starts at zero (LoftQ: at the quantization error) and moves on every step
+        core = {name for name in common if "lora_B" in name}
+        assert all(float(saved[name].abs().sum()) > 0 for name in core)
+    assert core and core <= changed, sorted(core - changed)[:5]
+
+
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+
+
 @pytest.mark.parametrize("name", [r for r in RECIPES if r not in OWN_TESTS])
-def test_recipe_runs_on_its_offline_model(name, tmp_path, capsys):
+def test_recipe_runs_on_its_offline_model(name, tmp_path, capsys, initial_weights):
     if name in GPU_ONLY and not torch.cuda.is_available():
         pytest.skip("PEFT computes LoftQ on a CUDA GPU (the refusal is tested in test_methods.py)")
     recipe = load_recipe(name)
@@ -99,6 +142,7 @@ def test_recipe_runs_on_its_offline_model(name, tmp_path, capsys):
     else:
         assert 0 < saved["trainable_params"] < saved["total_params"]
         assert saved["adapter_bytes"] == (out / "adapter_model.safetensors").stat().st_size
+    assert_training_changed_the_saved_weights(out, initial_weights, saved["method"])
 
 
 def test_qwen2_5_recipe_trains_on_a_chat_messages_jsonl(tmp_path):

@@ -21,9 +21,10 @@ Rank mapping (shown in the tables): LoRA, DoRA, rsLoRA, LoftQ: r = rank. AdaLoRA
 and init_r = 3 x rank, the flagship's ratio (12 -> 4). lora_alpha stays at the recipe's value.
 Methods without a rank (full, IA3, prompt/prefix/P-tuning) run once per seed.
 
-One module per concern: grid (the trials and their configs), trial (one trial's process and its
-status), executors (serial, --parallel, --gpus), ray_executor (--executor ray), sweep (records,
-resume, tables), cli (the command line).
+One module per concern: grid (the trials and their configs), recipe_file (a recipe's DEFAULTS, read
+without running the file), trial (one trial's process and its status), executors (serial, --parallel,
+--gpus), ray_executor (--executor ray), sweep (records, resume, the lock that lets one sweep of a name
+run at a time, tables), cli (the command line).
 """
 import importlib
 

@@ -11,6 +11,7 @@ from harness.bench.grid import (
     OFFLINE_CPU_THREADS,
     OFFLINE_SETTINGS,
 )
+from harness.bench.ray_executor import DEFAULT_CONNECT_TIMEOUT_S
 from harness.bench.sweep import run_sweep
 from harness.errors import OneLineArgumentParser, reported_as_one_line
 from harness.locations import OUTPUTS_DIR, RESULTS_DIR
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address", default=None,
         help="The Ray cluster to use, e.g. head:6379 or ray://head:10001 ('local': a new Ray on this machine). "
              "Unset: RAY_ADDRESS, else the cluster `ray start` began on this machine, else a new local Ray.",
+    )
+    run.add_argument(
+        "--ray-connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT_S, metavar="SECONDS",
+        help="How long to wait for the Ray cluster to accept this sweep before giving up in one line "
+             "(a new local Ray is not bounded by it).",
     )
     run.add_argument(
         "--ray-resources", default=None, metavar="NAME=N,..",

@@ -9,6 +9,7 @@ are done), stop() -> the trials that were running, stopped and recorded as inter
 from __future__ import annotations
 
 import concurrent.futures as futures
+import math
 import os
 import queue
 import socket
@@ -165,6 +166,31 @@ class LocalExecutor:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+RAY_OPTION_NAMES = ("num_cpus", "num_gpus", "memory")  # anything else is a custom resource
+
+
+def parse_resources(text: str | None) -> dict[str, Any]:
+    """--ray-resources num_gpus=1,num_cpus=4,A100=1 -> Ray task options (custom names go under resources).
+    Here, not in ray_executor, so that the argument check (and --dry-run) refuses a bad one without Ray."""
+    if not text:
+        return {}
+    options: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        try:
+            amount = float(value)
+        except ValueError:
+            amount = math.nan
+        if not sep or not key or not math.isfinite(amount) or amount < 0:  # nan and inf are no amount either
+            raise UserError(f"--ray-resources {item!r}: write NAME=AMOUNT with a number >= 0, "
+                            "e.g. num_gpus=1,num_cpus=4")
+        if key in RAY_OPTION_NAMES:
+            options[key] = amount if key != "memory" else int(amount)
+        else:
+            options.setdefault("resources", {})[key] = amount
+    return options
+
+
 def check_executor_options(args) -> None:
     """The executor options that cannot go together, refused before anything is planned."""
     if args.parallel is not None and args.parallel < 1:
@@ -173,6 +199,10 @@ def check_executor_options(args) -> None:
         if args.gpus is not None:
             raise UserError("--gpus: on Ray the cluster places each trial on a GPU itself; "
                             "use --ray-resources to say what a trial needs")
+        parse_resources(args.ray_resources)  # a bad one is refused now, not after the sweep is planned
+        timeout = getattr(args, "ray_connect_timeout", None)
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise UserError(f"--ray-connect-timeout must be a positive number of seconds, got {timeout}")
         return
     if args.ray_address or args.ray_resources:
         raise UserError("--ray-address and --ray-resources only apply with --executor ray")

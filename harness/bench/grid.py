@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.bench.recipe_file import read_defaults
 from harness.errors import UserError
 from harness.locations import RECIPES_DIR
 from harness.models.loading import resolve_model
@@ -21,7 +22,6 @@ from harness.objectives.registry import all_training_classes
 from harness.reporting.runs import LOCATION_SETTINGS
 from harness.run.command_line import parse_args
 from harness.run.config import ARGUMENT_CLASSES
-from harness.run.flow import load_recipe
 from harness.run.flow import preflight as recipe_preflight
 
 DEFAULT_RECIPES = ("qwen2_7b_adalora", "qwen2_7b_qlora")
@@ -134,13 +134,8 @@ def resolve_recipes(text: str) -> list[tuple[str, Path]]:
 
 
 def load_defaults(name: str, script: Path) -> dict[str, Any]:
-    try:
-        module = load_recipe(script)
-    except Exception as exc:
-        raise UserError(f"recipe {script} cannot be imported ({type(exc).__name__}: {exc})") from None
-    defaults = getattr(module, "DEFAULTS", None)
-    if not isinstance(defaults, dict):
-        raise UserError(f"recipe {script} has no DEFAULTS dict; is it a recipe of this project?")
+    """A recipe's DEFAULTS, read from its file without running it (harness.bench.recipe_file)."""
+    defaults = read_defaults(script)
     own = sorted(set(defaults) - setting_names())
     if own:
         raise UserError(

@@ -23,12 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from harness.bench.recipe_file import read_defaults
 from harness.bench.timing import commit_and_versions, run_whole, spread
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
 from harness.files import write_json_atomic, write_text_atomic
 from harness.locations import RESULTS_DIR
 from harness.reporting.page import model_note
-from harness.run.flow import load_recipe
 
 BASELINE = "fixed length (pad to the window)"
 
@@ -59,7 +59,7 @@ def window_of(run_args: list[str]) -> int:
     if "--max_seq_length" in run_args:
         return int(run_args[run_args.index("--max_seq_length") + 1])
 
-    return int(load_recipe(run_args[0]).DEFAULTS.get("max_seq_length", 512))
+    return int(read_defaults(Path(run_args[0])).get("max_seq_length", 512))
 
 
 def run_once(run_args: list[str], extra: list[str], folder: Path) -> dict:

@@ -15,23 +15,27 @@ A worker that dies (node lost, killed for memory) is retried once by Ray (max_re
 recorded as failed. Ctrl-C cancels every outstanding task (each running trial is asked to stop as
 Ctrl-C would, a second Ctrl-C kills them) and records them as interrupted. At most as many tasks as
 the cluster can run at once are outstanding (--parallel N sets another number), so a stopped sweep
-leaves nothing queued.
+leaves nothing queued. A cluster that does not accept the sweep within --ray-connect-timeout seconds
+(30 by default) is refused in one line, and SIGTERM or Ctrl-C while waiting for it stops the sweep.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import threading
 import time
 from collections import deque
 from typing import Any, Callable
 
-from harness.bench.executors import Finished, Job
-from harness.bench.trial import DIE_WITH_PARENT, STOP_GRACE_S, not_run
-from harness.errors import UserError
+from harness.bench.executors import Finished, Job, parse_resources
+from harness.bench.trial import DIE_WITH_PARENT, STOP_GRACE_S, die_with_parent, not_run
+from harness.errors import Terminated, UserError
 from harness.locations import REPO_ROOT
 
 INSTALL_HINT = 'pip install -e ".[ray]" (an optional extra)'
-RAY_OPTION_NAMES = ("num_cpus", "num_gpus", "memory")  # anything else is a custom resource
 
 
 def import_ray():
@@ -40,26 +44,6 @@ def import_ray():
     except ImportError:
         raise UserError(f"--executor ray needs Ray, which is not installed here: {INSTALL_HINT}") from None
     return ray
-
-
-def parse_resources(text: str | None) -> dict[str, Any]:
-    """--ray-resources num_gpus=1,num_cpus=4,A100=1 -> Ray task options (custom names go under resources)."""
-    if not text:
-        return {}
-    options: dict[str, Any] = {}
-    for item in text.split(","):
-        key, sep, value = (part.strip() for part in item.partition("="))
-        try:
-            amount = float(value)
-        except ValueError:
-            amount = -1.0
-        if not sep or not key or amount < 0:
-            raise UserError(f"--ray-resources {item!r}: write NAME=AMOUNT, e.g. num_gpus=1,num_cpus=4")
-        if key in RAY_OPTION_NAMES:
-            options[key] = amount if key != "memory" else int(amount)
-        else:
-            options.setdefault("resources", {})[key] = amount
-    return options
 
 
 def _asked(options: dict[str, Any]) -> dict[str, float]:
@@ -116,21 +100,89 @@ def _trial_task():
     return run_trial_on_this_node
 
 
+# Connecting to a cluster that is not there, ray.init retries for many minutes (20 attempts of ~35 s),
+# inside native code that holds back Python's signal handlers, and logs a warning every 5 s. So the
+# connection is first tried by this small process, which can be given a deadline, stopped on SIGTERM or
+# Ctrl-C, and whose noise stays in its pipe; this process connects only once that one has. Its last
+# stdout line says why a connection failed.
+CONNECT_PROBE = """
+import logging, sys
+import ray
+try:
+    ray.init(address=sys.argv[1] or None, logging_level=logging.ERROR, log_to_driver=False)
+except Exception as exc:
+    print((str(exc).strip().splitlines() or [type(exc).__name__])[0][:200], flush=True)
+    sys.exit(1)
+ray.shutdown()
+"""
+DEFAULT_CONNECT_TIMEOUT_S = 30.0
+
+
+def connects_to_a_cluster(address: str | None) -> bool:
+    """Whether ray.init(address) joins a running cluster (which may not answer) rather than starting a
+    new Ray on this machine (RAY_ADDRESS stands in for a missing address, as ray.init reads it)."""
+    return (address or os.environ.get("RAY_ADDRESS") or "local") != "local"
+
+
+def wait_for_cluster(address: str | None, timeout_s: float) -> None:
+    """Refuse in one line a cluster that does not accept a driver within timeout_s seconds."""
+    shown = address or f"(RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})"
+    print(f"Connecting to the Ray cluster at {shown} (up to {timeout_s:g} s, --ray-connect-timeout)", flush=True)
+    probe = subprocess.Popen(die_with_parent(["-c", CONNECT_PROBE, address or ""]), cwd=REPO_ROOT,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while probe.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # Ctrl-C and SIGTERM are heard here, between sleeps
+        timed_out = probe.poll() is None
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
+    why = (probe.stdout.read().decode(errors="replace").strip().splitlines() or [""])[-1]
+    probe.stdout.close()
+    if timed_out:
+        raise UserError(f"--ray-address {shown}: no Ray cluster answered within {timeout_s:g} s; check the address "
+                        "and that the cluster is up (`ray start --head` starts one), raise --ray-connect-timeout for "
+                        "a slow one, or leave --ray-address out to start a local Ray")
+    if probe.returncode != 0:
+        why = why or f"exit code {probe.returncode}"
+        raise UserError(f"--ray-address {shown}: cannot reach a Ray cluster ({why}); start one with "
+                        "`ray start --head`, or leave --ray-address out to start a local Ray")
+
+
+def init_ray(ray, address: str | None) -> None:
+    """ray.init, keeping this process's SIGTERM handling: ray.init replaces the handler with sys.exit(15),
+    which would end a sweep without recording its running trials as interrupted."""
+    ours = signal.getsignal(signal.SIGTERM)
+    try:
+        # log_to_driver off: a trial's output belongs in its trial.log, not in this console.
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    except SystemExit as exc:  # ray's handler, for a SIGTERM during ray.init
+        if exc.code == signal.SIGTERM:
+            raise Terminated() from None
+        raise
+    except Exception as exc:  # ConnectionError, a bad address, a version mismatch
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"--ray-address {address}: cannot reach a Ray cluster ({first}); start one with "
+                        "`ray start --head`, or leave --ray-address out to start a local Ray") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, ours)
+
+
 class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str | None, resources: str | None, window: int | None, timeout_s: float,
-                 cpu_threads: int | None, announce: Callable[[Job, str], None]):
+                 cpu_threads: int | None, announce: Callable[[Job, str], None],
+                 connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S):
         ray = self.ray = import_ray()
         self.started_here = not ray.is_initialized()
         if self.started_here:
-            try:
-                # log_to_driver off: a trial's output belongs in its trial.log, not in this console.
-                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
-            except Exception as exc:  # ConnectionError, a bad address, a version mismatch
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-                raise UserError(f"--ray-address {address}: cannot reach a Ray cluster ({first}); start one with "
-                                "`ray start --head`, or leave --ray-address out to start a local Ray") from None
+            if connects_to_a_cluster(address):
+                wait_for_cluster(address, connect_timeout_s)
+            init_ray(ray, address)
         cluster = ray.cluster_resources()
         options = parse_resources(resources)
         if not options:  # a GPU per trial where there are GPUs, else the trial's CPU threads

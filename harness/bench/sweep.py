@@ -5,6 +5,10 @@ rerunning the command resumes."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
+import os
 import re
 import shlex
 import sys
@@ -30,7 +34,7 @@ from harness.locations import REPO_ROOT
 from harness.models.offline import OFFLINE_MODELS
 from harness.reporting.flops import mfu_percent
 from harness.reporting.page import write_report
-from harness.reporting.runs import RUNS_FILE, append_record, read_records
+from harness.reporting.runs import RUNS_FILE, append_record, read_records, trial_record_problem
 
 
 def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
@@ -60,16 +64,24 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
     results_dir = Path(args.results_dir).expanduser().resolve()
     sweep_dir = Path(args.output_root).expanduser().resolve() / name
-    check_writable(results_dir, "--results-dir")
-    runs_file = results_dir / RUNS_FILE
-    records = read_records(runs_file)  # warns about (and skips) a line cut short by a crash
-
-    trials = plan_trials(args)
+    check_writable(results_dir, "--results-dir", create=not args.dry_run)  # a dry run writes nothing
     if args.dry_run:
+        trials = plan_trials(args)
         for i, t in enumerate(trials, 1):
             print(f"[{i}/{len(trials)}] {t.trial_id}: {_command(t, sweep_dir)}")
         return 0
     check_writable(sweep_dir, "--output-root")
+    # Held until this process ends (by any means): a second sweep of the same trials is refused
+    # before it plans anything, instead of starting trials this one is running.
+    with sweep_lock(sweep_dir, name):
+        return _run_sweep(args, argv, name, results_dir, sweep_dir, gpus, timeout_s)
+
+
+def _run_sweep(args: argparse.Namespace, argv: list[str], name: str, results_dir: Path, sweep_dir: Path,
+               gpus: list[str] | None, timeout_s: float) -> int:
+    runs_file = results_dir / RUNS_FILE
+    records = read_records(runs_file, check=trial_record_problem)  # warns about (and skips) a damaged line
+    trials = plan_trials(args)
     done = {r.get("trial_hash") for r in records if r.get("sweep") == name and r.get("status") == STATUS_OK}
     bench_command = shlex.join(["python", "-m", "harness.bench", *argv])
     jobs = []
@@ -119,8 +131,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _executor(args: argparse.Namespace, gpus: list[str] | None, timeout_s: float, announce):
     if args.executor == "ray":
-
-        return RayExecutor(args.ray_address, args.ray_resources, args.parallel, timeout_s, args.cpu_threads, announce)
+        return RayExecutor(args.ray_address, args.ray_resources, args.parallel, timeout_s, args.cpu_threads, announce,
+                           connect_timeout_s=args.ray_connect_timeout)
     return LocalExecutor(local_slots(args.parallel, gpus), timeout_s, args.cpu_threads, echo=not args.quiet,
                          announce=announce)
 
@@ -189,10 +201,53 @@ class _Progress:
         return f"[{job.number}/{self.total}] {job.trial.trial_id}"
 
 
-def check_writable(folder: Path, option: str) -> None:
+SWEEP_LOCK = ".sweep.lock"  # in the sweep's trial folder, <output-root>/<name>/
+
+
+@contextlib.contextmanager
+def sweep_lock(sweep_dir: Path, name: str):
+    """An exclusive flock on <output-root>/<name>/.sweep.lock for the sweep's whole life. The kernel
+    releases it when the process ends, however it ends (kill -9 included), so it never goes stale;
+    the file itself stays, holding the pid of the sweep that last held it (for the refusal's line)."""
+    path = sweep_dir / SWEEP_LOCK
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".bench-write-check-"):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"--output-root: cannot create {path} ({exc.strerror}); "
+                        "pass a folder you can write to") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            by = f" (process {holder})" if holder.isdigit() else ""
+            raise UserError(f"sweep {name} is already running{by} with its trials in {_show(sweep_dir)}; wait for it "
+                            "to finish (rerunning then resumes it), or give this sweep another --name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def check_writable(folder: Path, option: str, create: bool = True) -> None:
+    """Refuse a folder this process cannot write into. Without create, a folder not there yet is judged by the
+    nearest folder above it that is (writing a file there and removing it), and nothing is left behind."""
+    probe = folder
+    if not create:
+        for _ in range(len(folder.parts)):  # bounded: one step up per part of the path
+            if probe.exists():
+                break
+            probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = f"{folder}: {probe}" if probe != folder else str(folder)
+        raise UserError(f"{option} {where} is a file, not a folder; pass a folder")
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".bench-write-check-"):  # os.access says yes to root
             pass
     except OSError as exc:
         raise UserError(f"{option} {folder} is not writable ({exc.strerror}); pass a folder you can write to") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +58,9 @@ def decoding_grid(args: DecodingArguments) -> list[DecodingSetting]:
         return values
 
     temperatures, top_ps = numbers(args.temperatures, "temperatures"), numbers(args.top_ps, "top_ps")
-    if any(t <= 0 for t in temperatures):
-        raise UserError(f"--temperatures {args.temperatures}: every temperature must be > 0 (sampling)")
-    if any(not 0 < p <= 1 for p in top_ps):
+    if any(not (math.isfinite(t) and t > 0) for t in temperatures):  # float() reads "nan" and "inf" too
+        raise UserError(f"--temperatures {args.temperatures}: every temperature must be a finite number > 0 (sampling)")
+    if any(not 0 < p <= 1 for p in top_ps):  # nan fails every comparison: refused too
         raise UserError(f"--top_ps {args.top_ps}: every top_p must be in (0, 1]")
     if args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")

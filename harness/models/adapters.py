@@ -2,8 +2,10 @@
 and attaching it to a base model. Shared by `python -m harness.infer` and `python -m harness.merge`."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,9 @@ class AdapterFolder:
 
 def open_adapter(path: str | Path) -> AdapterFolder:
     folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"adapter folder {path} is a file, not a folder; pass --adapter with the output_dir of a "
+                        "finished run (the folder that holds adapter_config.json)")
     if not folder.is_dir():
         raise UserError(f"adapter folder {path} not found; pass --adapter with the output_dir of a finished run")
     refuse_while_swapping(folder)
@@ -93,30 +98,113 @@ def _check_weights_file(path: Path) -> None:
         ) from None
 
 
+def _mismatch(adapter: AdapterFolder, base_name: str, reason: str) -> UserError:
+    trained_on = adapter.run.get("model")
+    hint = f" ({trained_on})" if trained_on and trained_on != base_name else ""
+    return UserError(
+        f"the adapter in {adapter.path} does not fit base model {base_name} ({reason}); "
+        f"pass the --base it was trained on{hint}"
+    )
+
+
+def _saved_shapes(adapter: AdapterFolder) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter.path / WEIGHTS_FILE), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def _placement_problem(adapter: AdapterFolder, with_adapter) -> str | None:
+    """Why the saved tensors do not fit the adapter built on this base, or None. Every adapter tensor must be in
+    the file; the file may also hold the embedding layers (saved when they were trained or resized), nothing else.
+    PEFT loads leniently: a base with the same layer shapes but fewer layers takes part of an adapter silently."""
+    from peft.utils import get_peft_model_state_dict
+
+    saved = _saved_shapes(adapter)
+    # AdaLoRA saves each layer's pruned rank (its rank_pattern): a dimension of init_r may be smaller there
+    init_r = adapter.peft_config.get("init_r") if adapter.peft_type == "ADALORA" else None
+    adapter_only = get_peft_model_state_dict(with_adapter, save_embedding_layers=False)
+    # explicit True/False: "auto" would fetch the recorded base's config (from the Hub, for a Hub id) to compare
+    allowed = get_peft_model_state_dict(with_adapter, save_embedding_layers=True)
+    unplaced, missing = set(saved) - set(allowed), set(adapter_only) - set(saved)
+    if unplaced or missing:
+        return (f"{len(unplaced)} saved tensors have no place in it, "
+                f"{len(missing)} of its adapter tensors are not in the file")
+    wrong = sorted(key for key, shape in saved.items() if not _same_shape(shape, tuple(allowed[key].shape), init_r))
+    if wrong:
+        return f"{len(wrong)} saved tensors have other shapes than its layers take, e.g. {wrong[0]} {saved[wrong[0]]}"
+    return None
+
+
+def _same_shape(saved: tuple[int, ...], built: tuple[int, ...], init_r: int | None) -> bool:
+    return saved == built or (init_r is not None and len(saved) == len(built)
+                              and all(s == b or (b == init_r and s <= b) for s, b in zip(saved, built)))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Library warnings while the adapter is tried on a weightless base are not the user's concern."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def check_fits(adapter: AdapterFolder, model_args, base_name: str) -> None:
+    """Refuse an adapter that does not fit the base before any weights load (so before any loading bar): the
+    adapter is built on the base's layers without their weights (meta device, from its config alone) and the
+    saved tensors' names and shapes are held against it. Anything else the trial run cannot judge is left to
+    the check after loading (attach)."""
+    from peft import PeftConfig, PeftModel
+
+    from harness.models.loading import architecture
+
+    with _quiet():
+        try:
+            skeleton = architecture(model_args)
+        except UserError:
+            raise  # a base that cannot be had: its one line
+        except Exception:  # noqa: BLE001 - a base the weightless build cannot make: loading it says why
+            return
+        config = PeftConfig.from_pretrained(str(adapter.path))
+        config.inference_mode = True
+        if hasattr(config, "init_lora_weights"):
+            config.init_lora_weights = True  # PiSSA / LoftQ / EVA start from the weights; the shapes do not
+        if getattr(config, "rank_pattern", None) and adapter.peft_type == "ADALORA":
+            config.rank_pattern = None  # built at init_r: _same_shape allows the pruned ranks
+        try:
+            with_adapter = PeftModel(skeleton, config, low_cpu_mem_usage=True)
+        except (ValueError, KeyError) as exc:  # PEFT: target modules not found in the base
+            raise _mismatch(adapter, base_name, _first_line(exc)) from None
+        except Exception:  # noqa: BLE001 - an adapter kind the weightless trial cannot build: attach checks it
+            return
+        problem = _placement_problem(adapter, with_adapter)
+    if problem:
+        raise _mismatch(adapter, base_name, problem)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def attach(model, adapter: AdapterFolder, base_name: str):
     """The base model with the adapter loaded (frozen, for inference)."""
     from peft import PeftModel
-    from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
-
-    def mismatch(reason: str) -> UserError:
-        trained_on = adapter.run.get("model")
-        hint = f" ({trained_on})" if trained_on and trained_on != base_name else ""
-        return UserError(
-            f"the adapter in {adapter.path} does not fit base model {base_name} ({reason}); "
-            f"pass the --base it was trained on{hint}"
-        )
 
     try:
-        with_adapter = PeftModel.from_pretrained(model, str(adapter.path))
+        with _quiet():  # PEFT's notes and deprecations; what matters is checked below
+            with_adapter = PeftModel.from_pretrained(model, str(adapter.path))
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches, missing modules
-        raise mismatch(str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__) from None
-    # PEFT loads leniently: a base with the same layer shapes but fewer layers takes part of the adapter
-    # without a word. Every saved tensor must have found its place, and every adapter tensor its value.
-    with safe_open(str(adapter.path / WEIGHTS_FILE), framework="pt") as f:
-        saved = set(f.keys())
-    expected = set(get_peft_model_state_dict(with_adapter).keys())
-    if saved != expected:
-        raise mismatch(f"{len(saved - expected)} saved tensors have no place in it, "
-                       f"{len(expected - saved)} of its adapter tensors are not in the file")
+        raise _mismatch(adapter, base_name, _first_line(exc)) from None
+    with _quiet():
+        problem = _placement_problem(adapter, with_adapter)
+    if problem:
+        raise _mismatch(adapter, base_name, problem)
     return with_adapter

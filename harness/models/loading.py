@@ -26,6 +26,9 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"model folder {name} has no config.json; point --model at a transformers model folder")
         return str(path)
+    if path.exists():  # a file (config.json, model.safetensors, ...) given for its folder
+        raise UserError(f"model folder {name} is a file, not a folder; pass the folder that holds config.json "
+                        "(or a Hub id, or an offline name such as stories260k)")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model folder {name} not found; use a Hub id, a local folder or --model stories260k")
     return name
@@ -56,23 +59,90 @@ def hub_warnings_silenced():
 def _from_source(args: ModelArguments, what: str, load):
     """load(source) for the model's folder or Hub id; an unreadable folder or an unreachable Hub is one line."""
     source = resolve_model(args.model)
+    check_remote_code(args, source)
     try:
         with hub_warnings_silenced():
             return load(source)
     except (OSError, ValueError) as exc:
+        if _asks_for_remote_code(exc):  # custom code check_remote_code could not see (a tokenizer's own)
+            raise _remote_code_refusal(args.model, "its files name classes transformers does not have") from None
         if Path(source).is_dir():
             raise UserError(f"cannot load the {what} in {source}: {str(exc).splitlines()[0]}") from None
         raise _hub_error(args.model, exc) from None
+
+
+def check_remote_code(args: ModelArguments, source: str | None = None) -> None:
+    """Refuse, before anything loads and before transformers says a word, a model that needs code shipped with
+    it (its config.json's auto_map names classes transformers does not have) unless --trust_remote_code was
+    given. The same decision transformers makes (dynamic_module_utils.resolve_trust_remote_code), taken from
+    config.json alone: no code is imported."""
+    if args.trust_remote_code:
+        return
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    source = source or resolve_model(args.model)
+    try:
+        with hub_warnings_silenced():
+            config, _ = PretrainedConfig.get_config_dict(source)
+    except (OSError, ValueError):
+        return  # no readable config.json: the load itself says what is wrong
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return
+    model_type = config.get("model_type")
+    own = [auto_map[name] for name, built_in in (("AutoConfig", CONFIG_MAPPING_NAMES),
+                                                 ("AutoModelForCausalLM", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+           if name in auto_map and model_type not in built_in]
+    if own:
+        raise _remote_code_refusal(args.model,
+                                   f"config.json's auto_map names {own[0]}, a class in the model's own files")
+
+
+def _asks_for_remote_code(exc: Exception) -> bool:
+    return isinstance(exc, ValueError) and "trust_remote_code=True" in str(exc)
+
+
+def _remote_code_refusal(name: str, why: str) -> UserError:
+    return UserError(
+        f"model {name} needs code shipped with it to load ({why}); that code is not run unless you pass "
+        "--trust_remote_code: pass it only if you trust where the model comes from (the code runs as you)"
+    )
+
+
+def position_limit(config) -> int | None:
+    """How many positions (prompt plus generated tokens) a model has, where its config says so plainly:
+    max_position_embeddings, unless RoPE scaling stretches the positions beyond it (then None: unknown)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        return None
+    for name in ("rope_scaling", "rope_parameters"):  # transformers 5 names it rope_parameters
+        rope = getattr(config, name, None)
+        if not isinstance(rope, dict):
+            continue
+        # one per attention type (e.g. {"full_attention": {...}, "sliding_attention": {...}}), or one for all
+        parts = [v for v in rope.values() if isinstance(v, dict)] or [rope]
+        if any(part.get("rope_type", part.get("type")) not in (None, "default") for part in parts):
+            return None
+    return limit
+
+
+def load_config(args: ModelArguments):
+    """The model's config.json alone (from the Hub: that file only)."""
+    from transformers import AutoConfig
+
+    return _from_source(args, "model config", lambda source: AutoConfig.from_pretrained(
+        source, trust_remote_code=args.trust_remote_code))
 
 
 def architecture(args: ModelArguments):
     """The model's layers without its weights (on the meta device: no memory, and from the Hub only its
     config.json), to check settings that name layers before the real load."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = _from_source(args, "model config", lambda source: AutoConfig.from_pretrained(
-        source, trust_remote_code=args.trust_remote_code))
+    config = load_config(args)
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
 
@@ -160,6 +230,7 @@ def load_model(args: ModelArguments, method: str, gradient_checkpointing: bool, 
     elif args.quantization == "8bit":
         quantization_config = BitsAndBytesConfig(load_in_8bit=True)
     source = resolve_model(args.model)
+    check_remote_code(args, source)
     kwargs = {}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
@@ -173,7 +244,11 @@ def load_model(args: ModelArguments, method: str, gradient_checkpointing: bool, 
             use_safetensors=True,  # never unpickle .bin weights
             **kwargs,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        if _asks_for_remote_code(exc):
+            raise _remote_code_refusal(args.model, "its files name classes transformers does not have") from None
+        if isinstance(exc, ValueError):
+            raise  # any other rejected setting is a bug of this project: its traceback is kept
         if Path(source).is_dir():
             raise UserError(f"cannot load the model in {source}: {str(exc).splitlines()[0]}") from None
         raise _hub_error(args.model, exc) from None

@@ -12,7 +12,7 @@ The held-out score is computed pair by pair at the end, in one pass over pairs t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from trl import DPOConfig
 
@@ -22,8 +22,9 @@ from harness.models.loading import print_parameter_counts
 from harness.objectives import trl_run
 from harness.objectives.protocol import Objective
 from harness.reporting.tables import noise_verdict
+from harness.run.checks import Bounds, documented_values
 from harness.run.record import run_record
-from harness.run.training import run_callbacks, save_final, shard_adapters_apart
+from harness.run.training import run_callbacks, save_final, shard_adapters_apart, train_from
 
 
 @dataclass
@@ -31,6 +32,19 @@ class DPOSettings(DPOConfig):
     """TRL's DPOConfig. Its trust_remote_code is the model's (--trust_remote_code, one flag for both)."""
 
     trust_remote_code: bool = field(default=False, init=False)
+
+    # Checked before any model loads (harness.run.checks.check_trl_settings): DPOTrainer reads these only when it
+    # computes the loss, or never refuses them.
+    SETTING_VALUES: ClassVar[dict] = {name: documented_values(DPOConfig, name) for name in ("loss_type", "f_divergence_type")}
+    SETTING_BOUNDS: ClassVar[dict] = {
+        "beta": Bounds(0, low_open=True, why="at 0 every pair has the same loss and nothing is learned; below 0 the "
+                                               "rejected answers are learned; TRL's default is 0.1"),
+        "label_smoothing": Bounds(0, 0.5, high_open=True, why="the chance a pair's preference is flipped"),
+        "ld_alpha": Bounds(0, 1, optional=True),
+        "discopop_tau": Bounds(0, low_open=True),
+        "ref_model_mixup_alpha": Bounds(0, 1),
+        "ref_model_sync_steps": Bounds(1),
+    }
 
 
 def preflight(cfg, output_dir: bool = True):
@@ -108,9 +122,7 @@ def train_and_evaluate(cfg, work, tokenizer, prepared, folder, memory) -> dict[s
                          processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
     shard_adapters_apart(trainer)
     counts = print_parameter_counts(trainer.model)
-    if folder.resume_from:
-        print(f"Resuming from {folder.resume_from}")
-    outcome = trainer.train(resume_from_checkpoint=folder.resume_from)
+    outcome = train_from(trainer, folder)  # resumes folder.resume_from; nothing when it is at the last step
     scores = score_pairs(trainer, trainer.eval_dataset)
     print(held_out_line(scores, trainer.state.global_step))
     save_final(trainer, tokenizer, folder.staging)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from trl import GRPOConfig, GRPOTrainer
 
@@ -21,9 +21,10 @@ from harness.models.loading import print_parameter_counts
 from harness.objectives import trl_run
 from harness.objectives.protocol import Objective
 from harness.reporting.tables import noise_verdict
+from harness.run.checks import Bounds, documented_values
 from harness.run.distributed import launched_processes
 from harness.run.record import run_record
-from harness.run.training import run_callbacks, save_final, shard_adapters_apart, wait_for_gpu
+from harness.run.training import run_callbacks, save_final, shard_adapters_apart, train_from, wait_for_gpu
 
 
 @dataclass
@@ -33,7 +34,29 @@ class GRPOSettings(GRPOConfig):
 
     trust_remote_code: bool = field(default=False, init=False)
 
+    # Checked before any model loads (harness.run.checks.check_trl_settings): GRPOTrainer reads these only while
+    # generating or computing the loss, or never refuses them.
+    SETTING_VALUES: ClassVar[dict] = {"loss_type": documented_values(GRPOConfig, "loss_type")}
+    SETTING_BOUNDS: ClassVar[dict] = {
+        "max_completion_length": Bounds(1, why="the tokens each completion may have"),
+        "temperature": Bounds(0, low_open=True, why="completions are sampled at this temperature"),
+        "top_p": Bounds(0, 1, low_open=True),
+        "top_k": Bounds(0, why="0 turns top-k filtering off"),
+        "min_p": Bounds(0, 1, optional=True),
+        "repetition_penalty": Bounds(0, low_open=True),
+        "beta": Bounds(0, why="the weight of the KL term: 0 (TRL's default) leaves it out; a negative one would "
+                              "reward drifting from the model"),
+        "epsilon": Bounds(0, low_open=True, why="the clipping range of the policy ratio"),
+        "num_iterations": Bounds(1),
+        "steps_per_generation": Bounds(1, optional=True),
+        "generation_batch_size": Bounds(1, optional=True),
+    }
+
     def __post_init__(self):
+        if not isinstance(self.num_generations, int) or self.num_generations < 2:
+            # TRL's own check comes after its modulo by num_generations (0: ZeroDivisionError)
+            raise UserError(f"--num_generations {self.num_generations}: GRPO needs at least 2 generations per prompt, "
+                            "scoring each against its group's; pass --num_generations 2 or more (see --help)")
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             # A copy (dataclasses.replace) of settings TRL already derived both of: derive them again.
             self.generation_batch_size = None
@@ -162,9 +185,7 @@ def train_and_evaluate(cfg, work, tokenizer, prepared: _Prepared, folder, memory
     counts = print_parameter_counts(trainer.model)
     before = score_problems(trainer.model, tokenizer, prepared, targs)  # the adapter is fresh: the untrained model
     print(f"Untrained: {_scores_text(before)}")
-    if folder.resume_from:
-        print(f"Resuming from {folder.resume_from}")
-    outcome = trainer.train(resume_from_checkpoint=folder.resume_from)
+    outcome = train_from(trainer, folder)  # resumes folder.resume_from; nothing when it is at the last step
     after = score_problems(trainer.model, tokenizer, prepared, targs)
     print(held_out_line(before, after, trainer.state.global_step))
     save_final(trainer, tokenizer, folder.staging)

@@ -42,7 +42,7 @@ from harness.run.config import RunConfig
 from harness.run.distributed import batch_factor
 from harness.run.folder import RunFolder
 from harness.run.record import run_record
-from harness.run.training import run_callbacks, save_final, shard_adapters_apart, trainer_settings
+from harness.run.training import run_callbacks, save_final, shard_adapters_apart, train_from, trainer_settings
 
 RANKS_FILE = "adalora_ranks.json"
 
@@ -135,15 +135,12 @@ def train_and_evaluate(cfg, work: Workload, tokenizer, prepared, folder: RunFold
                             evaluation_only=cfg.method.method == "none")
     shard_adapters_apart(trainer)
 
-    last = folder.resume_from  # only ever a complete checkpoint of exactly these settings
-    if last:
-        print(f"Resuming from {last}")
     baseline = cfg.method.method == "none"
     if baseline:
         print("Method none: nothing trains; the untrained model is scored as loaded (the baseline).")
         outcome = None
-    else:
-        outcome = trainer.train(resume_from_checkpoint=last)
+    else:  # resumes only ever a complete checkpoint of exactly these settings (harness.run.folder)
+        outcome = train_from(trainer, folder)
 
     final_eval: dict[str, Any] = {}
     if prepared.eval is not None:

@@ -60,6 +60,8 @@ class SFTSettings(SFTConfig):
                                         "unless the recipe or this flag turns it on)."})
     max_length: int | None = field(
         default=None, metadata={"help": "TRL's name for --max_seq_length, which is the window here: leave unset."})
+    # Its --loss_type (TRL's "choices") is checked as it is parsed, from a config file too (harness.run.config.
+    # CheckedValues); the rest sft_settings checks. No SETTING_BOUNDS (harness.run.checks.check_trl_settings) needed.
 
 
 # Methods whose virtual tokens (prompt tuning, P-tuning) or extra keys (prefix tuning) sit in front of each

@@ -42,18 +42,62 @@ BUILT_IN: dict[str, dict] = {
 def model_config(name: str, trust_remote_code: bool = False):
     """The transformers config for a built-in model, an offline model, a local folder or a Hub id (only its
     config.json is fetched)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
-
 
     if name in BUILT_IN:
         fields = dict(BUILT_IN[name])
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
     source = resolve_offline_model(name) or name
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except StrictDataclassError as exc:  # transformers' own validation of the config's values
+        cause = exc.__cause__ or exc
+        raise UserError(f"model {name!r} has an impossible config ({_first_line(cause)}); "
+                        "fix its config.json or pass another --model") from None
     except (OSError, ValueError) as exc:
+        if not trust_remote_code and "trust_remote_code" in str(exc):
+            raise UserError(
+                f"model {name} needs code shipped with it to be built (config.json's auto_map names it); the planner "
+                "does not run that code unless you pass --trust_remote_code: pass it only if you trust where the "
+                "model comes from (the code runs as you)"
+            ) from None
         where = "in that folder" if Path(source).is_dir() else "on the Hub (or the Hub cannot be reached)"
         raise UserError(
-            f"no model config for {name!r} {where}: {str(exc).splitlines()[0]}; built in without network: "
+            f"no model config for {name!r} {where}: {_first_line(exc)}; built in without network: "
             f"{', '.join(BUILT_IN)}"
         ) from None
+    check_sizes(config, name)
+    return config
+
+
+# The sizes the planner builds the model from; each must be a whole number >= 1 where the config has it.
+SIZES = ("hidden_size", "intermediate_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "word_embed_proj_dim")
+
+
+def check_sizes(config, name: str) -> None:
+    """Refuse sizes no model can have (0, negative, fractional, heads that do not divide), which transformers'
+    own validation lets through for some architectures and which would otherwise surface as a traceback
+    from deep inside the model's constructor (a division by zero, a tensor of negative size)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field in SIZES:
+        value = getattr(text, field, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"model {name!r} has an impossible config: {field} is {value!r}, and every size must be "
+                            "a whole number >= 1; fix its config.json or pass another --model")
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None)
+    if hidden and heads and getattr(text, "head_dim", None) is None and hidden % heads:
+        raise UserError(f"model {name!r} has an impossible config: hidden_size {hidden} is not a multiple of "
+                        f"num_attention_heads {heads}; fix its config.json or pass another --model")
+    if heads and kv_heads and heads % kv_heads:
+        raise UserError(f"model {name!r} has an impossible config: num_attention_heads {heads} is not a multiple of "
+                        f"num_key_value_heads {kv_heads}; fix its config.json or pass another --model")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]

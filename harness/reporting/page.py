@@ -23,7 +23,7 @@ from harness.files import write_text_atomic
 from harness.locations import RESULTS_DIR
 from harness.models.offline import OFFLINE_MODELS
 from harness.reporting.plots import write_plots
-from harness.reporting.runs import RUNS_FILE, read_records
+from harness.reporting.runs import RUNS_FILE, read_records, trial_record_problem
 from harness.reporting.tables import (
     BASELINE,
     PIVOT_METRICS,
@@ -71,7 +71,7 @@ def header(sweep: str, records: list[dict[str, Any]]) -> list[str]:
         "Made with (from the repository root):",
         "",
         "```",
-        *dict.fromkeys(r["bench_command"] for r in records),
+        *dict.fromkeys(r["bench_command"] for r in records if r.get("bench_command")),
         "```",
         "",
     ]
@@ -134,7 +134,10 @@ def header(sweep: str, records: list[dict[str, Any]]) -> list[str]:
 COLUMN_NOTES = (
     "Columns: *peak memory* is the recipe's own measurement of the kind named in *memory kind* "
     "(`cuda_reserved`: PyTorch's peak reserved memory above the baseline after CUDA init; `cpu_rss`: the trial "
-    "process's peak RSS); *planned peak* is what the recipe's memory plan (harness.plan) predicted before loading, "
+    "process's peak RSS); *NVML peak* is the driver's figure (the CUDA context and memory PyTorch does not allocate "
+    "included) for the trial's own process (*NVML of* `process`) or, where NVML could not tell the process apart, "
+    "for the whole GPU (`device`: other processes on it included); *planned peak* is what the recipe's memory "
+    "plan (harness.plan) predicted before loading, "
     "without the CUDA context (for a CPU run, for its fp32 compute), and *measured / planned* checks it against "
     "GPU memory only; *trial process peak RSS* is the same process measured from outside (`wait4`), from "
     "start to exit; *train* is optimizer steps only (no evaluation, no saving), *total* the recipe's whole run "
@@ -191,7 +194,7 @@ def write_report(results_dir: Path, sweep: str, records: list[dict[str, Any]] | 
     """Write <results_dir>/<sweep>.md and its plots; returns the files written."""
     results_dir = Path(results_dir)
     if records is None:
-        records = read_records(results_dir / RUNS_FILE)
+        records = read_records(results_dir / RUNS_FILE, check=trial_record_problem)
     records = [r for r in trial_records(records) if r.get("sweep") == sweep]
     if not records:
         return []
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         if not runs.is_file():
             raise UserError(f"no {RUNS_FILE} in {results_dir}; run python -m harness.bench first or pass --results-dir")
         damaged: list[str] = []
-        records = read_records(runs, warn=damaged.append)
+        records = read_records(runs, warn=damaged.append, check=trial_record_problem)
         if not records:
             what = f"all {len(damaged)} of its lines are damaged" if damaged else "it is empty"
             raise UserError(

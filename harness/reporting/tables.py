@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from harness.reporting.flops import mfu_percent
-from harness.reporting.runs import LOCATION_SETTINGS
+from harness.reporting.runs import LOCATION_SETTINGS, TRIAL_FIELDS
 
 MIB = 1024 * 1024
 GAIN = "Δ accuracy vs baseline"
@@ -25,7 +25,7 @@ METRIC_FORMATS: dict[str, str] = {
     PLANNED_RATIO: "{:.2f}",
     "CUDA reserved (MiB)": "{:.1f}",
     "CUDA allocated (MiB)": "{:.1f}",
-    "NVML device peak (MiB)": "{:.1f}",
+    "NVML peak (MiB)": "{:.1f}",
     "trial process peak RSS (MiB)": "{:.1f}",
     "train (s)": "{:.2f}",
     "total (s)": "{:.2f}",
@@ -57,9 +57,6 @@ SHARED_SETTINGS = (
 
 # ---------------------------------------------------------------------------- records -> rows
 
-TRIAL_FIELDS = ("sweep", "trial_hash", "trial_id", "status", "recipe", "method", "seed")
-
-
 def trial_records(records: list[dict[str, Any]], warn=None) -> list[dict[str, Any]]:
     """The records harness.bench wrote; anything else in runs.jsonl (a line of another shape, added by
     hand or by another tool) is skipped, with one warning for all of them."""
@@ -81,7 +78,7 @@ def latest_per_trial(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def rank_label(record: dict[str, Any]) -> str:
     setting = record.get("rank_setting") or {}
     if "target_r" in setting:
-        return f"target_r {setting['target_r']} ← init_r {setting['init_r']}"
+        return f"target_r {setting['target_r']} ← init_r {setting.get('init_r')}"
     if "r" in setting:
         return f"r {setting['r']}"
     return NO_RANK
@@ -136,7 +133,8 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
         **planned_memory(result),
         "CUDA reserved (MiB)": result.get("cuda_reserved_mb"),
         "CUDA allocated (MiB)": result.get("cuda_allocated_mb"),
-        "NVML device peak (MiB)": result.get("nvml_used_mb"),
+        "NVML peak (MiB)": result.get("nvml_used_mb"),
+        "NVML of": result.get("nvml_used_source") or ("device" if result.get("nvml_used_mb") is not None else None),
         "trial process peak RSS (MiB)": record.get("process_peak_rss_mb"),
         "train (s)": result.get("train_seconds") if trained else None,
         "total (s)": result.get("total_seconds"),

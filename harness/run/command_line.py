@@ -11,8 +11,19 @@ from trl import TrlParser
 
 from harness.errors import UserError, raise_usage_error
 from harness.objectives.registry import training_class
-from harness.run.config import ARGUMENT_CLASSES, BASE_TRAINING_DEFAULTS, RunConfig, check_config_file, checked_parse
+from harness.run.config import (
+    ARGUMENT_CLASSES,
+    BASE_TRAINING_DEFAULTS,
+    CheckedValues,
+    RunConfig,
+    check_config_file,
+    checked_parse,
+)
 from harness.run.distributed import start
+
+
+class RecipeParser(CheckedValues, TrlParser):
+    """TRL's parser (--config files), every value checked as it is parsed (harness.run.config.CheckedValues)."""
 
 
 def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_classes: tuple[type, ...] = ()) -> RunConfig:
@@ -24,7 +35,7 @@ def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_cl
     GRPOConfig, which extend transformers' TrainingArguments)."""
     start()  # under accelerate launch: before the Trainer settings below make accelerate's process state
     objective = defaults.get("objective", "sft")
-    parser = TrlParser((*ARGUMENT_CLASSES[:-1], training_class(objective), *extra_classes))
+    parser = RecipeParser((*ARGUMENT_CLASSES[:-1], training_class(objective), *extra_classes))
     parser.error = raise_usage_error  # argparse's default prints the ~150-line usage before the message
     group_help(parser, [*ARGUMENT_CLASSES[:-1], training_class(objective)], extra_classes)
     unknown = parser.set_defaults_with_config(**{**BASE_TRAINING_DEFAULTS, **defaults})

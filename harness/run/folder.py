@@ -8,7 +8,8 @@ A rerun into an existing output_dir (docs/runs-and-results.md, "Reruns", says th
     is shown, plus the contents of the data, eval and init-adapter files: see run_settings):
       finished (result.json status ok): nothing to do, nothing touched;
       unfinished: resumes from its last complete checkpoint (one cut short while being saved is
-      removed, with a line saying so), or starts when there is none;
+      removed, with a line saying so), or starts when there is none; a checkpoint at the run's last
+      step has nothing left to train (harness.run.training.train_from finishes the run from it);
   - other settings, with a checkpoint or a finished run there: refused, naming what changed;
   - --resume false: starts over; the checkpoints already there are moved to superseded-<time>/
     (kept, never picked up again).
@@ -125,6 +126,11 @@ class RunFolder:
     finished: dict[str, Any] | None = None  # the record of a finished run with exactly these settings
     # The main process's: under several processes every one saves through the same staging folder.
     staging_name: str = dataclasses.field(default_factory=lambda: f"{STAGING_PREFIX}{os.getpid()}")
+
+    @property
+    def resume_step(self) -> int | None:
+        """The global step of the checkpoint this run resumes (its name, checkpoint-N, says it), or None."""
+        return int(Path(self.resume_from).name[len(CHECKPOINT_PREFIX):]) if self.resume_from else None
 
     @property
     def staging(self) -> Path:
@@ -347,10 +353,20 @@ def seal_checkpoint(checkpoint: Path, fingerprint: str, global_step: int) -> Non
     write_json_atomic(Path(checkpoint) / SEAL_FILE, {"fingerprint": fingerprint, "global_step": global_step})
 
 
+def _sealed_by(checkpoints: list[Path], fingerprint: str) -> list[Path]:
+    return [c for c in checkpoints if (_read_json(c / SEAL_FILE) or {}).get("fingerprint") == fingerprint]
+
+
+def last_sealed_checkpoint(out: Path, fingerprint: str) -> Path | None:
+    """The newest checkpoint in `out` sealed by a run of these settings (what a rerun resumes); changes nothing."""
+    complete = _sealed_by(_checkpoints(Path(out)), fingerprint)
+    return complete[-1] if complete else None
+
+
 def _last_complete_checkpoint(out: Path, checkpoints: list[Path], fingerprint: str) -> str | None:
-    """The newest checkpoint sealed by a run of these settings. Unsealed ones (a kill while saving) are
-    removed with a line each; ones sealed by other settings are moved aside."""
-    complete = [c for c in checkpoints if (_read_json(c / SEAL_FILE) or {}).get("fingerprint") == fingerprint]
+    """The newest checkpoint sealed by a run of these settings. Unsealed ones (a kill or a full disk while saving)
+    are removed with a line each; ones sealed by other settings are moved aside."""
+    complete = _sealed_by(checkpoints, fingerprint)
     last = complete[-1] if complete else None
     cut_short = [c for c in checkpoints if not (c / SEAL_FILE).is_file()]
     for checkpoint in cut_short:

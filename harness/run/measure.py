@@ -3,7 +3,11 @@
 Memory is reported with the kind of measurement it is, never as 0 for "not measured":
   cuda_reserved  - peak bytes reserved by PyTorch's CUDA allocator, minus the baseline after CUDA init
   cuda_allocated - peak bytes held by live tensors
-  nvml_used      - peak device memory seen by the driver (all of this process's allocations), sampled
+  nvml_used      - peak GPU memory seen by the driver (all of this process's allocations, the CUDA context
+                   and memory PyTorch does not allocate), sampled; nvml_used_source says whose: "process"
+                   (NVML's per-process figure for this pid) or "device" (the whole GPU's used memory, other
+                   processes included: where NVML cannot tell this process apart, e.g. a container whose
+                   pids are not the host's)
   cpu_rss        - peak resident set size of this process (when there is no GPU)
 """
 from __future__ import annotations
@@ -28,7 +32,12 @@ MB = 1024 * 1024
 
 
 class NvmlPeakSampler:
-    """Samples the device's used memory in a thread; NVML also sees memory PyTorch doesn't allocate."""
+    """Samples this process's GPU memory in a thread; NVML also sees memory PyTorch doesn't allocate.
+
+    This process's own figure comes from NVML's per-process query (the processes using the GPU, each with
+    its memory); the device's used memory counts every process on the GPU (two trials of
+    `harness.bench --gpus 0,0` would each record both), so it is only the fallback, for when this pid is
+    never among NVML's processes (a container's own pid numbering) or NVML cannot say how much it uses."""
 
     def __init__(self, device_index: int, interval_s: float = 0.05):
         import pynvml
@@ -37,22 +46,51 @@ class NvmlPeakSampler:
         self._nvml = pynvml
         self._handle = _nvml_handle(pynvml, device_index)
         self._interval = interval_s
-        self.peak_bytes = 0
+        self._pid = os.getpid()
+        self.device_peak_bytes = 0
+        self.process_peak_bytes: int | None = None  # None until NVML has listed this process with a figure
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def sample(self) -> None:
+        used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+        self.device_peak_bytes = max(self.device_peak_bytes, used)
+        own = self._own_bytes()
+        if own is not None:
+            self.process_peak_bytes = max(self.process_peak_bytes or 0, own)
+
+    def _own_bytes(self) -> int | None:
+        try:
+            processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except self._nvml.NVMLError:  # not supported here (some vGPU/MIG set-ups): the device figure stands
+            return None
+        for process in processes:
+            used = getattr(process, "usedGpuMemory", None)
+            # NVML reports NVML_VALUE_NOT_AVAILABLE (None in pynvml) where it cannot measure a process
+            if process.pid == self._pid and isinstance(used, int):
+                return used
+        return None
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
-            self.peak_bytes = max(self.peak_bytes, used)
+            self.sample()
             self._stop.wait(self._interval)
 
-    def stop(self) -> int:
+    @property
+    def source(self) -> str:
+        return "process" if self.process_peak_bytes is not None else "device"
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.process_peak_bytes if self.process_peak_bytes is not None else self.device_peak_bytes
+
+    def stop(self) -> tuple[int, str]:
+        """(peak bytes, "process" or "device": whose memory they are)."""
         self._stop.set()
         self._thread.join()
         self._nvml.nvmlShutdown()
-        return self.peak_bytes
+        return self.peak_bytes, self.source
 
 
 def _nvml_handle(pynvml, cuda_index: int):
@@ -91,7 +129,9 @@ class PeakMemory:
             memory["cuda_reserved_mb"] = round((torch.cuda.max_memory_reserved() - self.baseline_reserved) / MB, 1)
             memory["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / MB, 1)
             if self.nvml is not None:
-                memory["nvml_used_mb"] = round(self.nvml.stop() / MB, 1)
+                peak, source = self.nvml.stop()
+                memory["nvml_used_mb"] = round(peak / MB, 1)
+                memory["nvml_used_source"] = source
                 self.nvml = None
             memory["peak_memory_mb"] = memory["cuda_reserved_mb"]
             memory["peak_memory_kind"] = "cuda_reserved"

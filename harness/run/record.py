@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.data.reading import data_source
-from harness.errors import UserError, is_out_of_memory, signals_deferred
+from harness.errors import RunFailed, UserError, is_disk_full, is_out_of_memory, signals_deferred
 from harness.models.offline import OFFLINE_MODELS
 from harness.run.config import RunConfig
 from harness.run.distributed import describe, is_main
@@ -46,17 +47,26 @@ def recorded_run(folder: RunFolder, cfg: RunConfig, start: RunStart, memory=None
     try:
         yield record
     except BaseException as exc:
+        disk_full = _disk_full(exc, folder.path)
         record["status"] = (
             "oom" if is_out_of_memory(exc)
             else "interrupted" if isinstance(exc, KeyboardInterrupt)
             else "refused" if isinstance(exc, UserError)
             else "failed"
         )
-        record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        record["error"] = (f"RunFailed: {disk_full}; {type(exc).__name__}: {exc}" if disk_full
+                           else f"{type(exc).__name__}: {exc}")[:2000]
         record["traceback_tail"] = "".join(traceback.format_exception(exc))[-4000:]
         if is_main():  # the other processes may be gone or stuck: this process's own figures only
             record.update({**_provenance(cfg, start, folder, memory, every_process=False), **(extra or {})})
-            folder.write_record(_ordered(record))
+            try:
+                folder.write_record(_ordered(record))
+            except OSError as unwritten:
+                if not (disk_full and is_disk_full(unwritten)):
+                    raise
+                # The disk is still full: the one line is all that can be said.
+        if disk_full:
+            raise RunFailed(disk_full) from exc
         raise
     # Every process: under several, their peak memory is gathered here (a collective step).
     record.update({"status": "ok", **_provenance(cfg, start, folder, memory), **(extra or {})})
@@ -64,9 +74,36 @@ def recorded_run(folder: RunFolder, cfg: RunConfig, start: RunStart, memory=None
         return
     with signals_deferred():  # the files and the record that describes them change together
         ordered = _ordered({**record, "files": []})  # "files" in its place among the fields; finish() fills it in
-        folder.finish(ordered)
+        try:
+            folder.finish(ordered)
+        except Exception as exc:  # a swap journaled before the disk filled is completed by the next run
+            if disk_full := _disk_full(exc, folder.path):
+                raise RunFailed(disk_full) from exc
+            raise
         record.clear()
         record.update(ordered)
+
+
+# PyTorch's writer (torch.save: the optimizer's state in a checkpoint) fails without saying why ("unexpected pos
+# 576 vs 534", "file write failed"); with almost nothing left on the disk, that is why.
+_TORCH_WRITER_FAILED = ("inline_container", "PytorchStreamWriter", "file write failed")
+_ALMOST_FULL_BYTES = 64 << 20
+
+
+def _disk_full(exc: BaseException, out: Path) -> str | None:
+    """The one line for a run stopped by a full disk (the exception's own errno, or PyTorch's writer failing on a
+    disk that is full); None for any other failure."""
+    writer_failed = isinstance(exc, RuntimeError) and any(text in str(exc) for text in _TORCH_WRITER_FAILED)
+    if not is_disk_full(exc) and not (writer_failed and _free_bytes(out) < _ALMOST_FULL_BYTES):
+        return None
+    return f"no space left on device in {out}: free space and rerun the same command to resume"
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return _ALMOST_FULL_BYTES  # unknown: not taken for full
 
 
 def run_record(cfg: RunConfig, trainer, clock, outcome, counts: tuple[int, int], folder: RunFolder, work: Workload,
@@ -82,6 +119,9 @@ def run_record(cfg: RunConfig, trainer, clock, outcome, counts: tuple[int, int],
         "stopped_by": stopped_by,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "resumed_from": folder.resume_from,
+        "resumed_at_step": folder.resume_step,
+        # This process's: 0 when the checkpoint resumed was already at the run's last step.
+        "steps_trained": trainer.state.global_step - (folder.resume_step or 0),
         "train_seconds": round(clock.seconds, 3),
         "tokens_trained": clock.tokens,
         "tokens_per_second": round(clock.tokens / clock.seconds, 1) if clock.seconds > 0 else None,
@@ -92,6 +132,7 @@ def run_record(cfg: RunConfig, trainer, clock, outcome, counts: tuple[int, int],
         "total_params": total,
         "trainable_percent": round(100 * trainable / total, 6),
         **_saved_weights_bytes(folder.staging),
+        # The mean loss of the steps this process trained, as transformers reports it (after a resume: since then).
         "train_loss": round(outcome.training_loss, 6) if outcome is not None and outcome.global_step else None,
         **scores,
         "data": {"data_file": data_source(cfg.data), "data_sha256": folder.settings["data_file_sha256"],  # hashed once
