@@ -21,8 +21,8 @@ from harness.objectives.registry import all_training_classes
 from harness.run import command_line
 from harness.run.checks import check_trl_settings, check_window_fits_model
 from harness.run.command_line import parse_args
-from harness.run.config import _UniqueKeyLoader
 from harness.run.flow import load_recipe
+from harness.run.parsing import _UniqueKeyLoader
 
 RECIPES = sorted(path.stem for path in RECIPES_DIR.glob("*.py"))
 

@@ -34,7 +34,8 @@ from typing import Any
 from harness.data.reading import read_table
 from harness.errors import UserError, reported_as_one_line
 from harness.files import write_json_atomic, write_text_atomic
-from harness.run.config import _help, parse_dataclasses
+from harness.run.config import _help
+from harness.run.parsing import parse_dataclasses
 
 SELECTED_FILE = "selected.json"
 SCORES_FILE = "selection_scores.csv"

@@ -2,15 +2,14 @@
 and attaching it to a base model. Shared by `python -m harness.infer` and `python -m harness.merge`."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
+from harness.models.loading import quiet_libraries
 from harness.run.config import DataArguments
 from harness.run.swap import refuse_while_swapping
 
@@ -141,21 +140,6 @@ def _same_shape(saved: tuple[int, ...], built: tuple[int, ...], init_r: int | No
                               and all(s == b or (b == init_r and s <= b) for s, b in zip(saved, built)))
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Library warnings while the adapter is tried on a weightless base are not the user's concern."""
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.set_verbosity(verbosity)
-
-
 def check_fits(adapter: AdapterFolder, model_args, base_name: str) -> None:
     """Refuse an adapter that does not fit the base before any weights load (so before any loading bar): the
     adapter is built on the base's layers without their weights (meta device, from its config alone) and the
@@ -165,7 +149,7 @@ def check_fits(adapter: AdapterFolder, model_args, base_name: str) -> None:
 
     from harness.models.loading import architecture
 
-    with _quiet():
+    with quiet_libraries():
         try:
             skeleton = architecture(model_args)
         except UserError:
@@ -199,11 +183,11 @@ def attach(model, adapter: AdapterFolder, base_name: str):
     from peft import PeftModel
 
     try:
-        with _quiet():  # PEFT's notes and deprecations; what matters is checked below
+        with quiet_libraries():  # PEFT's notes and deprecations; what matters is checked below
             with_adapter = PeftModel.from_pretrained(model, str(adapter.path))
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches, missing modules
         raise _mismatch(adapter, base_name, _first_line(exc)) from None
-    with _quiet():
+    with quiet_libraries():
         problem = _placement_problem(adapter, with_adapter)
     if problem:
         raise _mismatch(adapter, base_name, problem)

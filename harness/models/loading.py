@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,6 +55,22 @@ def hub_warnings_silenced():
         yield
     finally:
         hub_logging.set_verbosity(previous)
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Library warnings (deprecations, PEFT's notes) while a model is only looked at (a plan, an adapter tried on a
+    weightless base) are not the user's concern; errors still surface."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _from_source(args: ModelArguments, what: str, load):

@@ -60,7 +60,7 @@ class SFTSettings(SFTConfig):
                                         "unless the recipe or this flag turns it on)."})
     max_length: int | None = field(
         default=None, metadata={"help": "TRL's name for --max_seq_length, which is the window here: leave unset."})
-    # Its --loss_type (TRL's "choices") is checked as it is parsed, from a config file too (harness.run.config.
+    # Its --loss_type (TRL's "choices") is checked as it is parsed, from a config file too (harness.run.parsing.
     # CheckedValues); the rest sft_settings checks. No SETTING_BOUNDS (harness.run.checks.check_trl_settings) needed.
 
 

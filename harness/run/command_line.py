@@ -11,19 +11,13 @@ from trl import TrlParser
 
 from harness.errors import UserError, raise_usage_error
 from harness.objectives.registry import training_class
-from harness.run.config import (
-    ARGUMENT_CLASSES,
-    BASE_TRAINING_DEFAULTS,
-    CheckedValues,
-    RunConfig,
-    check_config_file,
-    checked_parse,
-)
+from harness.run.config import ARGUMENT_CLASSES, BASE_TRAINING_DEFAULTS, RunConfig
 from harness.run.distributed import start
+from harness.run.parsing import CheckedValues, check_config_file, checked_parse
 
 
 class RecipeParser(CheckedValues, TrlParser):
-    """TRL's parser (--config files), every value checked as it is parsed (harness.run.config.CheckedValues)."""
+    """TRL's parser (--config files), every value checked as it is parsed (harness.run.parsing.CheckedValues)."""
 
 
 def parse_args(defaults: dict[str, Any], argv: list[str] | None = None, extra_classes: tuple[type, ...] = ()) -> RunConfig:
