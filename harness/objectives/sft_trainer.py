@@ -63,6 +63,13 @@ class SFTSettings(SFTConfig):
     # Its --loss_type (TRL's "choices") is checked as it is parsed, from a config file too (harness.run.parsing.
     # CheckedValues); the rest sft_settings checks. No SETTING_BOUNDS (harness.run.checks.check_trl_settings) needed.
 
+    def __post_init__(self):
+        # Before TRL's own __post_init__, which warns (a FutureWarning, before our one line) that keep_end is deprecated.
+        if self.truncation_mode != "keep_start":
+            raise UserError("--truncation_mode does not apply: the recipes cut the free text (a review, an input) to "
+                            "fit --max_seq_length, never the instruction or the answer; leave it unset")
+        super().__post_init__()
+
 
 # Methods whose virtual tokens (prompt tuning, P-tuning) or extra keys (prefix tuning) sit in front of each
 # sequence: a packed or flattened row is one sequence to them, so every example after the first would see the
@@ -83,9 +90,6 @@ def sft_settings(cfg, targs):
     window = cfg.data.max_seq_length
     if targs.max_length not in (None, window):
         raise UserError(f"--max_length is TRL's name for --max_seq_length here; set --max_seq_length {targs.max_length} instead")
-    if targs.truncation_mode != "keep_start":
-        raise UserError("--truncation_mode does not apply: the recipes cut the free text (a review, an input) to fit "
-                        "--max_seq_length, never the instruction or the answer; leave it unset")
     mixing = flattens(targs) or targs.packing
     if targs.padding_free and not targs.packing and cfg.method.method in _UNPACKABLE_METHODS \
             and not cfg.user_set("padding_free"):
