@@ -133,6 +133,9 @@ def test_table_of_every_method_as_json():
     lora = [p for p in out["plans"] if p["method"] == "lora" and p["quantization"] == "none"]
     assert [p["rank"] for p in lora] == [4, 8] and lora[1]["trainable_params"] == 2 * lora[0]["trainable_params"]
     assert all(p["max_seq_length"] == 64 for p in out["plans"])
+    # beside each plan, its optimizer step's work (harness/plan/work.py): batch 1 x 8 accumulated x 64 tokens
+    assert all(p["step_tokens"] == 512 and p["step_flops"] > 0 and p["step_bytes"] > 0 for p in out["plans"])
+    assert lora[1]["step_flops"] > lora[0]["step_flops"]  # a higher rank does more work
 
 
 def test_a_recipe_with_its_flags_and_a_verdict():

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         options, settings = _parser().parse_known_args(argv)
         options.recipe = recipe
         # imported here, not at the top: --help and one-line refusals answer without importing torch
-        from harness.plan.memory import quiet_libraries
+        from harness.models.loading import quiet_libraries
 
         if options.published:
             # imported here, not at the top: --help and one-line refusals answer without importing torch
@@ -77,10 +77,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         gpu = _gpu(options.gpu)
         with quiet_libraries():
-            plans, table, config = _plans(options, settings)
+            plans, table, config, cfgs = _plans(options, settings)
         if options.json:
+            # imported here, not at the top: --help and one-line refusals answer without importing torch
+            from harness.plan.work import step_work
+
+            with quiet_libraries():  # the work of one optimizer step, counted on the same meta model
+                works = [step_work(cfg, config, compute_dtype=_compute_dtype(cfg)) for cfg in cfgs]
             print(json.dumps({"gpu": gpu and {"name": gpu[0], "bytes": int(gpu[1] * 2**30)},
-                              "plans": [p.to_dict() for p in plans]}, indent=1))
+                              "plans": [{**p.to_dict(), **w.to_dict()} for p, w in zip(plans, works)]}, indent=1))
         else:
             print(_table(plans, gpu, config.hidden_size) if table else _breakdown(plans[0], gpu))
     return 0
@@ -119,13 +124,13 @@ def _plans(options, settings: list[str]):
         # The recipe's own refusals, less those about this machine: planning needs no GPU and no scipy.
         check_method(cfg.method, cfg.model.quantization, cfg.train.activation_checkpointing, this_machine=False)
         config = model_config(cfg.model.model, cfg.model.trust_remote_code)
-        return [plan_run(cfg, config, compute_dtype=_compute_dtype(cfg))], False, config
+        return [plan_run(cfg, config, compute_dtype=_compute_dtype(cfg))], False, config, [cfg]
     ranks = parse_int_list(options.ranks, "--ranks", 1)
     if not any(s == "--model" or s.startswith("--model=") for s in settings):
         raise UserError("name a model (--model Qwen/Qwen2-7B-Instruct, a local folder, an offline name) or a recipe file")
     base = parse_args(TABLE_TRAINING, settings)
     config = model_config(base.model.model, base.model.trust_remote_code)
-    plans = []
+    plans, cfgs = [], []
     for label, method, quantization, ranked in TABLE_METHODS:
         for rank in ranks if ranked else [None]:
             extra = ["--method", method, "--quantization", quantization]
@@ -136,7 +141,8 @@ def _plans(options, settings: list[str]):
                 extra += ["--activation_checkpointing", "false"]
             cfg = parse_args(TABLE_TRAINING, [*settings, *extra])
             plans.append(plan_run(cfg, config, compute_dtype=_compute_dtype(cfg), label=label))
-    return plans, True, config
+            cfgs.append(cfg)
+    return plans, True, config, cfgs
 
 
 def _compute_dtype(cfg):

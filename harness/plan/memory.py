@@ -15,9 +15,7 @@ real PEFT config, so every method and architecture is accounted the same way:
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -102,21 +100,6 @@ class Plan:
             "planned_peak_bytes": self.total_bytes,
             "parts": [{"name": p.name, "bytes": p.bytes, "how": p.how} for p in self.parts],
         }
-
-
-@contextlib.contextmanager
-def quiet_libraries():
-    """Library warnings (deprecations, PEFT's notes) are noise before a plan; errors still surface."""
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.set_verbosity(verbosity)
 
 
 # ---------------------------------------------------------------------------- the meta model
@@ -279,19 +262,16 @@ def saved_for_backward(model, batch_size: int, seq_length: int, vocab_size: int)
 
 # ---------------------------------------------------------------------------- the plan
 
-def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention: str = PLANNED_ATTENTION,
-             context_bytes: int = CUDA_CONTEXT_BYTES, label: str = "") -> Plan:
-    """Plan the peak memory of the run `cfg` (a RunConfig) on a model with this transformers config."""
-
-    method, quantization = cfg.method.method, cfg.model.quantization
-    targs = cfg.train
-    optim = str(getattr(targs.optim, "value", targs.optim))  # an OptimizerNames member, or a name
-    dtype_name = str(compute_dtype).removeprefix("torch.")
+def run_model(cfg, config, compute_dtype: torch.dtype, attention: str = PLANNED_ATTENTION):
+    """The run's model on the meta device with its real PEFT config, which the memory plan and the work count
+    (harness/plan/work.py) are both taken from: (the model, the Linear layers a 4/8-bit base quantizes by id
+    of their weight, whether the optimizer keeps fp32 master weights)."""
+    method = cfg.method.method
     # As harness.models.loading loads it: full fine-tuning keeps fp32 master weights; 4/8-bit bases get their
     # remaining 16-bit weights (embeddings, norms, head) cast to fp32 by prepare_model_for_kbit_training.
     master_fp32 = method == "full" and cfg.model.dtype == "auto"
     model = meta_model(config, compute_dtype, attention, cfg.model.trust_remote_code)
-    quantized = quantized_linears(model) if quantization in ("4bit", "8bit") else {}
+    quantized = quantized_linears(model) if cfg.model.quantization in ("4bit", "8bit") else {}
     if method == "full":
         model.requires_grad_(True)
     else:
@@ -306,16 +286,31 @@ def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention
             for name, p in model.named_parameters():  # AdaLoRA's rank counters never train (on meta they
                 if ".ranknum." in name:                # come out trainable, and would save extra activations)
                     p.requires_grad_(False)
+    return model, quantized, master_fp32
 
+
+def optimized_tensors(model, master_fp32: bool) -> list[torch.Tensor]:
+    """The trainable parameters as the optimizer holds them (fp32 masters for full fine-tuning)."""
+    return [torch.empty(p.shape, dtype=torch.float32, device="meta") if master_fp32 else p
+            for p in model.parameters() if p.requires_grad]
+
+
+def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention: str = PLANNED_ATTENTION,
+             context_bytes: int = CUDA_CONTEXT_BYTES, label: str = "") -> Plan:
+    """Plan the peak memory of the run `cfg` (a RunConfig) on a model with this transformers config."""
+
+    method, quantization = cfg.method.method, cfg.model.quantization
+    targs = cfg.train
+    optim = str(getattr(targs.optim, "value", targs.optim))  # an OptimizerNames member, or a name
+    dtype_name = str(compute_dtype).removeprefix("torch.")
+    model, quantized, master_fp32 = run_model(cfg, config, compute_dtype, attention)
     weights = trainable = trainable_count = total_count = 0
-    trainable_params: list[torch.Tensor] = []
     for name, p in model.named_parameters():
         total_count += p.numel()
         if p.requires_grad:
             size = 4 if master_fp32 else p.element_size()
             trainable += p.numel() * size
             trainable_count += p.numel()
-            trainable_params.append(p if not master_fp32 else torch.empty(p.shape, dtype=torch.float32, device="meta"))
         elif id(p) in quantized:
             weights += quantized_weight_bytes(p.numel(), quantized[id(p)].out_features, quantization,
                                               cfg.model.bnb_4bit_use_double_quant)
@@ -327,7 +322,7 @@ def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention
         Part("trainable parameters", trainable, "counted"),
         Part("gradients", trainable, "counted"),
     ]
-    optimizer, how = optimizer_state_bytes(optim, trainable_params)
+    optimizer, how = optimizer_state_bytes(optim, optimized_tensors(model, master_fp32))
     parts.append(Part(f"optimizer states ({optim})", optimizer, how))
     if method == "adalora":  # importance scores: ipt, exp_avg_ipt, exp_avg_unc per adapter parameter
         scores = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)

@@ -10,10 +10,10 @@ import dataclasses
 from typing import Any
 
 from harness.errors import UserError
-from harness.models.loading import compute_dtype
+from harness.models.loading import compute_dtype, quiet_libraries
 from harness.models.methods import LORA_FAMILY, check_method
 from harness.plan.architectures import model_config
-from harness.plan.memory import CUDA_CONTEXT_BYTES, plan_run, quiet_libraries
+from harness.plan.memory import CUDA_CONTEXT_BYTES, plan_run
 from harness.run.distributed import strategy
 from harness.run.measure import command_line
 

@@ -1,0 +1,364 @@
+"""Calibration: how fast this device really multiplies matrices and moves memory, measured, so that the time
+planner can use achieved figures in place of a data sheet's peaks (harness.plan.speeds.load_calibration).
+
+    python -m harness.plan.calibrate                  # this machine's GPU (its CPU where there is none)
+    python -m harness.plan.calibrate --small          # seconds, small shapes: what the tests run on the CPU
+    python -m harness.plan.calibrate --device cpu     # the CPU even where there is a GPU
+    ... --output DIR (default results/gpu), --overwrite to replace an existing file, --repeats N
+
+Full mode takes about half a minute on a GPU and on a CPU. Each figure is the median of --repeats timed
+repeats (min and max kept), after a warm-up, with torch.cuda.synchronize before every clock read on a GPU:
+- matmul FLOP/s in the compute dtype (bf16 where the GPU has it, fp16 on T4/V100, fp32 on a CPU; --dtype
+  to choose) for the shapes training multiplies: tokens x hidden by hidden x hidden, by hidden x
+  intermediate and back, a square one, and a LoRA-rank-skinny one (bound by bandwidth: reported, left out of
+  the achievable figure). On a GPU the shapes are the recipes' 7B and 0.5B models'; on a CPU the 135M model's
+  that this project trains there. --small divides them by 8 (GPU) or 4 (CPU).
+- memory bandwidth: a large float32 tensor copied (2 x its bytes moved) and added to another (3 x).
+
+It writes results/gpu/calibration-<device>.json and a markdown table beside it (.md), <device> being a listed
+GPU's name ("h200", "a100-80"), else torch's name for the GPU, else "cpu-<model>". JSON, schema 1:
+  schema, mode ("full" or "small"), dtype,
+  device {kind, name, gpu (the planner's name or null), slug, memory_bytes, ...},
+  provenance {date, commit, dirty, versions, threads, command},
+  matmul [{name, m, k, n, role ("training" or "skinny"), flops, calls, seconds {median, min, max},
+           flops_per_second {median, min, max}}],
+  bandwidth [{name, bytes_moved, calls, seconds {...}, bytes_per_second {...}}],
+  achievable {matmul_flops_per_second (median over the training shapes), bandwidth_bytes_per_second (the
+              better of copy and add)},
+  data_sheet {matmul_flops_per_second, bandwidth_bytes_per_second, source} or null,
+  steps [].
+"steps" is where issue 28's training-step grid goes when it is added (random-init models of the recipes' real
+shapes built on the device; 16-bit and 4-bit bases, the methods, two lengths, packing on and off): one entry
+per setting with its settings, step seconds and peak memory. Readers take the keys they know and ignore the
+rest, so that grid needs no new schema.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
+from harness.files import write_json_atomic, write_text_atomic
+from harness.plan.gpus import gpu_from_device_name
+from harness.plan.speeds import CALIBRATE_COMMAND, CALIBRATION_DIR, CALIBRATION_SCHEMA, Device, load_calibration
+
+# (name, tokens, in features, out features, role): a (tokens x in) by (in x out) matmul.
+GPU_SHAPES = (
+    ("square", 4096, 4096, 4096, "training"),
+    ("7B attention projection", 8192, 4096, 4096, "training"),
+    ("7B MLP up", 8192, 4096, 11008, "training"),
+    ("7B MLP down", 8192, 11008, 4096, "training"),
+    ("0.5B attention projection", 4096, 896, 896, "training"),
+    ("LoRA A at rank 16", 8192, 4096, 16, "skinny"),
+)
+CPU_SHAPES = (
+    ("square", 1024, 1024, 1024, "training"),
+    ("135M attention projection", 2048, 576, 576, "training"),
+    ("135M MLP up", 2048, 576, 1536, "training"),
+    ("135M MLP down", 2048, 1536, 576, "training"),
+    ("LoRA A at rank 8", 2048, 576, 8, "skinny"),
+)
+SMALL_DIVISOR = {"cuda": 8, "cpu": 4}
+RANK_LIKE = 64  # dimensions this small (a LoRA rank) are kept in --small mode
+BANDWIDTH_MIB = {("cuda", "full"): 1024, ("cuda", "small"): 64, ("cpu", "full"): 256, ("cpu", "small"): 16}
+# Seconds: warm-up per measurement, and how long each timed repeat runs (enough calls to last that long).
+WARM_UP_S = {"full": 0.2, "small": 0.01}
+REPEAT_S = {("cuda", "full"): 0.1, ("cuda", "small"): 0.005, ("cpu", "full"): 0.25, ("cpu", "small"): 0.005}
+FIRST_WARM_UP_S = {("cuda", "full"): 2.0}  # a GPU's clocks ramp up under load
+MAX_CALLS = 10_000  # per repeat or warm-up: bounds a loop whatever the clock says
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with reported_as_one_line("calibrate"):
+        args = _parse(argv)
+        kind, index = _device_wanted(args.device)
+        folder = _output_folder(args.output)
+        import torch
+
+        dev = _resolve(torch, kind, index)
+        dtype = _dtype(torch, args.dtype, dev)
+        paths = [folder / f"calibration-{dev.slug}{suffix}" for suffix in (".json", ".md")]
+        existing = [path for path in paths if path.exists()]
+        if existing and not args.overwrite:
+            raise UserError(f"{existing[0]} exists; pass --overwrite to replace it, or --output DIR to write elsewhere")
+        _make(folder)
+        record = measure(torch, dev, _where(torch, dev, index), dtype, "small" if args.small else "full", args.repeats)
+        record["provenance"]["command"] = shlex.join(["python", "-m", "harness.plan.calibrate", *argv])
+        write_json_atomic(paths[0], record)
+        write_text_atomic(paths[1], markdown(record))
+        spec = dev.name if dev.kind == "cuda" else f"cpu {dev.name}"
+        calibration = load_calibration(spec, folder)  # what the planner will read: the file must read back
+        print(f"wrote {paths[0]} and {paths[1].name}: matmul {_flops(calibration.matmul_flops_per_second)}, "
+              f"bandwidth {_bytes_per_s(calibration.bandwidth_bytes_per_second)}")
+    return 0
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = OneLineArgumentParser(prog="python -m harness.plan.calibrate",
+                                   description="Measure this device's matmul FLOP/s and memory bandwidth.")
+    parser.add_argument("--device", default="auto", help="auto (the GPU if torch sees one, else the CPU), cpu, "
+                                                         "cuda or cuda:N")
+    parser.add_argument("--small", action="store_true", help="small shapes, seconds: a check, not a calibration")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                        help="the matmuls' dtype; auto: bfloat16 where the GPU has it, float16 on older GPUs, "
+                             "float32 on a CPU")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per figure (3 to 100)")
+    parser.add_argument("--output", default=None, metavar="DIR", help=f"where to write (default {CALIBRATION_DIR})")
+    parser.add_argument("--overwrite", action="store_true", help="replace this device's existing calibration")
+    args = parser.parse_args(argv)
+    if not 3 <= args.repeats <= 100:
+        raise UserError(f"--repeats {args.repeats}: give 3 to 100 (a median of fewer says little)")
+    return args
+
+
+def _device_wanted(text: str) -> tuple[str | None, int | None]:
+    """("cuda", 0) / ("cpu", None) / (None, None) for auto, before torch is imported."""
+    found = re.fullmatch(r"\s*(auto|cpu|cuda)(?::(\d+))?\s*", text.lower())
+    if not found or (found.group(2) is not None and found.group(1) != "cuda"):
+        raise UserError(f"--device {text!r}: use cpu, cuda or cuda:N (N a GPU's number as torch counts them), "
+                        "or leave it out to measure the GPU if there is one, else the CPU")
+    kind = None if found.group(1) == "auto" else found.group(1)
+    return kind, int(found.group(2)) if found.group(2) is not None else (0 if kind == "cuda" else None)
+
+
+def _output_folder(text: str | None) -> Path:
+    """The folder to write in, checked (not yet made: a later refusal leaves no empty folder behind)."""
+    folder = Path(text).expanduser() if text else CALIBRATION_DIR
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output {folder}: is a file, not a folder; give a folder to write the calibration in")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())  # "/" at the latest
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output {folder}: cannot write in {existing}; give a folder you can write to")
+    return folder
+
+
+def _make(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--output {folder}: cannot create it ({exc.strerror}); give a folder you can write to"
+                        ) from None
+
+
+def _resolve(torch, kind: str | None, index: int | None) -> Device:
+    cuda = torch.cuda.is_available()
+    if kind == "cuda" and not cuda:
+        raise UserError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu (or leave "
+                        "--device out) to measure the CPU")
+    if kind == "cuda" and index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UserError(f"--device cuda:{index}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    if kind == "cpu" or not cuda:
+        from harness.run.measure import cpu_model
+
+        return Device("cpu", cpu_model(), None)
+    name = torch.cuda.get_device_name(index or 0)
+    return Device("cuda", name, gpu_from_device_name(name))
+
+
+def _dtype(torch, wanted: str, dev: Device) -> str:
+    if wanted == "auto":
+        if dev.kind == "cpu":
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if wanted == "bfloat16" and dev.kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--dtype bfloat16: {dev.name} has no bf16 (it came with Ampere); use float16")
+    return wanted
+
+
+def _where(torch, dev: Device, index: int | None):
+    return torch.device("cuda", index or 0) if dev.kind == "cuda" else torch.device("cpu")
+
+
+def measure(torch, dev: Device, where, dtype: str, mode: str, repeats: int) -> dict:
+    """Every figure of one calibration on torch device `where`, as the JSON record (see the module's docstring)."""
+    cuda = dev.kind == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(where)
+
+    generator = torch.Generator(device=where).manual_seed(0)
+    warm, repeat_s = WARM_UP_S[mode], REPEAT_S[(dev.kind, mode)]
+    first_warm = FIRST_WARM_UP_S.get((dev.kind, mode), warm)
+    timing = {"sync": sync, "repeats": repeats, "repeat_s": repeat_s}
+    matmuls = [_matmul(torch, shape, getattr(torch, dtype), where, generator, warm_up_s=first_warm if n == 0 else warm,
+                       **timing) for n, shape in enumerate(_shapes(dev.kind, mode))]
+    bandwidth = _bandwidth(torch, _bandwidth_elements(torch, dev, where, mode), where, generator, warm_up_s=warm,
+                           **timing)
+    training = [row["flops_per_second"]["median"] for row in matmuls if row["role"] == "training"]
+    achievable = {"matmul_flops_per_second": statistics.median(training),
+                  "bandwidth_bytes_per_second": max(row["bytes_per_second"]["median"] for row in bandwidth)}
+    return {"schema": CALIBRATION_SCHEMA, "mode": mode, "dtype": dtype, "device": _describe(torch, dev, where),
+            "provenance": _provenance(torch, cuda, repeats), "matmul": matmuls, "bandwidth": bandwidth,
+            "achievable": achievable, "data_sheet": _data_sheet(dev, dtype), "steps": []}
+
+
+def _matmul(torch, shape, dtype, where, generator, **timing) -> dict:
+    """One shape's figures; its tensors are freed on return (the next shape may need the memory)."""
+    name, m, k, n, role = shape
+    a = torch.randn(m, k, dtype=dtype, device=where, generator=generator)
+    b = torch.randn(k, n, dtype=dtype, device=where, generator=generator)
+    c = torch.empty(m, n, dtype=dtype, device=where)
+    seconds, calls = _timed(lambda: torch.matmul(a, b, out=c), **timing)
+    flops = 2 * m * k * n
+    row = {"name": name, "m": m, "k": k, "n": n, "role": role, "flops": flops, "calls": calls,
+           "seconds": _spread(seconds), "flops_per_second": _rates(flops, seconds)}
+    print(f"matmul {name} ({m} x {k} by {k} x {n}, {str(dtype).removeprefix('torch.')}): "
+          f"{_flops(row['flops_per_second']['median'])}")
+    return row
+
+
+def _bandwidth(torch, elements: int, where, generator, **timing) -> list[dict]:
+    """A float32 tensor copied (read once, written once) and added to another (two reads, one write)."""
+    x = torch.rand(elements, device=where, generator=generator)
+    y = torch.rand(elements, device=where, generator=generator)
+    z = torch.empty(elements, device=where)
+    rows = []
+    for name, moved, op in (("copy", 2, lambda: z.copy_(x)), ("add", 3, lambda: torch.add(x, y, out=z))):
+        seconds, calls = _timed(op, **timing)
+        size = moved * x.nbytes
+        rows.append({"name": f"{name} of {x.nbytes / 2**20:g} MiB float32", "bytes_moved": size, "calls": calls,
+                     "seconds": _spread(seconds), "bytes_per_second": _rates(size, seconds)})
+        print(f"bandwidth {rows[-1]['name']}: {_bytes_per_s(rows[-1]['bytes_per_second']['median'])}")
+    return rows
+
+
+def _shapes(kind: str, mode: str) -> list[tuple[str, int, int, int, str]]:
+    shapes = GPU_SHAPES if kind == "cuda" else CPU_SHAPES
+    if mode == "full":
+        return list(shapes)
+    divisor = SMALL_DIVISOR[kind]
+    return [(name, *(d if d <= RANK_LIKE else d // divisor for d in dims), role) for name, *dims, role in shapes]
+
+
+def _bandwidth_elements(torch, dev: Device, where, mode: str) -> int:
+    """float32 elements per tensor: the size this mode asks for, halved until three fit in half the free GPU
+    memory (a smaller card or a busy one)."""
+    size = BANDWIDTH_MIB[(dev.kind, mode)] * 2**20
+    if dev.kind == "cuda":
+        free, _ = torch.cuda.mem_get_info(where)
+        while 3 * size > free / 2 and size > 2**24:
+            size //= 2
+    return size // 4
+
+
+def _timed(fn, sync, repeats: int, warm_up_s: float, repeat_s: float) -> tuple[list[float], int]:
+    """Seconds per call, one figure per repeat, and the calls each repeat made: a warm-up first, then enough
+    calls per repeat to last about repeat_s (so that a clock read and a launch are small beside it)."""
+    start = time.perf_counter()
+    for _ in range(MAX_CALLS):
+        fn()
+        sync()
+        if time.perf_counter() - start >= warm_up_s:
+            break
+    start = time.perf_counter()
+    fn()
+    sync()
+    once = max(time.perf_counter() - start, 1e-9)
+    calls = max(1, min(MAX_CALLS, round(repeat_s / once)))
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        seconds.append((time.perf_counter() - start) / calls)
+    return seconds, calls
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _rates(amount: float, seconds: list[float]) -> dict[str, float]:
+    """Work per second: the median repeat's, and the slowest and fastest repeats'."""
+    return {"median": amount / statistics.median(seconds), "min": amount / max(seconds), "max": amount / min(seconds)}
+
+
+def _describe(torch, dev: Device, where) -> dict:
+    described = {"kind": dev.kind, "name": dev.name, "gpu": dev.gpu.name if dev.gpu else None, "slug": dev.slug}
+    if dev.kind == "cuda":
+        props = torch.cuda.get_device_properties(where)
+        return {**described, "index": where.index, "memory_bytes": props.total_memory,
+                "capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count}
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform names these
+        memory = None
+    return {**described, "memory_bytes": memory, "cores": os.cpu_count()}
+
+
+def _provenance(torch, cuda: bool, repeats: int) -> dict:
+    from harness.run.measure import git_state, versions
+
+    git = git_state()
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git["commit"] or "unknown", "dirty": git["dirty"], "versions": versions(),
+            "threads": torch.get_num_threads(), "repeats": repeats,
+            "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if cuda else None}
+
+
+def _data_sheet(dev: Device, dtype: str) -> dict | None:
+    speed = dev.gpu.speed if dev.gpu else None
+    if speed is None:
+        return None
+    return {"gpu": dev.gpu.name, "matmul_flops_per_second": speed.matmul(dtype),
+            "bandwidth_bytes_per_second": speed.bandwidth, "source": speed.source, "dense": True}
+
+
+def markdown(record: dict) -> str:
+    """The record as a short page: what was measured, each figure's median and spread, and its share of the
+    data sheet's peak where the GPU is listed."""
+    dev, prov, sheet = record["device"], record["provenance"], record["data_sheet"] or {}
+    peak_flops, peak_bw = sheet.get("matmul_flops_per_second"), sheet.get("bandwidth_bytes_per_second")
+    lines = [f"# Calibration: {dev['name']} ({record['dtype']}, {record['mode']} mode)", "",
+             f"Measured by `{prov.get('command') or CALIBRATE_COMMAND}` on {prov['date']}; commit {prov['commit']}"
+             f"{' (with uncommitted changes)' if prov.get('dirty') else ''}; "
+             f"{', '.join(f'{k} {v}' for k, v in prov['versions'].items())}; {prov['threads']} CPU thread(s). "
+             f"Each figure is the median of {prov['repeats']} timed repeats, slowest and fastest beside it.", ""]
+    if sheet:
+        lines += [f"Data sheet, dense: {_flops(peak_flops) if peak_flops else 'none for ' + record['dtype']}, "
+                  f"{_bytes_per_s(peak_bw)} ({sheet['source']}).", ""]
+    lines += ["| what | median | slowest - fastest | of the data sheet's peak |", "|---|---|---|---|"]
+    for row in record["matmul"]:
+        rate = row["flops_per_second"]
+        lines.append(f"| matmul {row['name']}: {row['m']} x {row['k']} by {row['k']} x {row['n']}"
+                     f"{' (skinny: bandwidth-bound)' if row['role'] == 'skinny' else ''} | {_flops(rate['median'])} | "
+                     f"{_flops(rate['min'])} - {_flops(rate['max'])} | {_share(rate['median'], peak_flops)} |")
+    for row in record["bandwidth"]:
+        rate = row["bytes_per_second"]
+        lines.append(f"| {row['name']} | {_bytes_per_s(rate['median'])} | {_bytes_per_s(rate['min'])} - "
+                     f"{_bytes_per_s(rate['max'])} | {_share(rate['median'], peak_bw)} |")
+    achieved = record["achievable"]
+    lines += ["", f"**Achievable**, what the time planner uses: matmul "
+                  f"{_flops(achieved['matmul_flops_per_second'])} (median of the training shapes), bandwidth "
+                  f"{_bytes_per_s(achieved['bandwidth_bytes_per_second'])} (the better of copy and add).", "",
+              f"Training steps measured: {len(record['steps'])} (the step grid is a later part of issue 28).", ""]
+    return "\n".join(lines)
+
+
+def _flops(value: float) -> str:
+    return f"{value / 1e12:,.1f} TFLOP/s" if value >= 1e12 else f"{value / 1e9:,.1f} GFLOP/s"
+
+
+def _bytes_per_s(value: float) -> str:
+    return f"{value / 1e9:,.1f} GB/s"
+
+
+def _share(value: float, peak: float | None) -> str:
+    return f"{100 * value / peak:.0f}%" if peak and math.isfinite(value) else "-"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

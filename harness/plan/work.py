@@ -1,0 +1,383 @@
+"""The work one optimizer step does, counted on the meta-device model the memory plan builds.
+
+The model is the memory plan's (harness.plan.memory.run_model: built from its config on the meta device, with
+the run's real PEFT config; attention here is the flash-attention op, so that it is counted), run forward and
+backward on meta tensors: no memory, no arithmetic, the shapes alone. What it does is counted, not assumed
+(tests/test_plan_work.py holds the FLOPs equal to the same counter's on a real CPU step, for every method):
+
+- FLOPs by PyTorch's own counter (torch.utils.flop_counter.FlopCounterMode): matrix products and attention.
+  Frozen weights get no weight gradient because autograd computes none; DoRA's B @ A, AdaLoRA's orthogonality
+  penalty and the virtual tokens of prompt methods are counted because the PEFT model runs them. Attention is
+  counted as one fused kernel (the flash-attention op, on meta): the counter's formula takes the whole
+  T x T products, though a causal kernel skips about half; `attention_flops` keeps that part apart.
+- Gradient checkpointing is turned on as the Trainer turns it on, and its recompute is counted as it runs
+  (torch.utils.checkpoint's context_fn): PyTorch stops each layer's recompute once the last tensor its backward
+  needs is back, so it is a little less than one forward of the layers (full fine-tuning skips down_proj).
+- Bytes where a step is bound by memory traffic, not arithmetic: every use of a 4/8-bit weight dequantizes it
+  (read the packed weight and its scales, write it in 16 bits) in the forward, again in the backward where its
+  input needs a gradient (bitsandbytes skips it otherwise), and in checkpointing's recompute; fp32 weights
+  under 16-bit autocast are cast before each product (full fine-tuning's masters, a k-bit base's fp32 head,
+  PEFT's fp32 adapters); DoRA's weight norm and AdaLoRA's importance scores are element-wise passes over
+  whole weights, counted by a dispatch mode from the tensors the PEFT code touches; the optimizer step reads
+  and writes every trainable parameter and its states once (a fused kernel's traffic; the formats are the
+  memory plan's: 32-bit, 8-bit blockwise), reads its gradient, and the gradients are accumulated over the
+  micro-batches and clipped.
+
+Not counted here: element-wise work of the activations (norms, activations, the loss), kernel launches and
+other per-step overheads, GRPO's generation, AdaLoRA's periodic rank reallocation, packed sequences' shorter
+attention: the time model fits or adds them.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from harness.plan.memory import meta_model, optimized_tensors, optimizer_state_bytes, quantized_weight_bytes, run_model
+
+COUNTED_ATTENTION = "planned_counted_attention"
+_CACHE_SIZE = 32  # counts kept (a table of every method x 4 ranks is ~40 plans; each count is ~50 numbers)
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """The work of one optimizer step (every micro-batch of the gradient accumulation)."""
+
+    tokens: int  # training tokens: sequences x accumulation x max_seq_length (virtual tokens not included)
+    forward_flops: int
+    backward_flops: int
+    recompute_flops: int  # gradient checkpointing's second forward of the decoder layers
+    reference_flops: int  # DPO: the reference model's forward of the same pairs (no backward)
+    attention_flops: int  # of the four above, the attention products (these grow with the length squared)
+    dequant_bytes: int  # 4/8-bit weights dequantized to 16 bits: packed weight and scales read, 16 bits written
+    cast_bytes: int  # fp32 weights cast to 16 bits by autocast before their product (4 read, 2 written)
+    weight_norm_bytes: int  # DoRA: its element-wise passes over each adapted weight (the norm of W + BA)
+    optimizer_bytes: int  # the update: parameters and states read and written, gradients read
+    gradient_bytes: int  # gradients accumulated over the micro-batches and clipped
+    score_bytes: int  # AdaLoRA: its importance scores updated from every adapter parameter and gradient
+
+    @property
+    def flops(self) -> int:
+        return self.forward_flops + self.backward_flops + self.recompute_flops + self.reference_flops
+
+    @property
+    def bytes(self) -> int:
+        return (self.dequant_bytes + self.cast_bytes + self.weight_norm_bytes + self.optimizer_bytes
+                + self.gradient_bytes + self.score_bytes)
+
+    def to_dict(self) -> dict:
+        return {"step_tokens": self.tokens, "step_flops": self.flops, "step_bytes": self.bytes,
+                "step_work": dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class _MicroBatch:
+    """What one micro-batch's forward and backward do (recompute included), and what the optimizer holds."""
+
+    forward: int
+    backward: int
+    recompute: int
+    reference: int
+    attention: int
+    dequant_bytes: int
+    cast_bytes: int
+    weight_norm_bytes: int
+    score_bytes: int  # AdaLoRA's update of one step
+    trainable_bytes: int  # the trainable parameters as the optimizer holds them (and so their gradients)
+    state_bytes: int  # the optimizer's states
+
+
+def step_work(cfg, config, compute_dtype: torch.dtype = torch.bfloat16) -> StepWork:
+    """The work of one optimizer step of the run `cfg` (a RunConfig) on a model with this transformers config,
+    at its max_seq_length (dynamic padding makes that the most a batch holds)."""
+    targs = cfg.train
+    sequences = targs.per_device_train_batch_size * (2 if cfg.run.objective == "dpo" else 1)  # DPO: both answers
+    reference = cfg.run.objective == "dpo" and not getattr(targs, "precompute_ref_log_probs", False)
+    optim = str(getattr(targs.optim, "value", targs.optim))
+    shape = (sequences, cfg.data.max_seq_length, bool(targs.activation_checkpointing), reference, optim)
+    key = (_model_key(cfg, config, compute_dtype), *shape)
+    micro = _COUNTS.get(key)
+    if micro is None:
+        micro = _micro_batch(cfg, config, compute_dtype, *shape)
+        if len(_COUNTS) >= _CACHE_SIZE:
+            _COUNTS.pop(next(iter(_COUNTS)))  # the oldest
+        _COUNTS[key] = micro
+    n = targs.gradient_accumulation_steps
+    weights = micro.trainable_bytes
+    # Each micro-batch after the first adds its gradients into .grad (two reads, one write); clipping reads them
+    # for the norm, then scales them in place (the Trainer clips whenever max_grad_norm > 0).
+    gradients = 3 * weights * (n - 1) + (3 * weights if targs.max_grad_norm and targs.max_grad_norm > 0 else 0)
+    return StepWork(
+        tokens=sequences * n * cfg.data.max_seq_length,
+        forward_flops=micro.forward * n, backward_flops=micro.backward * n, recompute_flops=micro.recompute * n,
+        reference_flops=micro.reference * n, attention_flops=micro.attention * n,
+        dequant_bytes=micro.dequant_bytes * n, cast_bytes=micro.cast_bytes * n,
+        weight_norm_bytes=micro.weight_norm_bytes * n,
+        # parameters and states read and written, gradients read
+        optimizer_bytes=2 * weights + weights + 2 * micro.state_bytes, gradient_bytes=gradients,
+        score_bytes=micro.score_bytes,
+    )
+
+
+_COUNTS: dict[tuple, _MicroBatch] = {}
+_MODELS: dict[tuple, tuple] = {}
+_ALIKE: dict[tuple, bool] = {}
+
+
+def _model_key(cfg, config, compute_dtype) -> tuple:
+    return config.to_json_string(use_diff=False), repr(cfg.method), repr(cfg.model), str(compute_dtype)
+
+
+def _micro_batch(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpointing: bool, reference: bool,
+                 optim: str) -> _MicroBatch:
+    """The count, on the whole model or, when its decoder layers are all alike, on the model with one and with
+    two of them: everything counted is then the part outside the layers plus the layers' count times one layer's
+    (a 7B or 70B model counts as fast as a 2-layer one; tests/test_plan_work.py holds it equal to the whole)."""
+    layers = _text_config(config).num_hidden_layers
+    if layers < 3 or not _layers_alike(config, compute_dtype, cfg.model.trust_remote_code):
+        return _count(cfg, config, compute_dtype, sequences, seq_length, checkpointing, reference, optim)
+    one, two = (_count(cfg, _with_layers(config, n), compute_dtype, sequences, seq_length, checkpointing, reference,
+                       optim) for n in (1, 2))
+    return _MicroBatch(**{field.name: getattr(one, field.name) + (layers - 1) * (
+        getattr(two, field.name) - getattr(one, field.name)) for field in dataclasses.fields(_MicroBatch)})
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _with_layers(config, layers: int):
+    config = copy.deepcopy(config)
+    text = _text_config(config)
+    text.num_hidden_layers = layers
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = text.layer_types[:layers]
+    return config
+
+
+def _layers_alike(config, compute_dtype, trust_remote_code: bool) -> bool:
+    """Whether every decoder layer has the same modules and parameter shapes (the model without an adapter,
+    built on meta in milliseconds; the PEFT config picks modules by name, so it adapts every layer alike)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    key = (config.to_json_string(use_diff=False), str(compute_dtype))
+    if key in _ALIKE:
+        return _ALIKE[key]
+    _register_counted_attention()
+    model = meta_model(config, compute_dtype, COUNTED_ATTENTION, trust_remote_code)
+
+    def signature(layer):
+        return ([type(m).__name__ for m in layer.modules()],
+                [(name, tuple(p.shape), p.dtype) for name, p in layer.named_parameters()])
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if len(_ALIKE) >= _CACHE_SIZE:
+        _ALIKE.pop(next(iter(_ALIKE)))
+    _ALIKE[key] = bool(layers) and all(signature(layer) == signature(layers[0]) for layer in layers[1:])
+    return _ALIKE[key]
+
+
+def _model(cfg, config, compute_dtype):
+    """The run's meta model with attention as a counted fused kernel, built once per model, method and dtype."""
+    key = _model_key(cfg, config, compute_dtype)
+    if key not in _MODELS:
+        _register_counted_attention()
+        if len(_MODELS) >= 8:  # a meta model holds no memory, but its modules do
+            _MODELS.pop(next(iter(_MODELS)))
+        _MODELS[key] = run_model(cfg, config, compute_dtype, COUNTED_ATTENTION)
+    return _MODELS[key]
+
+
+# ---------------------------------------------------------------------------- attention as one counted kernel
+
+_ATTENTION_OPS = {torch.ops.aten._scaled_dot_product_flash_attention,
+                  torch.ops.aten._scaled_dot_product_flash_attention_backward}
+
+
+def _counted_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The flash-attention op on meta tensors, so that the FLOP counter counts attention as the fused kernel a
+    GPU runs (the same choice the memory plan makes for what attention keeps)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, scale=scaling)[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_counted_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(COUNTED_ATTENTION, _counted_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(COUNTED_ATTENTION, sdpa_mask)
+
+
+# ---------------------------------------------------------------------------- the count
+
+class _BytesTouched(TorchDispatchMode):
+    """Bytes read and written by the ops run while `on`: every tensor an op takes or returns, except matrix
+    products (the FLOP counter's), views and allocations (no data moves)."""
+
+    SKIPPED = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided}
+
+    def __init__(self):
+        super().__init__()
+        self.on = False
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        packet = func.overloadpacket
+        if self.on and packet not in flop_registry and packet not in self.SKIPPED and not func.is_view:
+            self.bytes += sum(t.numel() * t.element_size()
+                              for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+        return out
+
+
+def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpointing: bool, reference: bool,
+           optim: str) -> _MicroBatch:
+    """One micro-batch, forward and backward, on the meta model with the Trainer's checkpointing when the run
+    has it: what the recompute does is then counted as it happens (PyTorch stops each layer's recompute once
+    the last tensor its backward needs is back, so the tail of a layer, e.g. full fine-tuning's down_proj, is
+    not rerun)."""
+    model, quantized, master_fp32 = _model(cfg, config, compute_dtype)
+    quantization, autocast = cfg.model.quantization, compute_dtype != torch.float32
+    counter, touched = FlopCounterMode(display=False), _BytesTouched()
+    dora = any(type(m).__name__ == "DoraLinearLayer" for m in model.modules())
+    phase = ["forward"]  # then "backward", within which "recompute", then "reference"
+    recompute = [0]
+    moved = {kind: dict.fromkeys(("forward", "backward", "recompute", "reference"), 0)
+             for kind in ("dequant", "cast", "norm")}
+    dequant_backward = [0]
+
+    def attention_flops() -> int:
+        counts = counter.flop_counts["Global"]
+        return sum(counts.get(op, 0) for op in _ATTENTION_OPS)
+
+    @contextlib.contextmanager
+    def recomputing():
+        start, phase[0] = counter.get_total_flops(), "recompute"
+        try:
+            yield
+        finally:  # also when PyTorch ends a recompute early, which it does with an exception
+            recompute[0] += counter.get_total_flops() - start
+            phase[0] = "backward"
+
+    def linear_called(module, args):
+        weight = module.weight
+        if id(weight) in quantized:
+            nbytes = weight.numel() * compute_dtype.itemsize + quantized_weight_bytes(
+                weight.numel(), module.out_features, quantization, cfg.model.bnb_4bit_use_double_quant)
+            moved["dequant"][phase[0]] += nbytes
+            # bitsandbytes dequantizes it again in the backward, but only for the gradient of its input
+            if phase[0] == "forward" and args[0].requires_grad:
+                dequant_backward[0] += nbytes
+        elif autocast and (weight.dtype == torch.float32 or master_fp32 or quantized):
+            moved["cast"][phase[0]] += weight.numel() * (4 + compute_dtype.itemsize)  # the backward reuses it
+
+    def dora_enter(module, args, kwargs):
+        base = kwargs.get("base_layer")
+        if base is not None and id(base.weight) in quantized:  # DoRA dequantizes the base once more for its norm
+            moved["dequant"][phase[0]] += base.weight.numel() * compute_dtype.itemsize
+        touched.bytes, touched.on = 0, True
+
+    def dora_leave(module, args, kwargs, output):
+        touched.on = False
+        moved["norm"][phase[0]] += touched.bytes
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_pre_hook(linear_called))
+        elif type(module).__name__ == "DoraLinearLayer":
+            handles += [module.register_forward_pre_hook(dora_enter, with_kwargs=True),
+                        module.register_forward_hook(dora_leave, with_kwargs=True, always_call=True)]
+    if checkpointing:  # the Trainer's call (non-reentrant: harness.run.training), which also makes the inputs
+        # need gradients; torch.utils.checkpoint runs each recompute under the second context context_fn returns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(), recomputing())})
+    ids = torch.zeros(sequences, seq_length, dtype=torch.long, device="meta")
+    model.train()
+    try:
+        # a dispatch mode costs every op a call: the byte count runs only where DoRA needs it
+        with counter, touched if dora else contextlib.nullcontext(), _unpacked_rows():
+            loss = model(input_ids=ids, labels=ids).loss  # no mask: see harness.plan.memory.saved_for_backward
+            forward = counter.get_total_flops()
+            phase[0] = "backward"
+            if loss.requires_grad:  # method "none" trains nothing
+                loss.backward()
+            backward = counter.get_total_flops() - forward - recompute[0]
+            phase[0] = "reference"
+            reference_flops = _reference_forward(model, ids, counter) if reference else 0
+            attention = attention_flops()
+        scores = _score_bytes(model) if cfg.method.method == "adalora" else 0
+    finally:
+        for handle in handles:
+            handle.remove()
+        if checkpointing:
+            model.activation_checkpointing_disable()
+            model.disable_input_require_grads()
+        for p in model.parameters():
+            p.grad = None
+    trainable = optimized_tensors(model, master_fp32)
+    return _MicroBatch(
+        forward=forward, backward=backward, recompute=recompute[0], reference=reference_flops, attention=attention,
+        dequant_bytes=sum(moved["dequant"].values()) + dequant_backward[0],
+        cast_bytes=sum(moved["cast"].values()), weight_norm_bytes=sum(moved["norm"].values()), score_bytes=scores,
+        trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
+        state_bytes=optimizer_state_bytes(optim, trainable)[0],
+    )
+
+
+@contextlib.contextmanager
+def _unpacked_rows():
+    """Each row of the counted batch is one sequence. Without a cache (checkpointing turns it off) transformers
+    checks that from the position ids' values, which meta tensors do not have: answer it for them."""
+    from transformers import masking_utils
+
+    find = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = find
+
+
+def _reference_forward(model, ids, counter: FlopCounterMode) -> int:
+    """DPO's reference forward of the same sequences: the base with the adapter off, or full fine-tuning's
+    frozen copy (the same model); no gradient."""
+    before = counter.get_total_flops()
+    off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with off, torch.no_grad():
+        model(input_ids=ids)
+    return counter.get_total_flops() - before
+
+
+def _score_bytes(model) -> int:
+    """AdaLoRA's importance-score update of one step: PEFT's own RankAllocator.update_ipt, its bytes counted on
+    one stand-in adapter parameter (it is element-wise, so every parameter moves as many bytes per element)."""
+    allocator = model.base_model.rankallocator
+    adapter = [p for name, p in model.named_parameters() if "lora_" in name and allocator.adapter_name in name]
+    stand_in = torch.nn.Module()
+    stand_in.lora_E = torch.nn.ParameterDict(
+        {allocator.adapter_name: torch.nn.Parameter(torch.empty(64, 64, dtype=adapter[0].dtype, device="meta"))})
+    stand_in.lora_E[allocator.adapter_name].grad = torch.empty(64, 64, dtype=adapter[0].dtype, device="meta")
+    saved = allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc
+    touched = _BytesTouched()
+    try:
+        allocator.reset_ipt()
+        allocator.update_ipt(stand_in)  # the first update only allocates the scores
+        with touched:
+            touched.on = True
+            allocator.update_ipt(stand_in)
+    finally:
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = saved
+    return touched.bytes * sum(p.numel() for p in adapter) // (64 * 64)
