@@ -163,3 +163,23 @@ def test_label_scores_stay_aligned_with_virtual_tokens(method):
         assert score.logprob == pytest.approx(expected, abs=1e-4)
         hits = sum(int(logprobs[len(prompt) - 1 + i].argmax()) == token for i, token in enumerate(candidate))
         assert score.argmax_hits == hits
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_virtual_tokens_take_the_embeddings_width_where_a_projection_follows_them(method):
+    """OPT-350m's embeddings are 512 wide and its layers 1024: PEFT's default (hidden_size) made the real recipe fail
+    at its first forward. An OPT shaped the same way, small, must train a step."""
+    from peft import get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=128, hidden_size=64, word_embed_proj_dim=32, num_hidden_layers=2, ffn_dim=128,
+                       num_attention_heads=4, max_position_embeddings=64, do_layer_norm_before=False)
+    model = get_peft_model(OPTForCausalLM(config), peft_config(MethodArguments(method=method, num_virtual_tokens=4),
+                                                               OPTForCausalLM(config)))
+    ids = torch.randint(3, 128, (2, 10))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert math.isfinite(loss.item()) and trained and all(p.grad is not None for p in trained)
+    assert model.peft_config["default"].token_dim == 32

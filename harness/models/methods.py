@@ -164,8 +164,13 @@ def peft_config(args: MethodArguments, model: torch.nn.Module, schedule: AdaLora
         # PEFT knows each architecture's attention and feed-forward modules for IA3; an explicit
         # list would also need feedforward_modules, so only the default is offered.
         return peft.IA3Config(task_type="CAUSAL_LM")
+    # Virtual tokens are prepended to the input embeddings, so they take the embeddings' width. PEFT would take the
+    # config's hidden_size, which is another width where a projection follows the embeddings (OPT-350m: 512 wide
+    # embeddings, 1024 hidden): the recipe would fail at its first forward on the real model.
+    token_dim = model.get_input_embeddings().embedding_dim if method in ("prompt_tuning", "p_tuning") else None
     if method == "prompt_tuning":
-        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_virtual_tokens)
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_virtual_tokens,
+                                       token_dim=token_dim)
     if method == "prefix_tuning":
         return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_virtual_tokens)
     if method == "p_tuning":
@@ -173,6 +178,7 @@ def peft_config(args: MethodArguments, model: torch.nn.Module, schedule: AdaLora
             task_type="CAUSAL_LM",
             num_virtual_tokens=args.num_virtual_tokens,
             encoder_hidden_size=args.encoder_hidden_size,
+            token_dim=token_dim,
         )
     raise UserError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
 
