@@ -84,11 +84,32 @@ def main(argv: list[str] | None = None) -> int:
 
             with quiet_libraries():  # the work of one optimizer step, counted on the same meta model
                 works = [step_work(cfg, config, compute_dtype=_compute_dtype(cfg)) for cfg in cfgs]
+            spec = options.gpu if options.gpu is not None else gpu and gpu[0]  # torch's name of this GPU
             print(json.dumps({"gpu": gpu and {"name": gpu[0], "bytes": int(gpu[1] * 2**30)},
-                              "plans": [{**p.to_dict(), **w.to_dict()} for p, w in zip(plans, works)]}, indent=1))
+                              "plans": [{**p.to_dict(), **w.to_dict(), **_step_time(w, cfg, spec)}
+                                        for p, w, cfg in zip(plans, works, cfgs)]}, indent=1))
         else:
             print(_table(plans, gpu, config.hidden_size) if table else _breakdown(plans[0], gpu))
     return 0
+
+
+def _step_time(work, cfg, spec: str | None) -> dict:
+    """step_seconds and tokens_per_second on the named GPU (harness.plan.timing); None, with the reason, where
+    it has no speed (a size in GiB, no GPU named): the memory plan still stands."""
+    # imported here, not at the top: --help and one-line refusals answer without importing torch
+    from harness.plan.speeds import require_speed
+    from harness.plan.timing import speed_from, step_seconds
+
+    if spec is None:
+        return {"step_seconds": None, "tokens_per_second": None,
+                "time_reason": "no GPU named and none on this machine; name one with --gpu to plan the time"}
+    try:
+        peak, calibration = require_speed(spec)
+    except UserError as exc:
+        return {"step_seconds": None, "tokens_per_second": None, "time_reason": str(exc)}
+    dtype = str(_compute_dtype(cfg)).removeprefix("torch.")
+    speed = speed_from(peak, calibration, dtype, "cuda")
+    return step_seconds(work, speed, micro_batches=cfg.train.gradient_accumulation_steps).to_dict()
 
 
 def _gpu(spec: str | None):

@@ -1,0 +1,124 @@
+"""How long one optimizer step takes: the work harness.plan.work counts, divided by how fast the device is.
+
+    compute time  = FLOPs / achievable matmul FLOP/s
+    memory time   = bytes / achievable memory bandwidth
+    step time     = compute + memory + overhead
+
+Why a sum and not max(compute, memory), as a roofline would take: the bytes counted (harness.plan.work) are
+not the matmuls' own operands, which a matmul kernel overlaps with its arithmetic; they are separate phases
+that run one after another within a step: the optimizer's update after the backward, the gradients'
+accumulation and clipping, each 4/8-bit weight's dequantization before its product, DoRA's norm and AdaLoRA's
+scores. Each waits for the previous kernel (one stream, eager PyTorch), so their times add up.
+
+The speeds, in this order of preference:
+- a calibration of the device (`python -m harness.plan.calibrate`, harness.plan.speeds.load_calibration):
+  the achievable figures it measured are used as they are (they already are what the device reaches);
+- else the data sheet's peaks (harness.plan.gpus) times the achievable fractions below.
+Overheads are per step and per micro-batch (PER_STEP_OVERHEAD_S, PER_MICRO_BATCH_OVERHEAD_S): see there.
+
+The range (low, high) is the estimate divided and multiplied by RANGE_FACTOR: it stands for the measured
+error of the model (`python -m harness.plan.time_check`: predicted vs measured train time per trial), and is
+to be set from that table, not chosen to look precise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Achievable share of a GPU's data-sheet dense matmul peak. NOT FITTED YET: 0.4 is a typical model FLOP
+# utilisation of single-GPU transformer fine-tuning in eager PyTorch (published large-scale training reaches
+# more, e.g. PaLM's 46 %; small batches, LoRA's skinny products and unfused element-wise work reach less).
+# To be replaced by the figure fitted to the published GPU throughputs (issue 28) or a calibration file.
+MATMUL_FRACTION = 0.4
+# Achievable share of a GPU's data-sheet memory bandwidth. NOT FITTED YET: 0.8 is what streaming copy/add
+# kernels (BabelStream-like, the calibration's own bandwidth test) typically reach on HBM and GDDR cards.
+BANDWIDTH_FRACTION = 0.8
+# Seconds per optimizer step outside the counted work: the Trainer's step bookkeeping (callbacks, scheduler,
+# zeroing gradients) and the optimizer's kernel launches. A GPU: launches of a few microseconds per tensor and
+# the Trainer's Python, of the order of 10 ms per step; a CPU: the same Python, no launches. Estimates, not fits.
+PER_STEP_OVERHEAD_S = {"cuda": 0.01, "cpu": 0.02}
+# Seconds per micro-batch (forward and backward) outside the counted work: Python and op dispatch of the
+# model's modules and PEFT's wrappers, element-wise ops the counter leaves out (norms, activations, the loss).
+# An estimate of ~1k-3k ops at a few microseconds each (GPU launches) or ~10 us each (CPU dispatch); not fitted.
+PER_MICRO_BATCH_OVERHEAD_S = {"cuda": 0.01, "cpu": 0.02}
+# The estimate's range: [seconds / RANGE_FACTOR, seconds * RANGE_FACTOR]. To be set from the predicted-vs-
+# measured table of `python -m harness.plan.time_check` (the issue's target is within +-25 %).
+RANGE_FACTOR = 1.25
+# Said beside every estimate until the model meets the issue's target (within +-25% on 80% of measured trials):
+# the first comparison (python -m harness.plan.time_check on results/runs.jsonl, a busy 2-core CPU) predicted every
+# smollm2-135m trial too fast, median 2.9x: element-wise work, dropout's random numbers and per-op dispatch are not
+# counted yet (harness.plan.work).
+TIME_MODEL_CHECKED = "no: an estimate not yet checked against measured runs (CPU: about 3x too fast so far)"
+
+
+@dataclass(frozen=True)
+class Speed:
+    """What the time model takes of a device: achievable rates and fixed costs, and where they come from."""
+
+    matmul_flops_per_second: float
+    bandwidth_bytes_per_second: float
+    step_overhead_seconds: float
+    micro_batch_overhead_seconds: float
+    source: str  # "calibration <file>" or "data sheet (<source>) x fractions"
+
+    def to_dict(self) -> dict:
+        return {"matmul_flops_per_second": self.matmul_flops_per_second,
+                "bandwidth_bytes_per_second": self.bandwidth_bytes_per_second,
+                "step_overhead_seconds": self.step_overhead_seconds,
+                "micro_batch_overhead_seconds": self.micro_batch_overhead_seconds, "speed_source": self.source}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float  # one optimizer step
+    low: float
+    high: float
+    compute_seconds: float
+    memory_seconds: float
+    overhead_seconds: float
+    tokens_per_second: float  # training tokens of the step (at its max_seq_length) per second
+    speed: Speed
+
+    def to_dict(self) -> dict:
+        return {"step_seconds": self.seconds, "step_seconds_low": self.low, "step_seconds_high": self.high,
+                "tokens_per_second": self.tokens_per_second, "compute_seconds": self.compute_seconds,
+                "memory_seconds": self.memory_seconds, "overhead_seconds": self.overhead_seconds,
+                "time_model_checked": TIME_MODEL_CHECKED, **self.speed.to_dict()}
+
+
+def step_seconds(work, speed: Speed, micro_batches: int = 1) -> Estimate:
+    """The time of one optimizer step doing `work` (a harness.plan.work.StepWork, every micro-batch of its
+    gradient accumulation) at `speed`; micro_batches is the run's gradient_accumulation_steps."""
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
+    compute = work.flops / speed.matmul_flops_per_second
+    memory = work.bytes / speed.bandwidth_bytes_per_second
+    overhead = speed.step_overhead_seconds + micro_batches * speed.micro_batch_overhead_seconds
+    seconds = compute + memory + overhead
+    return Estimate(seconds, seconds / RANGE_FACTOR, seconds * RANGE_FACTOR, compute, memory, overhead,
+                    work.tokens / seconds if seconds > 0 else 0.0, speed)
+
+
+def speed_from(peak, calibration, dtype: str, kind: str, threads: int | None = None) -> Speed:
+    """The Speed of a device from its data sheet (a harness.plan.gpus.PeakSpeed or None) and its calibration
+    (a harness.plan.speeds.Calibration or None; preferred), for matmuls in `dtype` ("bfloat16", "float16",
+    "float32") on a device of `kind` ("cuda" or "cpu"). threads: the CPU threads the run uses, where known;
+    a calibration measured with another number is noted in the source, not scaled (see below)."""
+    overheads = PER_STEP_OVERHEAD_S[kind], PER_MICRO_BATCH_OVERHEAD_S[kind]
+    if calibration is not None:
+        flops = calibration.matmul_flops_per_second
+        note = ""
+        if calibration.dtype != dtype and peak is not None and peak.matmul(dtype) and peak.matmul(calibration.dtype):
+            flops *= peak.matmul(dtype) / peak.matmul(calibration.dtype)  # the data sheet's ratio of the dtypes
+            note = f", scaled from {calibration.dtype} to {dtype} by the data sheet"
+        if kind == "cpu" and threads and calibration.threads and threads != calibration.threads:
+            # Not scaled: on this project's 2-vCPU machine (busy, likely one core's two hyperthreads) a matmul
+            # with 2 threads ran no faster than with 1 (measured 2026-12-03: 75-186 vs 126-187 GFLOP/s).
+            note += f", calibrated with {calibration.threads} threads, the run used {threads} (not scaled)"
+        return Speed(flops, calibration.bandwidth_bytes_per_second, *overheads,
+                     f"calibration {calibration.path.name}{note}")
+    if peak is None:
+        raise ValueError("no speed: neither a data sheet nor a calibration")  # require_speed refuses first
+    # A card without bf16 units (T4, V100) trains 16-bit in fp16: its fp16 rate is what a 16-bit step gets.
+    matmul = peak.matmul(dtype) or (peak.fp16 if dtype == "bfloat16" else None) or peak.fp32
+    return Speed(matmul * MATMUL_FRACTION, peak.bandwidth * BANDWIDTH_FRACTION, *overheads,
+                 f"data sheet ({peak.source}) x {MATMUL_FRACTION} matmul, x {BANDWIDTH_FRACTION} bandwidth")
