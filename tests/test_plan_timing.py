@@ -17,7 +17,9 @@ from harness.plan.timing import (
     BANDWIDTH_FRACTION,
     MATMUL_FRACTION,
     PER_MICRO_BATCH_OVERHEAD_S,
+    PER_OP_S,
     PER_STEP_OVERHEAD_S,
+    RANDOM_BYTES_PER_SECOND,
     RANGE_FACTOR,
     Speed,
     speed_from,
@@ -74,6 +76,38 @@ def test_speed_from_the_data_sheet_or_a_calibration():
     assert fp32.matmul_flops_per_second == pytest.approx(200e12 * 19.5 / 312)
 
 
+def test_skinny_products_run_at_the_calibrations_skinny_rate(tmp_path):
+    path = tmp_path / "calibration-cpu-fake-cpu.json"
+    rows = [{"role": "training", "flops_per_second": {"median": 200e9}},
+            {"role": "skinny", "flops_per_second": {"median": 50e9}}]
+    path.write_text(json.dumps({"matmul": rows}), encoding="utf-8")
+    calibration = Calibration("Fake CPU", "float32", 200e9, 10e9, 1, path)
+    speed = speed_from(None, calibration, "float32", "cpu")
+    assert speed.skinny_flops_per_second == 50e9 and speed.op_seconds == PER_OP_S["cpu"]
+    work = dataclasses.replace(NOTHING, forward_flops=10**12, skinny_flops=2 * 10**11)
+    assert step_seconds(work, speed).compute_seconds == pytest.approx(8e11 / 200e9 + 2e11 / 50e9)
+    path.write_text(json.dumps({"matmul": rows[:1]}), encoding="utf-8")  # an older file: no skinny row
+    plain = speed_from(None, calibration, "float32", "cpu")
+    assert plain.skinny_flops_per_second is None
+    assert step_seconds(work, plain).compute_seconds == pytest.approx(1e12 / 200e9)
+
+
+def test_ops_random_numbers_and_elementwise_bytes_take_their_time():
+    speed = dataclasses.replace(HAND, op_seconds=1e-5, optimizer_op_seconds=2e-6, random_bytes_per_second=1e9)
+    work = dataclasses.replace(NOTHING, ops=1000, optimizer_ops=500, elementwise_bytes=10**11, random_bytes=10**9)
+    estimate = step_seconds(work, speed)
+    assert estimate.overhead_seconds == pytest.approx(0.15 + 1000 * 1e-5 + 500 * 2e-6)
+    assert estimate.memory_seconds == pytest.approx(1.0 + 1.0)  # element-wise at the bandwidth, random at 1 GB/s
+    assert step_seconds(work, dataclasses.replace(speed, random_bytes_per_second=None)).memory_seconds == (
+        pytest.approx(1.01))
+    gpu = speed_from(GPUS["A100-80"].speed, None, "bfloat16", "cuda")
+    cpu = speed_from(None, Calibration("Fake CPU", "float32", 1e11, 1e10, 1, Path("/none/calibration-x.json")),
+                     "float32", "cpu")
+    assert gpu.op_seconds == PER_OP_S["cuda"] and gpu.optimizer_op_seconds == 0  # foreach: in the step's overhead
+    assert cpu.optimizer_op_seconds == cpu.op_seconds == PER_OP_S["cpu"]
+    assert (gpu.random_bytes_per_second, cpu.random_bytes_per_second) == (None, RANDOM_BYTES_PER_SECOND["cpu"])
+
+
 def _plan(*argv: str):
     return subprocess.run([sys.executable, "-m", "harness.plan", "recipes/qwen2_5_0_5b_lora.py", "--model",
                            "stories260k", "--max_seq_length", "64", *argv, "--json"], cwd=REPO_ROOT,
@@ -126,9 +160,17 @@ def _fake_calibration(folder: Path, name: str = "Fake CPU") -> Path:
 
 
 def test_time_check_predicts_each_trial_and_lists_what_it_cannot(tmp_path):
-    from harness.plan.time_check import main
+    import torch
 
-    step = PER_STEP_OVERHEAD_S["cpu"] + 2 * PER_MICRO_BATCH_OVERHEAD_S["cpu"]  # 2 micro-batches a step
+    from harness.plan.architectures import model_config
+    from harness.plan.time_check import main, run_config
+    from harness.plan.work import step_work
+
+    work = step_work(run_config(_record("any", "", 1.0)["result"]["config"]), model_config("stories260k"),
+                     torch.float32)  # a CPU run's matmuls: float32
+    # 2 micro-batches a step, and every op dispatched (the optimizer's too, one tensor at a time on a CPU)
+    step = (PER_STEP_OVERHEAD_S["cpu"] + 2 * PER_MICRO_BATCH_OVERHEAD_S["cpu"]
+            + (work.ops + work.optimizer_ops) * PER_OP_S["cpu"] + work.random_bytes / RANDOM_BYTES_PER_SECOND["cpu"])
     runs = tmp_path / "runs.jsonl"
     records = [_record("hit", "cpu Fake CPU (2 cores)", 4 * step), _record("miss", "cpu Fake CPU (2 cores)", 8 * step),
                _record("grpo", "cpu Fake CPU (2 cores)", 1.0, objective="grpo"),

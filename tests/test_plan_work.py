@@ -258,3 +258,65 @@ def _recipe_defaults(name: str) -> dict:
 
     path = Path(REPO_ROOT / "recipes" / f"{name}.py")
     return load_defaults(path.stem, path.resolve())
+
+
+# ---------------------------------------------------------------------------- element-wise work, random numbers, ops
+
+def test_dropout_draws_random_numbers_for_each_adapter_input():
+    still = _work("stories260k", "--method", "lora", "--lora_dropout", "0")
+    dropped = _work("stories260k", "--method", "lora", "--lora_dropout", "0.1")
+    assert still.random_bytes == 0 and still.flops == dropped.flops
+    # stories260k, every linear of its 5 layers adapted: each LoRA layer drops out its own copy of its input (q, k,
+    # v, o, gate, up: 64 features; down: 172); bernoulli_ writes the float32 mask in place (read and written)
+    assert dropped.random_bytes == 5 * (6 * 64 + 172) * dropped.tokens * 4 * 2
+    assert dropped.elementwise_bytes > still.elementwise_bytes  # and scales the kept values (div_, mul)
+    assert dropped.ops > still.ops
+
+
+def test_elementwise_bytes_of_the_activation_match_a_hand_count(monkeypatch):
+    by_op: dict[str, int] = {}
+
+    class PerOp(work._BytesTouched):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = self.bytes
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            by_op[str(func.overloadpacket)] = by_op.get(str(func.overloadpacket), 0) + self.bytes - before
+            return out
+
+    monkeypatch.setattr(work, "_BytesTouched", PerOp)
+    monkeypatch.setattr(work, "_layers_alike", lambda *args: False)  # one count of the whole model
+    work._COUNTS.clear()
+    counted = _work("stories260k", "--method", "full")
+    work._COUNTS.clear()
+    # SiLU of the gate, 172 features a token in each of 5 layers, float32: the forward reads and writes it, the
+    # backward reads the gradient and the input and writes the input's gradient
+    tokens = counted.tokens
+    assert by_op["aten.silu"] == 5 * 2 * tokens * 172 * 4
+    assert by_op["aten.silu_backward"] == 5 * 3 * tokens * 172 * 4
+    assert counted.elementwise_bytes == sum(by_op.values()) - counted.random_bytes
+
+
+def test_ops_and_elementwise_bytes_grow_with_the_layers(monkeypatch):
+    monkeypatch.setattr(work, "_layers_alike", lambda *args: False)  # count each model whole
+    counts = {}
+    for layers in (2, 3, 5):
+        config = model_config("stories260k")
+        config.num_hidden_layers = layers
+        cfg = _cfg("stories260k", "--method", "lora")
+        work._COUNTS.clear()
+        counts[layers] = step_work(cfg, config, torch.float32)
+    work._COUNTS.clear()
+    for field in ("ops", "elementwise_bytes", "random_bytes", "optimizer_ops"):
+        per_layer = getattr(counts[3], field) - getattr(counts[2], field)
+        assert per_layer > 0 and getattr(counts[5], field) - getattr(counts[3], field) == 2 * per_layer, field
+
+
+def test_lora_rank_products_are_the_skinny_flops_on_qwen2_7b():
+    flags = ("--per_device_train_batch_size", "1", "--max_seq_length", "128")
+    full = _work(QWEN2_7B, "--method", "full", *flags, dtype=torch.bfloat16)
+    lora = _work(QWEN2_7B, "--method", "lora", "--r", "16", *flags, dtype=torch.bfloat16)
+    assert full.skinny_flops == 0
+    # each adapted linear (in, out) adds 2 r (in + out) FLOPs a token forward, three times that with its backward
+    # (the first layer's input needs no gradient: about 1 % less); q, k, v, o, gate, up, down of 28 layers
+    features = (3584 + 3584) + 2 * (3584 + 512) + (3584 + 3584) + 3 * (3584 + 18944)
+    assert lora.skinny_flops == pytest.approx(3 * 2 * 16 * features * 28 * lora.tokens, rel=0.02)

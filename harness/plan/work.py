@@ -1,5 +1,9 @@
 """The work one optimizer step does, counted on the meta-device model the memory plan builds.
 
+Why this module is long: it is one count over one meta run, whose hooks (FLOPs, dequantization, casts, the
+element-wise dispatch mode, checkpointing's recompute) share its state, plus the layer extrapolation that keeps
+it fast; split apart, each piece would reach into the others' internals.
+
 The model is the memory plan's (harness.plan.memory.run_model: built from its config on the meta device, with
 the run's real PEFT config; attention here is the flash-attention op, so that it is counted), run forward and
 backward on meta tensors: no memory, no arithmetic, the shapes alone. What it does is counted, not assumed
@@ -23,9 +27,18 @@ backward on meta tensors: no memory, no arithmetic, the shapes alone. What it do
   memory plan's: 32-bit, 8-bit blockwise), reads its gradient, and the gradients are accumulated over the
   micro-batches and clipped.
 
-Not counted here: element-wise work of the activations (norms, activations, the loss), kernel launches and
-other per-step overheads, GRPO's generation, AdaLoRA's periodic rank reallocation, packed sequences' shorter
-attention: the time model fits or adds them.
+- Element-wise work: every other op of the forward, backward, recompute and DPO's reference (norms, activations,
+  residual adds, RoPE, the loss, dropout's scaling) moves its input and output tensors' bytes, counted by a
+  dispatch mode from the shapes and dtypes of the meta run (an embedding reads the rows it looks up, not its
+  table); dropout's random numbers (bernoulli_) apart, as random_bytes. The same mode counts the ops dispatched
+  (views and allocations not included), the optimizer's ops per trainable tensor (torch's AdamW and the clipping
+  run on a meta stand-in), and the FLOPs of skinny matrix products (a dimension under SKINNY_DIMENSION: LoRA's
+  rank), which a device runs far below its matmul rate. The meta run has no autocast: PEFT's fp32 adapters on a
+  16-bit model run their scaling and adds in fp32 here, in 16 bits under a GPU's autocast, so a 16-bit plan
+  overcounts that part of the element-wise bytes (a float32 CPU run is counted as it runs).
+
+Not counted here: the Python of modules and the Trainer, GRPO's generation, AdaLoRA's periodic rank
+reallocation, packed sequences' shorter attention: the time model (harness.plan.timing) adds or leaves them.
 """
 from __future__ import annotations
 
@@ -61,6 +74,13 @@ class StepWork:
     optimizer_bytes: int  # the update: parameters and states read and written, gradients read
     gradient_bytes: int  # gradients accumulated over the micro-batches and clipped
     score_bytes: int  # AdaLoRA: its importance scores updated from every adapter parameter and gradient
+    # Every op but the matrix products, over forward, backward (recompute included) and DPO's reference: the bytes
+    # of its input and output tensors (norms, activations, residual adds, the loss, RoPE, dropout's scaling).
+    elementwise_bytes: int = 0
+    random_bytes: int = 0  # of those ops, the random-number ones (dropout's bernoulli_): their bytes apart
+    skinny_flops: int = 0  # of the FLOPs, matrix products with a dimension under SKINNY_DIMENSION (LoRA's rank)
+    ops: int = 0  # ops dispatched by the forward, backward and reference (views and allocations not included)
+    optimizer_ops: int = 0  # ops of the optimizer step and the clipping, one trainable tensor at a time
 
     @property
     def flops(self) -> int:
@@ -69,7 +89,7 @@ class StepWork:
     @property
     def bytes(self) -> int:
         return (self.dequant_bytes + self.cast_bytes + self.weight_norm_bytes + self.optimizer_bytes
-                + self.gradient_bytes + self.score_bytes)
+                + self.gradient_bytes + self.score_bytes + self.elementwise_bytes + self.random_bytes)
 
     def to_dict(self) -> dict:
         return {"step_tokens": self.tokens, "step_flops": self.flops, "step_bytes": self.bytes,
@@ -91,6 +111,11 @@ class _MicroBatch:
     score_bytes: int  # AdaLoRA's update of one step
     trainable_bytes: int  # the trainable parameters as the optimizer holds them (and so their gradients)
     state_bytes: int  # the optimizer's states
+    elementwise_bytes: int
+    random_bytes: int
+    skinny_flops: int
+    ops: int
+    optimizer_ops: int  # of one step, not of a micro-batch
 
 
 def step_work(cfg, config, compute_dtype: torch.dtype = torch.bfloat16) -> StepWork:
@@ -121,7 +146,9 @@ def step_work(cfg, config, compute_dtype: torch.dtype = torch.bfloat16) -> StepW
         weight_norm_bytes=micro.weight_norm_bytes * n,
         # parameters and states read and written, gradients read
         optimizer_bytes=2 * weights + weights + 2 * micro.state_bytes, gradient_bytes=gradients,
-        score_bytes=micro.score_bytes,
+        score_bytes=micro.score_bytes, elementwise_bytes=micro.elementwise_bytes * n,
+        random_bytes=micro.random_bytes * n, skinny_flops=micro.skinny_flops * n, ops=micro.ops * n,
+        optimizer_ops=micro.optimizer_ops,
     )
 
 
@@ -222,23 +249,50 @@ def _register_counted_attention() -> None:
 
 # ---------------------------------------------------------------------------- the count
 
-class _BytesTouched(TorchDispatchMode):
-    """Bytes read and written by the ops run while `on`: every tensor an op takes or returns, except matrix
-    products (the FLOP counter's), views and allocations (no data moves)."""
+SKINNY_DIMENSION = 64  # a matrix product with a dimension under this (a LoRA rank) is bound by its operands' bytes
+_MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+_RANDOM = {torch.ops.aten.bernoulli, torch.ops.aten.bernoulli_, torch.ops.aten.native_dropout, torch.ops.aten.rand,
+           torch.ops.aten.rand_like, torch.ops.aten.randn, torch.ops.aten.randn_like, torch.ops.aten.uniform_,
+           torch.ops.aten.normal_, torch.ops.aten.randint, torch.ops.aten.randint_like}
 
-    SKIPPED = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided}
+
+class _BytesTouched(TorchDispatchMode):
+    """What the ops run under it do, from their tensors' shapes and dtypes (on meta: no arithmetic): the bytes
+    every op but the matrix products (the FLOP counter's) reads and writes (its input and output tensors), the
+    random-number ops' bytes apart, the FLOPs of skinny matrix products, and the ops dispatched. Views and
+    allocations move no data and are not ops counted (a view costs a CPU a fraction of a microsecond)."""
+
+    MOVE_NOTHING = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
+                    torch.ops.aten._unsafe_view, torch.ops.aten.lift_fresh}
 
     def __init__(self):
         super().__init__()
-        self.on = False
         self.bytes = 0
+        self.random_bytes = 0
+        self.skinny_flops = 0
+        self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         packet = func.overloadpacket
-        if self.on and packet not in flop_registry and packet not in self.SKIPPED and not func.is_view:
-            self.bytes += sum(t.numel() * t.element_size()
-                              for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+        if func.is_view or packet in self.MOVE_NOTHING or func.namespace != "aten":
+            return out
+        self.ops += 1
+        if packet in flop_registry:
+            if packet in _MATMULS:
+                a, b = args[-2:] if packet in (torch.ops.aten.addmm, torch.ops.aten.baddbmm) else args[:2]
+                if min(*a.shape[-2:], b.shape[-1]) < SKINNY_DIMENSION:
+                    self.skinny_flops += 2 * a.numel() * b.shape[-1]
+            return out
+        if packet is torch.ops.aten.embedding:  # a lookup reads the rows it writes, not the whole table
+            tensors = (args[1], out, out)
+        else:
+            tensors = tree_leaves((args, kwargs, out))
+        moved = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        if packet in _RANDOM:
+            self.random_bytes += moved
+        else:
+            self.bytes += moved
         return out
 
 
@@ -251,12 +305,12 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
     model, quantized, master_fp32 = _model(cfg, config, compute_dtype)
     quantization, autocast = cfg.model.quantization, compute_dtype != torch.float32
     counter, touched = FlopCounterMode(display=False), _BytesTouched()
-    dora = any(type(m).__name__ == "DoraLinearLayer" for m in model.modules())
     phase = ["forward"]  # then "backward", within which "recompute", then "reference"
     recompute = [0]
     moved = {kind: dict.fromkeys(("forward", "backward", "recompute", "reference"), 0)
              for kind in ("dequant", "cast", "norm")}
     dequant_backward = [0]
+    dora_start = [0]
 
     def attention_flops() -> int:
         counts = counter.flop_counts["Global"]
@@ -287,11 +341,10 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
         base = kwargs.get("base_layer")
         if base is not None and id(base.weight) in quantized:  # DoRA dequantizes the base once more for its norm
             moved["dequant"][phase[0]] += base.weight.numel() * compute_dtype.itemsize
-        touched.bytes, touched.on = 0, True
+        dora_start[0] = touched.bytes
 
     def dora_leave(module, args, kwargs, output):
-        touched.on = False
-        moved["norm"][phase[0]] += touched.bytes
+        moved["norm"][phase[0]] += touched.bytes - dora_start[0]
 
     handles = []
     for module in model.modules():
@@ -307,8 +360,7 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
     ids = torch.zeros(sequences, seq_length, dtype=torch.long, device="meta")
     model.train()
     try:
-        # a dispatch mode costs every op a call: the byte count runs only where DoRA needs it
-        with counter, touched if dora else contextlib.nullcontext(), _unpacked_rows():
+        with counter, touched, _unpacked_rows():
             loss = model(input_ids=ids, labels=ids).loss  # no mask: see harness.plan.memory.saved_for_backward
             forward = counter.get_total_flops()
             phase[0] = "backward"
@@ -328,12 +380,15 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
         for p in model.parameters():
             p.grad = None
     trainable = optimized_tensors(model, master_fp32)
+    norm = sum(moved["norm"].values())
     return _MicroBatch(
         forward=forward, backward=backward, recompute=recompute[0], reference=reference_flops, attention=attention,
         dequant_bytes=sum(moved["dequant"].values()) + dequant_backward[0],
-        cast_bytes=sum(moved["cast"].values()), weight_norm_bytes=sum(moved["norm"].values()), score_bytes=scores,
+        cast_bytes=sum(moved["cast"].values()), weight_norm_bytes=norm, score_bytes=scores,
         trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
         state_bytes=optimizer_state_bytes(optim, trainable)[0],
+        elementwise_bytes=touched.bytes - norm, random_bytes=touched.random_bytes, skinny_flops=touched.skinny_flops,
+        ops=touched.ops, optimizer_ops=len(trainable) * _optimizer_ops_per_tensor(),
     )
 
 
@@ -376,8 +431,27 @@ def _score_bytes(model) -> int:
         allocator.reset_ipt()
         allocator.update_ipt(stand_in)  # the first update only allocates the scores
         with touched:
-            touched.on = True
             allocator.update_ipt(stand_in)
     finally:
         allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = saved
     return touched.bytes * sum(p.numel() for p in adapter) // (64 * 64)
+
+
+_OPTIMIZER_OPS: list[int] = []
+
+
+def _optimizer_ops_per_tensor() -> int:
+    """Ops of torch's AdamW step and the Trainer's clipping for one trainable tensor, counted by running them on
+    a meta stand-in. Off a GPU torch's AdamW takes one tensor at a time (its default foreach is for CUDA), so a
+    step dispatches this many ops per trainable tensor; on a GPU foreach groups them (harness.plan.timing)."""
+    if not _OPTIMIZER_OPS:
+        weight = torch.nn.Parameter(torch.empty(8, 8, device="meta"))
+        weight.grad = torch.empty(8, 8, device="meta")
+        optimizer = torch.optim.AdamW([weight], foreach=False)
+        optimizer.step()  # the first step makes the states
+        touched = _BytesTouched()
+        with touched:
+            optimizer.step()
+            torch.nn.utils.clip_grad_norm_([weight], 1.0, foreach=False)
+        _OPTIMIZER_OPS.append(touched.ops)
+    return _OPTIMIZER_OPS[0]
