@@ -60,6 +60,7 @@ def test_small_calibration_on_the_cpu_writes_a_record_that_reads_back_and_is_not
         assert row["flops_per_second"]["min"] <= row["flops_per_second"]["median"] <= row["flops_per_second"]["max"]
     for row in record["bandwidth"]:
         assert all(_finite_positive(row["bytes_per_second"][k]) for k in ("median", "min", "max")), row
+    _assert_the_headline_is_the_step_weighted_rate_of_the_rows(record)
 
     calibration = load_calibration(f"cpu {record['device']['name']}", out)
     assert calibration.matmul_flops_per_second == record["achievable"]["matmul_flops_per_second"]
@@ -77,6 +78,26 @@ def test_small_calibration_on_the_cpu_writes_a_record_that_reads_back_and_is_not
     assert replaced.returncode == 0, replaced.stderr
     assert record_path.stat().st_ino != before[1]  # written anew, whole (a new file renamed over the old)
     assert json.loads(record_path.read_text())["provenance"]["command"].endswith("--overwrite")
+
+
+def _assert_the_headline_is_the_step_weighted_rate_of_the_rows(record: dict) -> None:
+    """Each training shape has its forward product and autograd's two backward ones (grad_input = grad_out @ W,
+    grad_weight = X^T @ grad_out: the token count is its inner dimension), the LM head among them; the headline
+    is their FLOPs over their time, each row counted as often as a step makes it."""
+    training = [row for row in record["matmul"] if row["role"] == "training"]
+    by_shape: dict[str, dict] = {}
+    for row in training:
+        assert row["flops"] == 2 * row["m"] * row["k"] * row["n"] and row["count"] >= 1, row
+        by_shape.setdefault(row["shape"], {})[row["pass"]] = row
+    assert any("LM head" in shape for shape in by_shape)
+    for shape, passes in by_shape.items():
+        assert set(passes) == {"forward", "grad_input", "grad_weight"}, shape
+        tokens, fan_in, fan_out = passes["forward"]["m"], passes["forward"]["k"], passes["forward"]["n"]
+        assert [passes["grad_input"][d] for d in "mkn"] == [tokens, fan_out, fan_in], shape
+        assert [passes["grad_weight"][d] for d in "mkn"] == [fan_in, tokens, fan_out], shape
+    total_flops = sum(row["count"] * row["flops"] for row in training)
+    total_seconds = sum(row["count"] * row["seconds"]["median"] for row in training)
+    assert record["achievable"]["matmul_flops_per_second"] == pytest.approx(total_flops / total_seconds, rel=1e-12)
 
 
 def test_on_a_gpu_the_file_is_named_for_the_listed_gpu_and_set_beside_its_data_sheet(monkeypatch, tmp_path, capsys):
@@ -101,12 +122,18 @@ def test_on_a_gpu_the_file_is_named_for_the_listed_gpu_and_set_beside_its_data_s
     monkeypatch.setattr(calibrate, "REPEAT_S", {**calibrate.REPEAT_S, ("cuda", "small"): 0.0})  # one call a repeat
     monkeypatch.setattr(calibrate, "BANDWIDTH_MIB", {**calibrate.BANDWIDTH_MIB, ("cuda", "small"): 4})
     out = tmp_path / "gpu"
-    assert calibrate_main(["--small", "--repeats", "3", "--output", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert calibrate_main(["--small", "--repeats", "3", "--threads", "2", "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the rest of this process keeps its own
     record = json.loads((out / "calibration-h200.json").read_text())
+    assert record["provenance"]["threads"] == 2 and record["provenance"]["command"].endswith(f"--output {out}")
     assert record["dtype"] == "bfloat16" and record["device"]["gpu"] == "H200" and record["device"]["kind"] == "cuda"
     assert record["device"]["capability"] == "9.0" and record["provenance"]["allow_tf32"] is not None
     assert record["data_sheet"]["matmul_flops_per_second"] == 989.4e12 and record["data_sheet"]["dense"] is True
     assert "of the data sheet's peak" in (out / "calibration-h200.md").read_text()
+    _assert_the_headline_is_the_step_weighted_rate_of_the_rows(record)
     for spec in ("H200", "NVIDIA H200", "cuda:0 NVIDIA H200"):
         assert load_calibration(spec, out).matmul_flops_per_second == record["achievable"]["matmul_flops_per_second"]
     assert "wrote " in capsys.readouterr().out
@@ -117,6 +144,7 @@ def test_on_a_gpu_the_file_is_named_for_the_listed_gpu_and_set_beside_its_data_s
     (["--device", "cpu:1"], "calibrate: --device 'cpu:1': use cpu, cuda or cuda:N"),
     (["--device", "cuda:x"], "calibrate: --device 'cuda:x': use cpu, cuda or cuda:N"),
     (["--repeats", "1"], "calibrate: --repeats 1: give 3 to 100"),
+    (["--threads", "0"], "calibrate: --threads 0: give 1 to 1024"),
     (["--dtype", "int8"], "calibrate: argument --dtype: invalid choice: 'int8'"),
 ])
 def test_bad_settings_are_refused_in_one_line_before_anything_is_written(argv, expected, tmp_path, capsys):

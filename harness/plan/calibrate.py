@@ -4,15 +4,23 @@ planner can use achieved figures in place of a data sheet's peaks (harness.plan.
     python -m harness.plan.calibrate                  # this machine's GPU (its CPU where there is none)
     python -m harness.plan.calibrate --small          # seconds, small shapes: what the tests run on the CPU
     python -m harness.plan.calibrate --device cpu     # the CPU even where there is a GPU
-    ... --output DIR (default results/gpu), --overwrite to replace an existing file, --repeats N
+    ... --output DIR (default results/gpu), --overwrite to replace an existing file, --repeats N,
+        --threads N (CPU threads torch uses; default torch's current number)
 
 Full mode takes about half a minute on a GPU and on a CPU. Each figure is the median of --repeats timed
 repeats (min and max kept), after a warm-up, with torch.cuda.synchronize before every clock read on a GPU:
 - matmul FLOP/s in the compute dtype (bf16 where the GPU has it, fp16 on T4/V100, fp32 on a CPU; --dtype
-  to choose) for the shapes training multiplies: tokens x hidden by hidden x hidden, by hidden x
-  intermediate and back, a square one, and a LoRA-rank-skinny one (bound by bandwidth: reported, left out of
-  the achievable figure). On a GPU the shapes are the recipes' 7B and 0.5B models'; on a CPU the 135M model's
-  that this project trains there. --small divides them by 8 (GPU) or 4 (CPU).
+  to choose) for the products a training step makes: for each linear layer's shape (attention projections,
+  MLP up and down, the LM head: hidden x vocab), its forward product (tokens x in by W^T) and the two of its
+  backward as autograd makes them for torch.nn.functional.linear (grad_input = grad_out @ W, tokens x out by
+  out x in; grad_weight = X^T @ grad_out, in x tokens by tokens x out: the token count is the inner
+  dimension). Plus a LoRA-rank-skinny forward product (bound by bandwidth: reported, left out of the
+  achievable figure). On a GPU the shapes are the recipes' 7B and 0.5B models' at 8192 / 4096 tokens; on a
+  CPU the 135M model's that this project trains there, at 512 tokens (the recipes' batch, 4 x 128). --small
+  divides them by 8 (GPU) or 4 (CPU).
+  The achievable matmul figure is the step-weighted rate of the training rows: sum(count x flops) /
+  sum(count x median seconds), count being how many products of that shape one step makes (layers x
+  projections of that shape; 1 for the LM head), so that a shape is weighted by the FLOPs it takes in a step.
 - memory bandwidth: a large float32 tensor copied (2 x its bytes moved) and added to another (3 x).
 
 It writes results/gpu/calibration-<device>.json and a markdown table beside it (.md), <device> being a listed
@@ -20,11 +28,12 @@ GPU's name ("h200", "a100-80"), else torch's name for the GPU, else "cpu-<model>
   schema, mode ("full" or "small"), dtype,
   device {kind, name, gpu (the planner's name or null), slug, memory_bytes, ...},
   provenance {date, commit, dirty, versions, threads, command},
-  matmul [{name, m, k, n, role ("training" or "skinny"), flops, calls, seconds {median, min, max},
-           flops_per_second {median, min, max}}],
+  matmul [{name, shape, pass ("forward", "grad_input", "grad_weight"), m, k, n (an m x k by k x n product),
+           role ("training" or "skinny"), count (such products per step), flops, calls,
+           seconds {median, min, max}, flops_per_second {median, min, max}}],
   bandwidth [{name, bytes_moved, calls, seconds {...}, bytes_per_second {...}}],
-  achievable {matmul_flops_per_second (median over the training shapes), bandwidth_bytes_per_second (the
-              better of copy and add)},
+  achievable {matmul_flops_per_second (sum(count x flops) / sum(count x median seconds) over the training
+              rows), bandwidth_bytes_per_second (the better of copy and add)},
   data_sheet {matmul_flops_per_second, bandwidth_bytes_per_second, source} or null,
   steps [].
 "steps" is where issue 28's training-step grid goes when it is added (random-init models of the recipes' real
@@ -50,21 +59,23 @@ from harness.files import write_json_atomic, write_text_atomic
 from harness.plan.gpus import gpu_from_device_name
 from harness.plan.speeds import CALIBRATE_COMMAND, CALIBRATION_DIR, CALIBRATION_SCHEMA, Device, load_calibration
 
-# (name, tokens, in features, out features, role): a (tokens x in) by (in x out) matmul.
+# (name, tokens, in features, out features, role, count): a linear layer's shape, its forward a (tokens x in)
+# by (in x out) matmul; count: layers of that shape in one step of its model (layers x projections).
 GPU_SHAPES = (
-    ("square", 4096, 4096, 4096, "training"),
-    ("7B attention projection", 8192, 4096, 4096, "training"),
-    ("7B MLP up", 8192, 4096, 11008, "training"),
-    ("7B MLP down", 8192, 11008, 4096, "training"),
-    ("0.5B attention projection", 4096, 896, 896, "training"),
-    ("LoRA A at rank 16", 8192, 4096, 16, "skinny"),
+    ("7B attention projection", 8192, 4096, 4096, "training", 32 * 4),  # Llama-2-7B: q, k, v, o
+    ("7B MLP gate/up", 8192, 4096, 11008, "training", 32 * 2),
+    ("7B MLP down", 8192, 11008, 4096, "training", 32),
+    ("7B LM head", 8192, 4096, 32000, "training", 1),
+    ("0.5B attention projection", 4096, 896, 896, "training", 24 * 2),  # Qwen2.5-0.5B: q, o
+    ("LoRA A at rank 16", 8192, 4096, 16, "skinny", 1),
 )
-CPU_SHAPES = (
-    ("square", 1024, 1024, 1024, "training"),
-    ("135M attention projection", 2048, 576, 576, "training"),
-    ("135M MLP up", 2048, 576, 1536, "training"),
-    ("135M MLP down", 2048, 1536, 576, "training"),
-    ("LoRA A at rank 8", 2048, 576, 8, "skinny"),
+CPU_SHAPES = (  # smollm2-135m (30 layers, hidden 576, 3 key-value heads of 64, MLP 1536, vocab 49152)
+    ("135M attention q/o projection", 512, 576, 576, "training", 30 * 2),
+    ("135M attention k/v projection", 512, 576, 192, "training", 30 * 2),
+    ("135M MLP gate/up", 512, 576, 1536, "training", 30 * 2),
+    ("135M MLP down", 512, 1536, 576, "training", 30),
+    ("135M LM head", 512, 576, 49152, "training", 1),
+    ("LoRA A at rank 8", 512, 576, 8, "skinny", 1),
 )
 SMALL_DIVISOR = {"cuda": 8, "cpu": 4}
 RANK_LIKE = 64  # dimensions this small (a LoRA rank) are kept in --small mode
@@ -85,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = _output_folder(args.output)
         import torch
 
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         dev = _resolve(torch, kind, index)
         dtype = _dtype(torch, args.dtype, dev)
         paths = [folder / f"calibration-{dev.slug}{suffix}" for suffix in (".json", ".md")]
@@ -113,11 +126,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         help="the matmuls' dtype; auto: bfloat16 where the GPU has it, float16 on older GPUs, "
                              "float32 on a CPU")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per figure (3 to 100)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads torch uses (default: its current "
+                                                                  "number); give the number the runs use")
     parser.add_argument("--output", default=None, metavar="DIR", help=f"where to write (default {CALIBRATION_DIR})")
     parser.add_argument("--overwrite", action="store_true", help="replace this device's existing calibration")
     args = parser.parse_args(argv)
     if not 3 <= args.repeats <= 100:
         raise UserError(f"--repeats {args.repeats}: give 3 to 100 (a median of fewer says little)")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise UserError(f"--threads {args.threads}: give 1 to 1024 (the CPU threads the training runs use)")
     return args
 
 
@@ -192,31 +209,49 @@ def measure(torch, dev: Device, where, dtype: str, mode: str, repeats: int) -> d
     warm, repeat_s = WARM_UP_S[mode], REPEAT_S[(dev.kind, mode)]
     first_warm = FIRST_WARM_UP_S.get((dev.kind, mode), warm)
     timing = {"sync": sync, "repeats": repeats, "repeat_s": repeat_s}
-    matmuls = [_matmul(torch, shape, getattr(torch, dtype), where, generator, warm_up_s=first_warm if n == 0 else warm,
-                       **timing) for n, shape in enumerate(_shapes(dev.kind, mode))]
+    matmuls = [row for n, shape in enumerate(_shapes(dev.kind, mode))
+               for row in _matmul(torch, shape, getattr(torch, dtype), where, generator,
+                                  warm_up_s=first_warm if n == 0 else warm, **timing)]
     bandwidth = _bandwidth(torch, _bandwidth_elements(torch, dev, where, mode), where, generator, warm_up_s=warm,
                            **timing)
-    training = [row["flops_per_second"]["median"] for row in matmuls if row["role"] == "training"]
-    achievable = {"matmul_flops_per_second": statistics.median(training),
+    achievable = {"matmul_flops_per_second": step_weighted_rate(matmuls),
                   "bandwidth_bytes_per_second": max(row["bytes_per_second"]["median"] for row in bandwidth)}
     return {"schema": CALIBRATION_SCHEMA, "mode": mode, "dtype": dtype, "device": _describe(torch, dev, where),
             "provenance": _provenance(torch, cuda, repeats), "matmul": matmuls, "bandwidth": bandwidth,
             "achievable": achievable, "data_sheet": _data_sheet(dev, dtype), "steps": []}
 
 
-def _matmul(torch, shape, dtype, where, generator, **timing) -> dict:
-    """One shape's figures; its tensors are freed on return (the next shape may need the memory)."""
-    name, m, k, n, role = shape
-    a = torch.randn(m, k, dtype=dtype, device=where, generator=generator)
-    b = torch.randn(k, n, dtype=dtype, device=where, generator=generator)
-    c = torch.empty(m, n, dtype=dtype, device=where)
-    seconds, calls = _timed(lambda: torch.matmul(a, b, out=c), **timing)
-    flops = 2 * m * k * n
-    row = {"name": name, "m": m, "k": k, "n": n, "role": role, "flops": flops, "calls": calls,
-           "seconds": _spread(seconds), "flops_per_second": _rates(flops, seconds)}
-    print(f"matmul {name} ({m} x {k} by {k} x {n}, {str(dtype).removeprefix('torch.')}): "
-          f"{_flops(row['flops_per_second']['median'])}")
-    return row
+def step_weighted_rate(matmuls: list[dict]) -> float:
+    """FLOP/s of a step's products: the training rows' FLOPs over their time, each row counted as often as a
+    step makes it (so the LM head, once a step, does not outweigh thirty layers' projections)."""
+    training = [row for row in matmuls if row["role"] == "training"]
+    return (sum(row["count"] * row["flops"] for row in training)
+            / sum(row["count"] * row["seconds"]["median"] for row in training))
+
+
+def _matmul(torch, shape, dtype, where, generator, **timing) -> list[dict]:
+    """One linear layer shape's rows: its forward product and, for a training shape, the two of its backward,
+    each as autograd computes it for torch.nn.functional.linear (y = x @ W^T, W stored out x in). Its tensors
+    are freed on return (the next shape may need the memory)."""
+    name, tokens, fan_in, fan_out, role, count = shape
+    x = torch.randn(tokens, fan_in, dtype=dtype, device=where, generator=generator)
+    weight = torch.randn(fan_out, fan_in, dtype=dtype, device=where, generator=generator)
+    grad_out = torch.randn(tokens, fan_out, dtype=dtype, device=where, generator=generator)
+    products = [("forward", x, weight.t(), torch.empty(tokens, fan_out, dtype=dtype, device=where))]
+    if role == "training":
+        products += [("grad_input", grad_out, weight, torch.empty(tokens, fan_in, dtype=dtype, device=where)),
+                     ("grad_weight", x.t(), grad_out, torch.empty(fan_in, fan_out, dtype=dtype, device=where))]
+    rows = []
+    for pass_, a, b, c in products:
+        seconds, calls = _timed(lambda: torch.matmul(a, b, out=c), **timing)
+        (m, k), n_ = a.shape, b.shape[1]
+        flops = 2 * m * k * n_
+        rows.append({"name": f"{name}, {pass_}", "shape": name, "pass": pass_, "m": m, "k": k, "n": n_,
+                     "role": role, "count": count, "flops": flops, "calls": calls, "seconds": _spread(seconds),
+                     "flops_per_second": _rates(flops, seconds)})
+        print(f"matmul {rows[-1]['name']} ({m} x {k} by {k} x {n_}, {str(dtype).removeprefix('torch.')}): "
+              f"{_flops(rows[-1]['flops_per_second']['median'])}")
+    return rows
 
 
 def _bandwidth(torch, elements: int, where, generator, **timing) -> list[dict]:
@@ -234,12 +269,13 @@ def _bandwidth(torch, elements: int, where, generator, **timing) -> list[dict]:
     return rows
 
 
-def _shapes(kind: str, mode: str) -> list[tuple[str, int, int, int, str]]:
+def _shapes(kind: str, mode: str) -> list[tuple[str, int, int, int, str, int]]:
     shapes = GPU_SHAPES if kind == "cuda" else CPU_SHAPES
     if mode == "full":
         return list(shapes)
     divisor = SMALL_DIVISOR[kind]
-    return [(name, *(d if d <= RANK_LIKE else d // divisor for d in dims), role) for name, *dims, role in shapes]
+    return [(name, *(d if d <= RANK_LIKE else d // divisor for d in dims), role, count)
+            for name, *dims, role, count in shapes]
 
 
 def _bandwidth_elements(torch, dev: Device, where, mode: str) -> int:
@@ -342,7 +378,8 @@ def markdown(record: dict) -> str:
                      f"{_bytes_per_s(rate['max'])} | {_share(rate['median'], peak_bw)} |")
     achieved = record["achievable"]
     lines += ["", f"**Achievable**, what the time planner uses: matmul "
-                  f"{_flops(achieved['matmul_flops_per_second'])} (median of the training shapes), bandwidth "
+                  f"{_flops(achieved['matmul_flops_per_second'])} (the training rows' FLOPs over their time, each "
+                  f"row as often as a step makes it), bandwidth "
                   f"{_bytes_per_s(achieved['bandwidth_bytes_per_second'])} (the better of copy and add).", "",
               f"Training steps measured: {len(record['steps'])} (the step grid is a later part of issue 28).", ""]
     return "\n".join(lines)

@@ -63,7 +63,7 @@ class Calibration:
 
     device: str  # as measured ("NVIDIA H200", "Intel(R) Xeon(R) Processor")
     dtype: str  # the matmuls' dtype
-    matmul_flops_per_second: float  # median over the training-shaped matmuls
+    matmul_flops_per_second: float  # step-weighted rate of a training step's products (calibrate.py)
     bandwidth_bytes_per_second: float  # the better of copy and add
     threads: int | None  # CPU threads torch used (None on a GPU)
     path: Path

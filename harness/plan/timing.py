@@ -153,8 +153,9 @@ def speed_from(peak, calibration, dtype: str, kind: str, threads: int | None = N
             flops, skinny = flops * ratio, skinny * ratio if skinny else None
             note = f", scaled from {calibration.dtype} to {dtype} by the data sheet"
         if kind == "cpu" and threads and calibration.threads and threads != calibration.threads:
-            # Not scaled: on this project's 2-vCPU machine (busy, likely one core's two hyperthreads) a matmul
-            # with 2 threads ran no faster than with 1 (measured 2026-12-03: 75-186 vs 126-187 GFLOP/s).
+            # Not scaled, and said: on this project's 2-vCPU machine a matmul with 2 threads ran no faster than with
+            # 1 while the machine was busy (75-186 vs 126-187 GFLOP/s) and 1.9x faster while it was quiet (343 vs 183
+            # GFLOP/s, 2026-12-03): how threads scale depends on what else runs, which a plan cannot know.
             note += f", calibrated with {calibration.threads} threads, the run used {threads} (not scaled)"
         return Speed(flops, calibration.bandwidth_bytes_per_second, *overheads,
                      f"calibration {calibration.path.name}{note}", skinny, **per_op)
