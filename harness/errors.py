@@ -150,6 +150,13 @@ def is_disk_full(exc: BaseException | None) -> bool:
     return False
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message (at most 300 characters), or its type's name: what a
+    one-line refusal quotes of a library's error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
 def raise_usage_error(message: str):
     """For argparse's `parser.error`: argparse prints its whole usage block before the message and
     exits; a UserError becomes the usual one line under `reported_as_one_line`."""

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from harness.errors import UserError
+from harness.errors import UserError, first_line
 from harness.run.config import find_file
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
@@ -56,11 +56,6 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 # ---------------------------------------------------------------------------- reading
 
 def read_parquet(path: str) -> list[dict[str, Any]]:
@@ -74,7 +69,7 @@ def read_parquet(path: str) -> list[dict[str, Any]]:
         # pyarrow, not pandas: pandas hands nested columns (messages) back as numpy arrays, not lists
         rows = pq.read_table(found).to_pylist()
     except Exception as exc:  # pyarrow raises several types (ArrowInvalid, OSError, ...) for a bad file
-        raise UserError(f"data file {found} could not be read as Parquet ({_first_line(exc)})") from None
+        raise UserError(f"data file {found} could not be read as Parquet ({first_line(exc)})") from None
     if not rows:
         raise UserError(f"data file {found} holds no rows")
     return rows
@@ -111,7 +106,7 @@ def load_hub_rows(name: str, config: str | None, split: str) -> list[dict[str, A
             rows = load_dataset(name, config, split=split).to_list()
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
         # DatasetGenerationError only says "An error occurred"; the reason is in its cause
-        reason = _first_line(exc.__cause__ if exc.__cause__ is not None and "error occurred" in str(exc) else exc)
+        reason = first_line(exc.__cause__ if exc.__cause__ is not None and "error occurred" in str(exc) else exc)
         reason = reason[:-1] if reason.endswith(".") else reason  # a ";" follows
         named = "should be one of" in reason.lower() or "available:" in reason.lower()  # splits or configs it has
         hint = ("pass one of those it names" if named else
@@ -222,7 +217,7 @@ def _tools(value: Any, where: str) -> list[dict] | None:
         try:
             value = json.loads(value)
         except ValueError as exc:
-            raise UserError(f"{where}: the tools column is not valid JSON ({_first_line(exc)}); "
+            raise UserError(f"{where}: the tools column is not valid JSON ({first_line(exc)}); "
                             "fix it or leave it empty") from None
     if isinstance(value, dict):
         value = [value]
@@ -238,7 +233,7 @@ def _arguments(value: Any, where: str) -> Any:
         try:
             return json.loads(value) if value.strip() else {}
         except ValueError as exc:
-            raise UserError(f"{where}: a function call's arguments are not valid JSON ({_first_line(exc)}); "
+            raise UserError(f"{where}: a function call's arguments are not valid JSON ({first_line(exc)}); "
                             "fix the row") from None
     return {} if value is None else value
 
@@ -248,7 +243,7 @@ def _function_calls(value: Any, where: str) -> list[dict]:
     try:
         calls = json.loads(value) if isinstance(value, str) else value
     except ValueError as exc:
-        raise UserError(f"{where}: the function_call is not valid JSON ({_first_line(exc)}); "
+        raise UserError(f"{where}: the function_call is not valid JSON ({first_line(exc)}); "
                         'write it as {"name": ..., "arguments": {...}}') from None
     calls = [calls] if isinstance(calls, dict) else calls
     if not isinstance(calls, list) or not calls or not all(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from harness.errors import UserError, first_line
 from harness.models.loading import quiet_libraries
 from harness.run.config import DataArguments
 from harness.run.swap import refuse_while_swapping
@@ -165,17 +165,12 @@ def check_fits(adapter: AdapterFolder, model_args, base_name: str) -> None:
         try:
             with_adapter = PeftModel(skeleton, config, low_cpu_mem_usage=True)
         except (ValueError, KeyError) as exc:  # PEFT: target modules not found in the base
-            raise _mismatch(adapter, base_name, _first_line(exc)) from None
+            raise _mismatch(adapter, base_name, first_line(exc)) from None
         except Exception:  # noqa: BLE001 - an adapter kind the weightless trial cannot build: attach checks it
             return
         problem = _placement_problem(adapter, with_adapter)
     if problem:
         raise _mismatch(adapter, base_name, problem)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def attach(model, adapter: AdapterFolder, base_name: str):
@@ -186,7 +181,7 @@ def attach(model, adapter: AdapterFolder, base_name: str):
         with quiet_libraries():  # PEFT's notes and deprecations; what matters is checked below
             with_adapter = PeftModel.from_pretrained(model, str(adapter.path))
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches, missing modules
-        raise _mismatch(adapter, base_name, _first_line(exc)) from None
+        raise _mismatch(adapter, base_name, first_line(exc)) from None
     with quiet_libraries():
         problem = _placement_problem(adapter, with_adapter)
     if problem:

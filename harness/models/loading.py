@@ -82,7 +82,7 @@ def _from_source(args: ModelArguments, what: str, load):
             return load(source)
     except (OSError, ValueError) as exc:
         if _asks_for_remote_code(exc):  # custom code check_remote_code could not see (a tokenizer's own)
-            raise _remote_code_refusal(args.model, "its files name classes transformers does not have") from None
+            raise remote_code_refusal(args.model, "its files name classes transformers does not have") from None
         if Path(source).is_dir():
             raise UserError(f"cannot load the {what} in {source}: {str(exc).splitlines()[0]}") from None
         raise _hub_error(args.model, exc) from None
@@ -113,7 +113,7 @@ def check_remote_code(args: ModelArguments, source: str | None = None) -> None:
                                                  ("AutoModelForCausalLM", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
            if name in auto_map and model_type not in built_in]
     if own:
-        raise _remote_code_refusal(args.model,
+        raise remote_code_refusal(args.model,
                                    f"config.json's auto_map names {own[0]}, a class in the model's own files")
 
 
@@ -121,9 +121,10 @@ def _asks_for_remote_code(exc: Exception) -> bool:
     return isinstance(exc, ValueError) and "trust_remote_code=True" in str(exc)
 
 
-def _remote_code_refusal(name: str, why: str) -> UserError:
+def remote_code_refusal(name: str, why: str, to: str = "load") -> UserError:
+    """The refusal of a model that needs its own code (to load it, or for the planner to build it)."""
     return UserError(
-        f"model {name} needs code shipped with it to load ({why}); that code is not run unless you pass "
+        f"model {name} needs code shipped with it to {to} ({why}); that code is not run unless you pass "
         "--trust_remote_code: pass it only if you trust where the model comes from (the code runs as you)"
     )
 
@@ -263,7 +264,7 @@ def load_model(args: ModelArguments, method: str, gradient_checkpointing: bool, 
         )
     except (OSError, ValueError) as exc:
         if _asks_for_remote_code(exc):
-            raise _remote_code_refusal(args.model, "its files name classes transformers does not have") from None
+            raise remote_code_refusal(args.model, "its files name classes transformers does not have") from None
         if isinstance(exc, ValueError):
             raise  # any other rejected setting is a bug of this project: its traceback is kept
         if Path(source).is_dir():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.errors import UserError
+from harness.errors import UserError, first_line
 from harness.models.offline import resolve_offline_model
 
 # The memory-relevant fields of each published config.json (Hugging Face Hub, main branch).
@@ -45,6 +45,8 @@ def model_config(name: str, trust_remote_code: bool = False):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    from harness.models.loading import remote_code_refusal  # imported here like transformers: --help stays light
+
     if name in BUILT_IN:
         fields = dict(BUILT_IN[name])
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -53,18 +55,14 @@ def model_config(name: str, trust_remote_code: bool = False):
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except StrictDataclassError as exc:  # transformers' own validation of the config's values
         cause = exc.__cause__ or exc
-        raise UserError(f"model {name!r} has an impossible config ({_first_line(cause)}); "
+        raise UserError(f"model {name!r} has an impossible config ({first_line(cause)}); "
                         "fix its config.json or pass another --model") from None
     except (OSError, ValueError) as exc:
         if not trust_remote_code and "trust_remote_code" in str(exc):
-            raise UserError(
-                f"model {name} needs code shipped with it to be built (config.json's auto_map names it); the planner "
-                "does not run that code unless you pass --trust_remote_code: pass it only if you trust where the "
-                "model comes from (the code runs as you)"
-            ) from None
+            raise remote_code_refusal(name, "config.json's auto_map names it", to="be built") from None
         where = "in that folder" if Path(source).is_dir() else "on the Hub (or the Hub cannot be reached)"
         raise UserError(
-            f"no model config for {name!r} {where}: {_first_line(exc)}; built in without network: "
+            f"no model config for {name!r} {where}: {first_line(exc)}; built in without network: "
             f"{', '.join(BUILT_IN)}"
         ) from None
     check_sizes(config, name)
@@ -96,8 +94,3 @@ def check_sizes(config, name: str) -> None:
     if heads and kv_heads and heads % kv_heads:
         raise UserError(f"model {name!r} has an impossible config: num_attention_heads {heads} is not a multiple of "
                         f"num_key_value_heads {kv_heads}; fix its config.json or pass another --model")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:200]
