@@ -245,7 +245,7 @@ def test_the_recipes_plans_carry_their_step_work_as_json():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)["plans"][0]
-    from harness.plan.cli import _compute_dtype
+    from harness.plan.method_table import compute_dtype as _compute_dtype
 
     cfg = parse_args(_recipe_defaults("qwen2_7b_qlora"), [])
     counted = step_work(cfg, model_config(cfg.model.model), _compute_dtype(cfg))

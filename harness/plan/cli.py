@@ -15,34 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from harness.errors import UserError, raise_usage_error, reported_as_one_line
-
-TABLE_TRAINING = dict(
-    output_dir="outputs/plan",  # never written: parsing a run's settings needs one
-    per_device_train_batch_size=1,
-    gradient_accumulation_steps=8,
-    max_seq_length=512,
-    optim="paged_adamw_8bit",
-    activation_checkpointing=True,
-)
-
-# (label, method, quantization, takes a rank) for every method the recipes offer
-TABLE_METHODS = [
-    ("full fine-tuning", "full", "none", False),
-    ("LoRA", "lora", "none", True),
-    ("DoRA", "dora", "none", True),
-    ("rsLoRA", "rslora", "none", True),
-    ("QLoRA 4-bit", "lora", "4bit", True),
-    ("QLoRA 8-bit", "lora", "8bit", True),
-    ("LoftQ (4-bit base)", "loftq", "4bit", True),
-    ("AdaLoRA (4-bit base; rank = init_r)", "adalora", "4bit", True),
-    ("IA3", "ia3", "none", False),
-    ("prompt tuning", "prompt_tuning", "none", False),
-    ("prefix tuning (no checkpointing)", "prefix_tuning", "none", False),
-    ("P-tuning", "p_tuning", "none", False),
-]
+from harness.errors import raise_usage_error, reported_as_one_line
+from harness.plan.method_table import build_plans, compute_dtype, step_time
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,39 +52,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         gpu = _gpu(options.gpu)
         with quiet_libraries():
-            plans, table, config, cfgs = _plans(options, settings)
+            plans, table, config, cfgs = build_plans(options, settings)
         if options.json:
             # imported here, not at the top: --help and one-line refusals answer without importing torch
             from harness.plan.work import step_work
 
             with quiet_libraries():  # the work of one optimizer step, counted on the same meta model
-                works = [step_work(cfg, config, compute_dtype=_compute_dtype(cfg)) for cfg in cfgs]
+                works = [step_work(cfg, config, compute_dtype=compute_dtype(cfg)) for cfg in cfgs]
             spec = options.gpu if options.gpu is not None else gpu and gpu[0]  # torch's name of this GPU
             print(json.dumps({"gpu": gpu and {"name": gpu[0], "bytes": int(gpu[1] * 2**30)},
-                              "plans": [{**p.to_dict(), **w.to_dict(), **_step_time(w, cfg, spec)}
+                              "plans": [{**p.to_dict(), **w.to_dict(), **step_time(w, cfg, spec)}
                                         for p, w, cfg in zip(plans, works, cfgs)]}, indent=1))
         else:
             print(_table(plans, gpu, config.hidden_size) if table else _breakdown(plans[0], gpu))
     return 0
-
-
-def _step_time(work, cfg, spec: str | None) -> dict:
-    """step_seconds and tokens_per_second on the named GPU (harness.plan.timing); None, with the reason, where
-    it has no speed (a size in GiB, no GPU named): the memory plan still stands."""
-    # imported here, not at the top: --help and one-line refusals answer without importing torch
-    from harness.plan.speeds import require_speed
-    from harness.plan.timing import speed_from, step_seconds
-
-    if spec is None:
-        return {"step_seconds": None, "tokens_per_second": None,
-                "time_reason": "no GPU named and none on this machine; name one with --gpu to plan the time"}
-    try:
-        peak, calibration = require_speed(spec)
-    except UserError as exc:
-        return {"step_seconds": None, "tokens_per_second": None, "time_reason": str(exc)}
-    dtype = str(_compute_dtype(cfg)).removeprefix("torch.")
-    speed = speed_from(peak, calibration, dtype, "cuda")
-    return step_seconds(work, speed, micro_batches=cfg.train.gradient_accumulation_steps).to_dict()
 
 
 def _gpu(spec: str | None):
@@ -124,56 +80,6 @@ def _gpu(spec: str | None):
         props = torch.cuda.get_device_properties(0)
         return props.name, props.total_memory / 2**30
     return None
-
-
-def _plans(options, settings: list[str]):
-    # imported here, not at the top: --help and one-line refusals answer without importing torch
-    from harness.bench.grid import parse_int_list
-    from harness.models.methods import check_method
-    from harness.plan.architectures import model_config
-    from harness.plan.memory import plan_run
-    from harness.run.command_line import parse_args
-
-    if options.recipe:
-        # imported here, not at the top: --help and one-line refusals answer without importing torch
-        from harness.bench.grid import load_defaults
-
-        path = Path(options.recipe)
-        if not path.is_file():
-            raise UserError(f"recipe file {options.recipe} not found; recipes are in recipes/, e.g. recipes/qwen2_7b_adalora.py")
-        cfg = parse_args(load_defaults(path.stem, path.resolve()), settings)
-        # The recipe's own refusals, less those about this machine: planning needs no GPU and no scipy.
-        check_method(cfg.method, cfg.model.quantization, cfg.train.activation_checkpointing, this_machine=False)
-        config = model_config(cfg.model.model, cfg.model.trust_remote_code)
-        return [plan_run(cfg, config, compute_dtype=_compute_dtype(cfg))], False, config, [cfg]
-    ranks = parse_int_list(options.ranks, "--ranks", 1)
-    if not any(s == "--model" or s.startswith("--model=") for s in settings):
-        raise UserError("name a model (--model Qwen/Qwen2-7B-Instruct, a local folder, an offline name) or a recipe file")
-    base = parse_args(TABLE_TRAINING, settings)
-    config = model_config(base.model.model, base.model.trust_remote_code)
-    plans, cfgs = [], []
-    for label, method, quantization, ranked in TABLE_METHODS:
-        for rank in ranks if ranked else [None]:
-            extra = ["--method", method, "--quantization", quantization]
-            if rank is not None:
-                extra += ["--init_r" if method == "adalora" else "--r", str(rank)]
-                extra += ["--target_r", str(max(1, rank // 2))] if method == "adalora" else []
-            if method == "prefix_tuning":
-                extra += ["--activation_checkpointing", "false"]
-            cfg = parse_args(TABLE_TRAINING, [*settings, *extra])
-            plans.append(plan_run(cfg, config, compute_dtype=_compute_dtype(cfg), label=label))
-            cfgs.append(cfg)
-    return plans, True, config, cfgs
-
-
-def _compute_dtype(cfg):
-    """--dtype as given; auto plans a GPU's bf16 (a T4's fp16 takes the same bytes)."""
-    import torch
-
-    # imported here, not at the top: --help and one-line refusals answer without importing torch
-    from harness.models.loading import DTYPES
-
-    return DTYPES.get(cfg.model.dtype, torch.bfloat16)
 
 
 def _gib(n: float) -> str:
