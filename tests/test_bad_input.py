@@ -196,6 +196,10 @@ CASES = [
     ("sft-assistant-no-content", [*LORA, "--data_file", "{tmp}/no_content.jsonl"], "qwen2_5_0_5b_lora", "row 2, message 2: the assistant's answer is missing (no \"content\" field)", "give it the answer or delete the row"),
     ("sft-sharegpt-null-answer", [*LORA, "--data_file", "{tmp}/null_value.json"], "qwen2_5_0_5b_lora", "row 1, turn 2: the assistant's answer is missing (\"value\" is null)", "give it the answer or delete the row"),
     # round 3 (data): cases added here
+    # round 4 (plan time): cases added here
+    # round 4 (published time): cases added here
+    # round 4 (calibration grid): cases added here
+    # round 4 (bench predicted): cases added here
 ]
 
 
@@ -291,6 +295,10 @@ def _files(tmp: Path) -> None:
     (tmp / "null_value.json").write_text(json.dumps([{"system": "Be brief.", "conversations": [
         {"from": "human", "value": "hi"}, {"from": "gpt", "value": None}]}]))
     # round 3 (data): files added here
+    # round 4 (plan time): files added here
+    # round 4 (published time): files added here
+    # round 4 (calibration grid): files added here
+    # round 4 (bench predicted): files added here
 
 
 # One case per entry point, run as a fresh process with the warning path forced on.

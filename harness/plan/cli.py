@@ -17,7 +17,7 @@ import json
 import sys
 
 from harness.errors import raise_usage_error, reported_as_one_line
-from harness.plan.method_table import build_plans, compute_dtype, step_time
+from harness.plan.method_table import build_plans, step_time, step_works
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,11 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_libraries():
             plans, table, config, cfgs = build_plans(options, settings)
         if options.json:
-            # imported here, not at the top: --help and one-line refusals answer without importing torch
-            from harness.plan.work import step_work
-
             with quiet_libraries():  # the work of one optimizer step, counted on the same meta model
-                works = [step_work(cfg, config, compute_dtype=compute_dtype(cfg)) for cfg in cfgs]
+                works = step_works(cfgs, config)
             spec = options.gpu if options.gpu is not None else gpu and gpu[0]  # torch's name of this GPU
             print(json.dumps({"gpu": gpu and {"name": gpu[0], "bytes": int(gpu[1] * 2**30)},
                               "plans": [{**p.to_dict(), **w.to_dict(), **step_time(w, cfg, spec)}

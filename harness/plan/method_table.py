@@ -84,6 +84,14 @@ def compute_dtype(cfg):
     return DTYPES.get(cfg.model.dtype, torch.bfloat16)
 
 
+def step_works(cfgs, config) -> list:
+    """The work of one optimizer step (harness.plan.work.StepWork) of each plan's run, in the order given."""
+    # imported here, not at the top: --help and one-line refusals answer without importing torch
+    from harness.plan.work import step_work
+
+    return [step_work(cfg, config, compute_dtype=compute_dtype(cfg)) for cfg in cfgs]
+
+
 def step_time(work, cfg, spec: str | None) -> dict:
     """step_seconds and tokens_per_second on the named GPU (harness.plan.timing); None, with the reason, where
     it has no speed (a size in GiB, no GPU named): the memory plan still stands."""
