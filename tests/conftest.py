@@ -12,6 +12,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not os.environ.get("FT_COOKBOOK_CACHE"):  # a cache the user gave is used as it is: no empty folder made beside it
     os.environ["FT_COOKBOOK_CACHE"] = tempfile.mkdtemp(prefix="ft-cookbook-test-models-")
+# No test may depend on which machine's calibration is committed in results/gpu (a CPU's there would make this
+# machine's plans and reports differ from another's): the planner reads a folder that is not there (nothing made)
+# unless a test names one.
+os.environ["FT_COOKBOOK_CALIBRATION_DIR"] = str(Path(tempfile.gettempdir()) / f"ft-cookbook-no-calibrations-{os.getpid()}")
 
 import pytest  # noqa: E402  (after the environment above)
 

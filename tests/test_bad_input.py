@@ -196,9 +196,19 @@ CASES = [
     ("sft-assistant-no-content", [*LORA, "--data_file", "{tmp}/no_content.jsonl"], "qwen2_5_0_5b_lora", "row 2, message 2: the assistant's answer is missing (no \"content\" field)", "give it the answer or delete the row"),
     ("sft-sharegpt-null-answer", [*LORA, "--data_file", "{tmp}/null_value.json"], "qwen2_5_0_5b_lora", "row 1, turn 2: the assistant's answer is missing (\"value\" is null)", "give it the answer or delete the row"),
     # round 3 (data): cases added here
+    ("plan-negative-price", ["-m", "harness.plan", "--model", "tiny-qwen2", "--usd_per_hour", "-1"], "plan", "argument --usd_per_hour: -1 is not a price", "pass zero or more US dollars per hour"),
+    ("plan-nan-price", ["-m", "harness.plan", "--model", "tiny-qwen2", "--usd_per_hour", "nan"], "plan", "argument --usd_per_hour: nan is not a price", "pass zero or more US dollars per hour"),
+    ("plan-price-not-a-number", ["-m", "harness.plan", "--model", "tiny-qwen2", "--usd_per_hour", "cheap"], "plan", "'cheap' is not a number", "pass the price per hour in US dollars"),
     # round 4 (plan time): cases added here
+    ("time-vs-published-output-folder", ["-m", "harness.plan.time_vs_published", "--output", "{tmp}"], "time_vs_published", "--output {tmp} is a folder", "give a file name"),
+    ("time-vs-published-output-no-folder", ["-m", "harness.plan.time_vs_published", "--output", "{tmp}/no-such-folder/time.md"], "time_vs_published", "folder {tmp}/no-such-folder does not exist", "make it first"),
+    ("time-vs-published-output-exists", ["-m", "harness.plan.time_vs_published", "--output", "{tmp}/broken.yaml"], "time_vs_published", "--output {tmp}/broken.yaml exists", "pass --overwrite to replace it"),
     # round 4 (published time): cases added here
+    ("calibrate-no-steps-value", ["-m", "harness.plan.calibrate", "--no_steps=yes", "--output", "{tmp}/never"], "calibrate", "argument --no_steps: ignored explicit argument 'yes'", "(see --help)"),
     # round 4 (calibration grid): cases added here
+    ("time-check-result-not-a-run", ["-m", "harness.plan.time_check", "--result", "{tmp}/wrong_type.json"], "time_check", "not a run's result.json", "give the result.json a recipe wrote"),
+    ("time-check-output-exists", ["-m", "harness.plan.time_check", "--output", "{tmp}/wrong_type.json"], "time_check", "--output {tmp}/wrong_type.json exists", "pass --overwrite to replace it"),
+    ("report-calibrations-missing", ["-m", "harness.report", "--results-dir", "{tmp}/foreign-results", "--calibrations", "{tmp}/nowhere"], "report", "--calibrations {tmp}/nowhere: no such folder", "calibration-<device>.json files"),
     # round 4 (bench predicted): cases added here
 ]
 

@@ -42,18 +42,20 @@ def _finite_positive(value) -> bool:
 
 def test_small_calibration_on_the_cpu_writes_a_record_that_reads_back_and_is_not_overwritten(tmp_path):
     out = tmp_path / "calibrations"
-    done = _calibrate("--small", "--device", "cpu", "--output", str(out))
+    done = _calibrate("--small", "--device", "cpu", "--output", str(out), "--no_steps")
     assert done.returncode == 0, done.stderr
     [record_path] = out.glob("calibration-cpu-*.json")
     assert record_path.with_suffix(".md").is_file()
     record = json.loads(record_path.read_text())
     assert record["schema"] == 1 and record["mode"] == "small" and record["dtype"] == "float32"
-    assert record["steps"] == []  # the training-step grid's place, empty until that part exists
+    # --no_steps: no training-step grid (tests/test_calibrate_steps.py runs it), and the page says so
+    assert record["steps"] == [] and record["step_grid"] is None
+    assert "Training steps: not measured (--no_steps)." in record_path.with_suffix(".md").read_text()
     assert record["device"]["kind"] == "cpu" and record["device"]["name"] and record["data_sheet"] is None
     provenance = record["provenance"]
     assert provenance["date"] and provenance["commit"] and provenance["threads"] == 1
     assert {"torch", "transformers", "peft"} <= set(provenance["versions"])
-    assert provenance["command"] == f"python -m harness.plan.calibrate --small --device cpu --output {out}"
+    assert provenance["command"] == f"python -m harness.plan.calibrate --small --device cpu --output {out} --no_steps"
     assert len(record["matmul"]) >= 4 and len(record["bandwidth"]) == 2
     for row in record["matmul"]:
         assert all(_finite_positive(row["flops_per_second"][k]) for k in ("median", "min", "max")), row
@@ -68,13 +70,13 @@ def test_small_calibration_on_the_cpu_writes_a_record_that_reads_back_and_is_not
     assert _finite_positive(calibration.matmul_flops_per_second) and calibration.threads == 1
 
     before = record_path.read_bytes(), record_path.stat().st_ino
-    again = _calibrate("--small", "--device", "cpu", "--output", str(out))
+    again = _calibrate("--small", "--device", "cpu", "--output", str(out), "--no_steps")
     assert again.returncode == 2 and again.stdout == ""
     assert again.stderr.splitlines() == [f"calibrate: {record_path} exists; pass --overwrite to replace it, "
                                          "or --output DIR to write elsewhere"]
     assert (record_path.read_bytes(), record_path.stat().st_ino) == before
 
-    replaced = _calibrate("--small", "--device", "cpu", "--output", str(out), "--overwrite")
+    replaced = _calibrate("--small", "--device", "cpu", "--output", str(out), "--no_steps", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert record_path.stat().st_ino != before[1]  # written anew, whole (a new file renamed over the old)
     assert json.loads(record_path.read_text())["provenance"]["command"].endswith("--overwrite")
@@ -124,11 +126,12 @@ def test_on_a_gpu_the_file_is_named_for_the_listed_gpu_and_set_beside_its_data_s
     out = tmp_path / "gpu"
     threads = torch.get_num_threads()
     try:
-        assert calibrate_main(["--small", "--repeats", "3", "--threads", "2", "--output", str(out)]) == 0
+        assert calibrate_main(["--small", "--repeats", "3", "--threads", "2", "--output", str(out), "--no_steps"]) == 0
     finally:
         torch.set_num_threads(threads)  # the rest of this process keeps its own
     record = json.loads((out / "calibration-h200.json").read_text())
-    assert record["provenance"]["threads"] == 2 and record["provenance"]["command"].endswith(f"--output {out}")
+    assert record["provenance"]["threads"] == 2
+    assert record["provenance"]["command"].endswith(f"--output {out} --no_steps")
     assert record["dtype"] == "bfloat16" and record["device"]["gpu"] == "H200" and record["device"]["kind"] == "cuda"
     assert record["device"]["capability"] == "9.0" and record["provenance"]["allow_tf32"] is not None
     assert record["data_sheet"]["matmul_flops_per_second"] == 989.4e12 and record["data_sheet"]["dense"] is True

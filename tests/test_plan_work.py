@@ -36,9 +36,11 @@ def _real_flops(cfg) -> tuple[int, int]:
     from peft import get_peft_model
     from torch.utils.flop_counter import FlopCounterMode, flop_registry
     from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
 
     from harness.models.methods import adalora_schedule, peft_config
     from harness.models.offline import resolve_offline_model
+    from harness.plan.work import EXTRA_FLOP_FORMULAS, FUSED_HEAD_OUTPUTS
 
     aten = torch.ops.aten
 
@@ -50,8 +52,9 @@ def _real_flops(cfg) -> tuple[int, int]:
 
     cpu_flash = {aten._scaled_dot_product_flash_attention_for_cpu: formula_of(aten._scaled_dot_product_flash_attention),
                  aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                     formula_of(aten._scaled_dot_product_flash_attention_backward)}
+                     formula_of(aten._scaled_dot_product_flash_attention_backward), **EXTRA_FLOP_FORMULAS}
     model = AutoModelForCausalLM.from_pretrained(resolve_offline_model("tiny-qwen2"), attn_implementation="sdpa")
+    add_fused_lm_head(model, outputs=FUSED_HEAD_OUTPUTS)  # SFTTrainer's loss, as the planner counts an SFT step
     method = cfg.method.method
     if method == "full":
         model.requires_grad_(True)
@@ -63,7 +66,7 @@ def _real_flops(cfg) -> tuple[int, int]:
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (cfg.train.per_device_train_batch_size, cfg.data.max_seq_length))
     with FlopCounterMode(display=False, custom_mapping=cpu_flash) as counter:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
         forward = counter.get_total_flops()
         loss.backward()
     return forward, counter.get_total_flops()
@@ -86,22 +89,28 @@ def test_meta_count_equals_the_flop_counter_on_a_real_cpu_step(method, checkpoin
 def test_forward_is_two_flops_per_weight_and_token_plus_attention():
     # stories260k, by hand: 5 layers of q 64x64, k and v 64x32, o 64x64, gate/up/down 64x172, and the head 64x512
     # (tied to the embedding, which itself is a lookup); attention QK^T and PV, 8 heads of 8, over the T x T pairs.
+    # The head scores every position but the last of each row (TRL's fused LM head, as SFTTrainer runs it: the
+    # last has no next token), and its backward recomputes each tile of logits before its two gradient products.
     batch, length = 2, 24
-    weights = 5 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 172) + 64 * 512
+    layers, head = 5 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 172), 64 * 512
+    scored = batch * (length - 1)
     attention = 5 * 2 * (2 * batch * 8 * length * length * 8)
     counted = _work("stories260k", "--method", "full")
     assert counted.tokens == batch * length
-    assert counted.forward_flops == 2 * weights * batch * length + attention
+    assert counted.forward_flops == 2 * layers * batch * length + 2 * head * scored + attention
     # Full fine-tuning's backward: gradients of the inputs and of the weights, twice the forward (the flash
-    # kernel's backward recomputes the scores: 2.5 times its forward).
-    assert counted.backward_flops == 2 * 2 * weights * batch * length + 2.5 * attention
+    # kernel's backward recomputes the scores: 2.5 times its forward); the head's: recompute + both gradients.
+    assert counted.backward_flops == 2 * 2 * layers * batch * length + 3 * 2 * head * scored + 2.5 * attention
     assert counted.attention_flops == 3.5 * attention
 
 
 def test_frozen_weights_take_no_weight_gradient_on_qwen2_7b():
     lora, dora, full = (_work(QWEN2_7B, "--method", m, "--r", "16", "--per_device_train_batch_size", "1",
                               "--max_seq_length", "1024", dtype=torch.bfloat16) for m in ("lora", "dora", "full"))
-    assert full.backward_flops == pytest.approx(2 * full.forward_flops, rel=0.02)
+    # twice the forward, plus the fused head recomputing its logits once more (hidden 3584 x vocabulary 152064,
+    # over the 1023 positions that have a next token)
+    head = 2 * 3584 * 152064 * 1023
+    assert full.backward_flops == pytest.approx(2 * full.forward_flops + head, rel=0.02)
     assert 0.5 < lora.backward_flops / full.backward_flops < 0.55  # only the inputs' gradients (and the adapter's)
     assert lora.backward_flops < dora.backward_flops < full.backward_flops
     # DoRA with dropout reruns the base layer on the dropped-out input (PEFT's DoRA variant), so its forward
@@ -119,7 +128,7 @@ def test_checkpointing_reruns_the_layers_forward_up_to_what_backward_needs():
         plain = _work("stories260k", "--method", method)
         checkpointed = _work("stories260k", "--method", method, "--activation_checkpointing", "true")
         assert checkpointed.forward_flops == plain.forward_flops and plain.recompute_flops == 0
-        layers_forward = plain.forward_flops - 2 * 64 * 512 * plain.tokens  # all but the head
+        layers_forward = plain.forward_flops - 2 * 64 * 512 * (plain.tokens - plain.tokens // 24)  # all but the head
         if method == "full":  # the recompute stops before the last product, down_proj, whose output no backward needs
             down_proj = 2 * 172 * 64 * plain.tokens * config.num_hidden_layers
             assert checkpointed.recompute_flops == layers_forward - down_proj
@@ -137,7 +146,11 @@ def test_flops_grow_linearly_with_the_batch_and_the_attention_with_the_length_sq
     long = _work("stories260k", "--method", "lora", "--max_seq_length", "128")
     assert batch.flops == 2 * short.flops and accumulated.flops == 3 * short.flops
     assert long.attention_flops == 4 * short.attention_flops
-    assert long.flops - long.attention_flops == 2 * (short.flops - short.attention_flops)
+    # and the rest with the tokens: the head scores all but each row's last (forward, recompute, input gradient)
+    rows = short.tokens // 64
+    head_per_position = 3 * 2 * 64 * 512
+    assert (long.flops - long.attention_flops) - head_per_position * rows * 127 == 2 * (
+        short.flops - short.attention_flops - head_per_position * rows * 63)
 
 
 def test_a_4bit_base_adds_dequantized_bytes_and_no_flops():
@@ -153,7 +166,9 @@ def test_a_4bit_base_adds_dequantized_bytes_and_no_flops():
     once = sum(quantized_weight_bytes(m.weight.numel(), m.out_features, "4bit", True) + 2 * m.weight.numel()
                for m in linears)
     assert nf4.dequant_bytes == 3 * once
-    assert nf4.cast_bytes > plain.cast_bytes  # prepare_model_for_kbit_training's fp32 head, cast under autocast
+    # prepare_model_for_kbit_training's fp32 head: TRL's fused head casts it to 16 bits (forward and backward)
+    head = model_config("tiny-qwen2").hidden_size * model_config("tiny-qwen2").vocab_size
+    assert nf4.cast_bytes - plain.cast_bytes == 2 * head * (4 + 2)
 
 
 def test_prompt_tuning_runs_its_virtual_tokens_through_the_model():

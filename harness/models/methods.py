@@ -26,6 +26,19 @@ ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 PRESETS = ("all-linear", "attention", "qv", "all7")
 
 
+
+# Methods whose virtual tokens (prompt tuning, P-tuning) or extra keys (prefix tuning) sit in front of each
+# sequence: a packed or flattened row is one sequence to them, so every example after the first would see the
+# first one's virtual tokens at the wrong positions and attend across examples.
+UNPACKABLE_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+
+
+def flattens(targs) -> bool:
+    """Whether batches are one flattened row with position_ids marking where each example starts (padding-free, or
+    TRL's BFD packing, which implies it) instead of padded rows with an attention mask."""
+    return bool(targs.padding_free or (targs.packing and targs.packing_strategy in ("bfd", "bfd_split")))
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Leaf names of every linear layer (quantized ones included) except the output head."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

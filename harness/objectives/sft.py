@@ -21,6 +21,7 @@ from harness.models.methods import (
     adalora_schedule,
     count_optimizer_steps,
     final_adalora_ranks,
+    flattens,
     initialise_loftq,
     load_adapter_weights,
     peft_config,
@@ -30,7 +31,6 @@ from harness.objectives.sft_trainer import (
     AdaLoraAllocation,
     apply_tokenizer_settings,
     build_trainer,
-    flattens,
     packed_examples_mix,
     sft_settings,
 )

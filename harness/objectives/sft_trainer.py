@@ -15,7 +15,14 @@ from trl import SFTConfig, SFTTrainer
 
 from harness.errors import UserError
 from harness.evaluation.scores import ANSWER_METRICS, evaluating
-from harness.models.methods import is_adalora, load_adalora_allocator, load_adalora_checkpoint, save_adalora_allocator
+from harness.models.methods import (
+    UNPACKABLE_METHODS,
+    flattens,
+    is_adalora,
+    load_adalora_allocator,
+    load_adalora_checkpoint,
+    save_adalora_allocator,
+)
 
 
 class AdaLoraAllocation(TrainerCallback):
@@ -71,18 +78,6 @@ class SFTSettings(SFTConfig):
         super().__post_init__()
 
 
-# Methods whose virtual tokens (prompt tuning, P-tuning) or extra keys (prefix tuning) sit in front of each
-# sequence: a packed or flattened row is one sequence to them, so every example after the first would see the
-# first one's virtual tokens at the wrong positions and attend across examples.
-_UNPACKABLE_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
-
-
-def flattens(targs) -> bool:
-    """Whether batches are one flattened row with position_ids marking where each example starts (padding-free, or
-    TRL's BFD packing, which implies it) instead of padded rows with an attention mask."""
-    return bool(targs.padding_free or (targs.packing and targs.packing_strategy in ("bfd", "bfd_split")))
-
-
 def sft_settings(cfg, targs):
     """The SFTConfig a run trains with, checked before any model loads: --max_seq_length is the window (TRL's
     --max_length must agree), completion-only loss unless --completion_only_loss false, packing and padding-free
@@ -91,13 +86,13 @@ def sft_settings(cfg, targs):
     if targs.max_length not in (None, window):
         raise UserError(f"--max_length is TRL's name for --max_seq_length here; set --max_seq_length {targs.max_length} instead")
     mixing = flattens(targs) or targs.packing
-    if targs.padding_free and not targs.packing and cfg.method.method in _UNPACKABLE_METHODS \
+    if targs.padding_free and not targs.packing and cfg.method.method in UNPACKABLE_METHODS \
             and not cfg.user_set("padding_free"):
         # A recipe's default padding-free meets a method it cannot serve: padded batches, as the user asked nothing.
         print(f"Padding-free: off for {cfg.method.method} (its virtual tokens sit in front of the whole row); "
               "batches padded to their longest instead")
         targs, mixing = dataclasses.replace(targs, padding_free=False), False
-    if mixing and cfg.method.method in _UNPACKABLE_METHODS:
+    if mixing and cfg.method.method in UNPACKABLE_METHODS:
         flag = "--packing" if targs.packing else "--padding_free"
         raise UserError(f"{flag} would let examples see each other under {cfg.method.method} (its virtual tokens sit in "
                         f"front of the whole packed row): drop {flag} for this method")

@@ -5,7 +5,7 @@
 - memory.py: the plan of one run, from the model built on the meta device.
 - work.py: the work of one optimizer step on that same meta model (FLOPs counted by PyTorch's FlopCounterMode,
   bytes moved by the optimizer, dequantization, casts): what the time plan will rest on.
-- timing.py: seconds per step from the work and a speed (not yet checked against measured runs: TIME_MODEL_CHECKED).
+- timing.py: seconds per step from the work and a speed (how far it is checked: TIME_MODEL_CHECKED).
 - time_check.py: `python -m harness.plan.time_check`, predicted vs measured train time of a runs.jsonl's trials.
 - speeds.py: a device's speed, from a calibration file (results/gpu/) or the data sheet.
 - calibrate.py: `python -m harness.plan.calibrate`, measuring a device's achievable matmul FLOP/s and bandwidth.

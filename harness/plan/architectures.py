@@ -94,3 +94,21 @@ def check_sizes(config, name: str) -> None:
     if heads and kv_heads and heads % kv_heads:
         raise UserError(f"model {name!r} has an impossible config: num_attention_heads {heads} is not a multiple of "
                         f"num_key_value_heads {kv_heads}; fix its config.json or pass another --model")
+
+
+def text_config(config):
+    """The language model's part of a config (a multimodal config nests it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def with_layers(config, layers: int):
+    """A copy of the config with only its first `layers` decoder layers: the planner counts a model whose layers
+    are all alike on one and two of them and extrapolates (harness.plan.memory, harness.plan.work)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    text = text_config(config)
+    text.num_hidden_layers = layers
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = text.layer_types[:layers]
+    return config

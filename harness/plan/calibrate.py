@@ -1,14 +1,29 @@
-"""Calibration: how fast this device really multiplies matrices and moves memory, measured, so that the time
-planner can use achieved figures in place of a data sheet's peaks (harness.plan.speeds.load_calibration).
+"""Calibration: how fast this device really multiplies matrices and moves memory, and how long real training
+steps of the recipes' shapes take on it and how much memory they hold, measured, so that the time planner can
+use achieved figures in place of a data sheet's peaks and its modelled constants (harness.plan.speeds).
+
+Why this module is long: its docstring is the command's manual and the record's schema, which whoever runs it
+or reads its files needs in one place; the code is about 340 lines.
 
     python -m harness.plan.calibrate                  # this machine's GPU (its CPU where there is none)
     python -m harness.plan.calibrate --small          # seconds, small shapes: what the tests run on the CPU
     python -m harness.plan.calibrate --device cpu     # the CPU even where there is a GPU
     ... --output DIR (default results/gpu), --overwrite to replace an existing file, --repeats N,
-        --threads N (CPU threads torch uses; default torch's current number)
+        --threads N (CPU threads torch uses; default torch's current number), --no_steps (no step grid)
 
-Full mode takes about half a minute on a GPU and on a CPU. Each figure is the median of --repeats timed
-repeats (min and max kept), after a warm-up, with torch.cuda.synchronize before every clock read on a GPU:
+On a GPU the whole command takes at most 8 minutes: about half a minute of matmuls and bandwidth, then the
+training-step grid (harness.plan.calibrate_steps) within its time budget. The grid trains, for a few steps each,
+random-init models of the recipes' real shapes built from their config on the GPU (nothing is downloaded):
+Qwen2-7B in 16 bits with LoRA r8 and r64, DoRA, IA3 and prompt tuning, in 4-bit NF4 with QLoRA r16 and AdaLoRA,
+LoRA at 512 and 2048 tokens and with packing on and off, and full fine-tuning of Qwen2.5-0.5B; each point's
+step seconds and peak allocated/reserved memory beside the memory plan and the predicted step time. --small runs
+the same code on a tiny shape in seconds (what the tests run on the CPU). A GPU that lacks the memory for a
+point records it as out of memory. To contribute a calibration of your card: run the command on an idle GPU
+(with CUDA_VISIBLE_DEVICES set to one of several) and open a pull request with results/gpu/calibration-<gpu>.json
+and its .md: the planner then uses it for that GPU.
+
+Each matmul and bandwidth figure is the median of --repeats timed repeats (min and max kept), after a warm-up,
+with torch.cuda.synchronize before every clock read on a GPU:
 - matmul FLOP/s in the compute dtype (bf16 where the GPU has it, fp16 on T4/V100, fp32 on a CPU; --dtype
   to choose) for the products a training step makes: for each linear layer's shape (attention projections,
   MLP up and down, the LM head: hidden x vocab), its forward product (tokens x in by W^T) and the two of its
@@ -35,11 +50,15 @@ GPU's name ("h200", "a100-80"), else torch's name for the GPU, else "cpu-<model>
   achievable {matmul_flops_per_second (sum(count x flops) / sum(count x median seconds) over the training
               rows), bandwidth_bytes_per_second (the better of copy and add)},
   data_sheet {matmul_flops_per_second, bandwidth_bytes_per_second, source} or null,
-  steps [].
-"steps" is where issue 28's training-step grid goes when it is added (random-init models of the recipes' real
-shapes built on the device; 16-bit and 4-bit bases, the methods, two lengths, packing on and off): one entry
-per setting with its settings, step seconds and peak memory. Readers take the keys they know and ignore the
-rest, so that grid needs no new schema.
+  steps [one per grid point: name, tip, model, weights "random-init", flags (the recipe settings), rows,
+         status ("measured", "out of memory", "failed", "skipped") and reason, step_seconds {median, min, max,
+         all}, warm_up_seconds, real_tokens, computed_tokens, tokens_per_second, peak_allocated_bytes,
+         peak_reserved_bytes (null on a CPU), measured_peak_bytes (reserved + context), kind, planned_peak_bytes,
+         predicted_step_seconds and measured_over_predicted {"data sheet", "calibration"}] ([] with --no_steps),
+  step_grid {mode, weights, dtype, trainer, warm_up_steps, timed_steps, budget_seconds, seconds,
+             context_bytes, context_how} or null, and then steps_not_measured (why: --no_steps; a CPU in full
+             mode, the grid's shapes being a GPU's).
+Readers take the keys they know and ignore the rest (an older file without a grid still loads).
 """
 from __future__ import annotations
 
@@ -57,7 +76,15 @@ from pathlib import Path
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
 from harness.files import write_json_atomic, write_text_atomic
 from harness.plan.gpus import gpu_from_device_name
-from harness.plan.speeds import CALIBRATE_COMMAND, CALIBRATION_DIR, CALIBRATION_SCHEMA, Device, load_calibration
+from harness.plan.speeds import (
+    CALIBRATE_COMMAND,
+    CALIBRATION_DIR,
+    CALIBRATION_DIR_ENV,
+    CALIBRATION_SCHEMA,
+    Device,
+    calibration_dir,
+    load_calibration,
+)
 
 # (name, tokens, in features, out features, role, count): a linear layer's shape, its forward a (tokens x in)
 # by (in x out) matmul; count: layers of that shape in one step of its model (layers x projections).
@@ -105,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         if existing and not args.overwrite:
             raise UserError(f"{existing[0]} exists; pass --overwrite to replace it, or --output DIR to write elsewhere")
         _make(folder)
-        record = measure(torch, dev, _where(torch, dev, index), dtype, "small" if args.small else "full", args.repeats)
+        record = measure(torch, dev, _where(torch, dev, index), dtype, "small" if args.small else "full", args.repeats,
+                         steps=not args.no_steps)
         record["provenance"]["command"] = shlex.join(["python", "-m", "harness.plan.calibrate", *argv])
         write_json_atomic(paths[0], record)
         write_text_atomic(paths[1], markdown(record))
@@ -118,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = OneLineArgumentParser(prog="python -m harness.plan.calibrate",
-                                   description="Measure this device's matmul FLOP/s and memory bandwidth.")
+                                   description="Measure this device's matmul FLOP/s and memory bandwidth, then time "
+                                               "a grid of short training steps on random-init models of the "
+                                               "recipes' shapes (7B LoRA r8/r64, QLoRA, DoRA, AdaLoRA, IA3, prompt "
+                                               "tuning, 0.5B full fine-tuning, 512/2048 tokens, packing on/off) "
+                                               "beside the planned memory and time. At most 8 minutes on a GPU; "
+                                               "writes results/gpu/calibration-<gpu>.json and .md, which the "
+                                               "planner uses for that GPU: contribute yours by pull request.")
     parser.add_argument("--device", default="auto", help="auto (the GPU if torch sees one, else the CPU), cpu, "
                                                          "cuda or cuda:N")
     parser.add_argument("--small", action="store_true", help="small shapes, seconds: a check, not a calibration")
@@ -128,8 +162,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per figure (3 to 100)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads torch uses (default: its current "
                                                                   "number); give the number the runs use")
-    parser.add_argument("--output", default=None, metavar="DIR", help=f"where to write (default {CALIBRATION_DIR})")
+    parser.add_argument("--output", default=None, metavar="DIR", help=f"where to write (default {CALIBRATION_DIR}, or the folder {CALIBRATION_DIR_ENV} names)")
     parser.add_argument("--overwrite", action="store_true", help="replace this device's existing calibration")
+    parser.add_argument("--no_steps", action="store_true", help="matmuls and bandwidth only, without the grid of "
+                                                                "training steps (random-init models, minutes)")
     args = parser.parse_args(argv)
     if not 3 <= args.repeats <= 100:
         raise UserError(f"--repeats {args.repeats}: give 3 to 100 (a median of fewer says little)")
@@ -150,7 +186,7 @@ def _device_wanted(text: str) -> tuple[str | None, int | None]:
 
 def _output_folder(text: str | None) -> Path:
     """The folder to write in, checked (not yet made: a later refusal leaves no empty folder behind)."""
-    folder = Path(text).expanduser() if text else CALIBRATION_DIR
+    folder = Path(text).expanduser() if text else calibration_dir()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output {folder}: is a file, not a folder; give a folder to write the calibration in")
     existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())  # "/" at the latest
@@ -197,8 +233,9 @@ def _where(torch, dev: Device, index: int | None):
     return torch.device("cuda", index or 0) if dev.kind == "cuda" else torch.device("cpu")
 
 
-def measure(torch, dev: Device, where, dtype: str, mode: str, repeats: int) -> dict:
-    """Every figure of one calibration on torch device `where`, as the JSON record (see the module's docstring)."""
+def measure(torch, dev: Device, where, dtype: str, mode: str, repeats: int, steps: bool = True) -> dict:
+    """Every figure of one calibration on torch device `where`, as the JSON record (see the module's docstring);
+    steps=False leaves out the training-step grid (harness.plan.calibrate_steps)."""
     cuda = dev.kind == "cuda"
 
     def sync():
@@ -216,9 +253,18 @@ def measure(torch, dev: Device, where, dtype: str, mode: str, repeats: int) -> d
                            **timing)
     achievable = {"matmul_flops_per_second": step_weighted_rate(matmuls),
                   "bandwidth_bytes_per_second": max(row["bytes_per_second"]["median"] for row in bandwidth)}
-    return {"schema": CALIBRATION_SCHEMA, "mode": mode, "dtype": dtype, "device": _describe(torch, dev, where),
-            "provenance": _provenance(torch, cuda, repeats), "matmul": matmuls, "bandwidth": bandwidth,
-            "achievable": achievable, "data_sheet": _data_sheet(dev, dtype), "steps": []}
+    record = {"schema": CALIBRATION_SCHEMA, "mode": mode, "dtype": dtype, "device": _describe(torch, dev, where),
+              "provenance": _provenance(torch, cuda, repeats), "matmul": matmuls, "bandwidth": bandwidth,
+              "achievable": achievable, "data_sheet": _data_sheet(dev, dtype), "steps": [], "step_grid": None}
+    if not steps:
+        record["steps_not_measured"] = "--no_steps"
+    else:
+        from harness.plan import calibrate_steps
+
+        speeds = calibrate_steps.grid_speeds(torch, record, dev, where)
+        record["steps"], record["step_grid"] = calibrate_steps.run_grid(
+            torch, where, calibrate_steps.grid(mode, where.type), mode, speeds, sync)
+    return record
 
 
 def step_weighted_rate(matmuls: list[dict]) -> float:
@@ -381,8 +427,16 @@ def markdown(record: dict) -> str:
                   f"{_flops(achieved['matmul_flops_per_second'])} (the training rows' FLOPs over their time, each "
                   f"row as often as a step makes it), bandwidth "
                   f"{_bytes_per_s(achieved['bandwidth_bytes_per_second'])} (the better of copy and add).", "",
-              f"Training steps measured: {len(record['steps'])} (the step grid is a later part of issue 28).", ""]
+              *_steps_markdown(record)]
     return "\n".join(lines)
+
+
+def _steps_markdown(record: dict) -> list[str]:
+    if not record.get("step_grid"):
+        return [f"Training steps: not measured ({record.get('steps_not_measured', '--no_steps')}).", ""]
+    from harness.plan.calibrate_steps import markdown as grid_markdown  # imports transformers: only with a grid
+
+    return grid_markdown(record)
 
 
 def _flops(value: float) -> str:

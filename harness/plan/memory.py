@@ -1,5 +1,9 @@
 """Planned peak GPU memory of one training run, and its parts, without loading a weight.
 
+Why this module is long: the plan is one count over one meta model (its parameters, optimizer states and saved
+activations share the model and its hooks), plus the extrapolation from two- and three-layer copies that keeps a
+70B plan fast, which has to know each of those parts; split apart, each piece would reach into the others'.
+
 The model is built from its config on the meta device (shapes, no memory) and wrapped with the run's
 real PEFT config, so every method and architecture is accounted the same way:
 
@@ -15,6 +19,8 @@ real PEFT config, so every method and architecture is accounted the same way:
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.models.methods import LORA_FAMILY, adalora_schedule, peft_config
+from harness.plan.architectures import text_config, with_layers
 
 GIB = 2**30
 
@@ -143,9 +150,27 @@ def meta_model(config, dtype: torch.dtype, attention: str = PLANNED_ATTENTION, t
 
     if attention == PLANNED_ATTENTION:
         _register_planned_attention()
-    with torch.device("meta"):
+    with torch.device("meta"), values_not_drawn():
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention,
                                                 trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def values_not_drawn():
+    """A meta tensor has no values, yet every layer's constructor and PEFT's adapters draw them through
+    torch.nn.init, at a cost (~0.5 s of a 70B table's 10): while a meta model is built they return at once."""
+    import torch.nn.init as init
+
+    names = [name for name in dir(init) if name.endswith("_") and not name.startswith("_")
+             and callable(getattr(init, name))]
+    drawing = {name: getattr(init, name) for name in names}
+    for name in names:
+        setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in drawing.items():
+            setattr(init, name, function)
 
 
 def quantized_linears(model) -> dict[int, torch.nn.Linear]:
@@ -282,7 +307,8 @@ def run_model(cfg, config, compute_dtype: torch.dtype, attention: str = PLANNED_
 
             if method == "loftq":  # LoftQ's initial values cost no memory of their own; skip computing them
                 peft.init_lora_weights, peft.loftq_config = True, {}
-            model = get_peft_model(model, peft)
+            with values_not_drawn():
+                model = get_peft_model(model, peft)
             for name, p in model.named_parameters():  # AdaLoRA's rank counters never train (on meta they
                 if ".ranknum." in name:                # come out trainable, and would save extra activations)
                     p.requires_grad_(False)
@@ -297,8 +323,103 @@ def optimized_tensors(model, master_fp32: bool) -> list[torch.Tensor]:
 
 def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention: str = PLANNED_ATTENTION,
              context_bytes: int = CUDA_CONTEXT_BYTES, label: str = "") -> Plan:
-    """Plan the peak memory of the run `cfg` (a RunConfig) on a model with this transformers config."""
+    """Plan the peak memory of the run `cfg` (a RunConfig) on a model with this transformers config.
 
+    A model whose decoder layers are all alike is counted on two and three of its layers and extrapolated (a 70B
+    model plans as fast as a 3-layer one; tests/test_plan_speed.py holds it equal to counting the whole model)."""
+    layers = text_config(config).num_hidden_layers
+    if layers > 3 and layers_alike(config, compute_dtype, cfg.model.trust_remote_code):
+        two, three = (_counted(cfg, with_layers(config, n), compute_dtype, attention) for n in (2, 3))
+        counted = _extrapolated(two, three, layers, cfg)
+    else:
+        counted = _counted(cfg, config, compute_dtype, attention)
+    method, quantization, targs = cfg.method.method, cfg.model.quantization, cfg.train
+    parts = list(counted.parts)
+    seq_length = cfg.data.max_seq_length  # dynamic padding: the longest sequence of a batch, at most this
+    if cfg.run.objective == "grpo":  # before the dequantized weight, which _counted puts last
+        parts.insert(len(parts) - (quantization in ("4bit", "8bit")), Part(
+            "generation KV cache beyond the activations (transient)",
+            _generation_cache_beyond(config, targs, seq_length, compute_dtype, parts), "modelled",
+            scales_with_batch=True))
+    parts.append(Part("CUDA context", context_bytes, "modelled"))
+    rank = cfg.method.init_r if method == "adalora" else (cfg.method.r if method in LORA_FAMILY else None)
+    return Plan(
+        model=cfg.model.model, method=method, rank=rank, quantization=quantization,
+        optim=str(getattr(targs.optim, "value", targs.optim)), batch_size=targs.per_device_train_batch_size,
+        seq_length=seq_length, checkpointing=bool(targs.activation_checkpointing),
+        compute_dtype=str(compute_dtype).removeprefix("torch."),
+        trainable_params=counted.trainable_count, total_params=counted.total_count, parts=parts, label=label,
+    )
+
+
+@dataclass
+class _Counted:
+    """What the plan takes from the meta model: its parts but the GRPO cache and the CUDA context (the
+    dequantized weight last, where there is one), and what the extrapolation needs beside their totals."""
+
+    parts: list[Part]
+    saved: SavedActivations
+    trainable_count: int
+    total_count: int
+    outside_optimized: dict[str, torch.Tensor]  # trainable tensors outside the layers, as the optimizer holds them
+    layer_optimizer_bytes: list[int]  # the optimizer's states of each layer's trainable tensors
+
+
+def _extrapolated(two: _Counted, three: _Counted, layers: int, cfg) -> _Counted:
+    """The model with `layers` decoder layers alike, from its two- and three-layer copies. Parts and counts grow
+    by the third layer's share, but for two: the activations keep each layer's own (a checkpointed plan keeps
+    the largest layer's; prefix tuning's second layer saves more than the rest, so the first two are taken as
+    counted and the third repeated), and the optimizer's states are taken per tensor (a tensor outside the
+    layers can grow with them, prefix tuning's, and cross the size where bitsandbytes' states turn 8-bit)."""
+
+    def grown(a: int, b: int) -> int:
+        return b + (layers - 3) * (b - a)
+
+    saved = SavedActivations(grown(two.saved.outside_layers, three.saved.outside_layers),
+                             three.saved.per_layer[:2] + three.saved.per_layer[2:3] * (layers - 2),
+                             three.saved.layer_inputs, three.saved.log_probs)
+    outside = [torch.empty([grown(a, b) for a, b in zip(two.outside_optimized[name].shape, tensor.shape)],
+                           dtype=tensor.dtype, device="meta") for name, tensor in three.outside_optimized.items()]
+    optim = str(getattr(cfg.train.optim, "value", cfg.train.optim))
+    optimizer = (optimizer_state_bytes(optim, outside)[0] + sum(three.layer_optimizer_bytes[:2])
+                 + (layers - 2) * three.layer_optimizer_bytes[2])
+    parts = []
+    for a, b in zip(two.parts, three.parts):
+        if b.name.startswith(ACTIVATIONS):
+            parts.append(dataclasses.replace(b, bytes=saved.total(bool(cfg.train.activation_checkpointing))))
+        else:
+            parts.append(dataclasses.replace(b, bytes=optimizer if b.name.startswith("optimizer states")
+                                             else grown(a.bytes, b.bytes)))
+    return _Counted(parts, saved, grown(two.trainable_count, three.trainable_count),
+                    grown(two.total_count, three.total_count), {}, [])
+
+
+ACTIVATIONS = "activations saved for backward"
+_ALIKE: dict[tuple, bool] = {}
+
+
+def layers_alike(config, compute_dtype: torch.dtype, trust_remote_code: bool = False) -> bool:
+    """Whether every decoder layer has the same modules and parameter shapes (the model without an adapter, built
+    on meta once per config; the PEFT config picks modules by name, so it adapts every layer alike)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    key = (config.to_json_string(use_diff=False), str(compute_dtype), trust_remote_code)
+    if key not in _ALIKE:
+        model = meta_model(config, compute_dtype, PLANNED_ATTENTION, trust_remote_code)
+
+        def signature(layer):
+            return ([type(m).__name__ for m in layer.modules()],
+                    [(name, tuple(p.shape), p.dtype) for name, p in layer.named_parameters()])
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if len(_ALIKE) >= 32:  # one entry per model and dtype planned in this process
+            _ALIKE.pop(next(iter(_ALIKE)))
+        _ALIKE[key] = bool(layers) and all(signature(layer) == signature(layers[0]) for layer in layers[1:])
+    return _ALIKE[key]
+
+
+def _counted(cfg, config, compute_dtype: torch.dtype, attention: str) -> _Counted:
+    """The parts of the plan counted on the meta model with this config (every layer of it)."""
     method, quantization = cfg.method.method, cfg.model.quantization
     targs = cfg.train
     optim = str(getattr(targs.optim, "value", targs.optim))  # an OptimizerNames member, or a name
@@ -324,6 +445,7 @@ def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention
     ]
     optimizer, how = optimizer_state_bytes(optim, optimized_tensors(model, master_fp32))
     parts.append(Part(f"optimizer states ({optim})", optimizer, how))
+    outside_optimized, layer_optimizer_bytes = _optimized_by_layer(model, optim, master_fp32)
     if method == "adalora":  # importance scores: ipt, exp_avg_ipt, exp_avg_unc per adapter parameter
         scores = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
         parts.append(Part("AdaLoRA importance scores", 3 * scores, "counted"))
@@ -331,12 +453,12 @@ def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention
         copies = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         parts.append(Part("16-bit weight copies (autocast)", copies * compute_dtype.itemsize, "modelled"))
 
-    seq_length = cfg.data.max_seq_length  # dynamic padding: the longest sequence of a batch, at most this
+    seq_length = cfg.data.max_seq_length
     objective = cfg.run.objective
     # DPO runs each pair's chosen and rejected answer in one batch: twice the sequences of its batch of pairs.
     sequences = targs.per_device_train_batch_size * (2 if objective == "dpo" else 1)
     saved = saved_for_backward(model, sequences, seq_length, config.vocab_size)
-    parts.append(Part("activations saved for backward" + (" (checkpointed)" if targs.activation_checkpointing else ""),
+    parts.append(Part(ACTIVATIONS + (" (checkpointed)" if targs.activation_checkpointing else ""),
                       saved.total(targs.activation_checkpointing), "counted", scales_with_batch=True))
     # The loss: the logits in the compute dtype and their fp32 copy exist beside the saved log-softmax
     # (forward), as do the gradients of both (backward).
@@ -350,21 +472,27 @@ def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention
         # With an adapter the reference is the base with the adapter off; full fine-tuning needs a frozen copy.
         reference = sum(p.numel() for p in model.parameters()) * compute_dtype.itemsize
         parts.append(Part(f"reference model ({dtype_name}, frozen copy)", reference, "counted"))
-    if objective == "grpo":
-        parts.append(Part("generation KV cache beyond the activations (transient)",
-                          _generation_cache_beyond(config, targs, seq_length, compute_dtype, parts), "modelled",
-                          scales_with_batch=True))
     if quantized:
         largest = max(m.weight.numel() for m in quantized.values())
         parts.append(Part("one dequantized weight (transient)", largest * compute_dtype.itemsize, "modelled"))
-    parts.append(Part("CUDA context", context_bytes, "modelled"))
-    rank = cfg.method.init_r if method == "adalora" else (cfg.method.r if method in LORA_FAMILY else None)
-    return Plan(
-        model=cfg.model.model, method=method, rank=rank, quantization=quantization,
-        optim=optim, batch_size=targs.per_device_train_batch_size, seq_length=seq_length,
-        checkpointing=bool(targs.activation_checkpointing), compute_dtype=dtype_name,
-        trainable_params=trainable_count, total_params=total_count, parts=parts, label=label,
-    )
+    return _Counted(parts, saved, trainable_count, total_count, outside_optimized, layer_optimizer_bytes)
+
+
+def _optimized_by_layer(model, optim: str, master_fp32: bool) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The trainable tensors outside the decoder layers, by name, and the optimizer's states of each layer's."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layer_of = {id(p): index for index, layer in enumerate(layers) for p in layer.parameters()}
+    outside, per_layer = {}, [0] * len(layers)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            held = torch.empty(p.shape, dtype=torch.float32, device="meta") if master_fp32 else p
+            if id(p) in layer_of:
+                per_layer[layer_of[id(p)]] += optimizer_state_bytes(optim, [held])[0]
+            else:
+                outside[name] = held
+    return outside, per_layer
 
 
 def _generation_cache_beyond(config, targs, seq_length: int, dtype: torch.dtype, parts: list[Part]) -> int:

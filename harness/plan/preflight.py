@@ -3,6 +3,10 @@
 Checked against the GPU's free memory (and --memory_budget_gb when smaller) on a GPU, against
 --memory_budget_gb alone on CPU (the plan is then for this machine's fp32 run), not at all otherwise.
 --memory_check false prints the plan and runs anyway: the plan is an estimate (docs/will-it-fit.md).
+
+The same line carries the run's predicted time (harness.plan.run_time) where a speed is known for the device it
+runs on: the GPU's data sheet or calibration, or this machine's CPU's calibration. The time is advice: any
+failure to estimate it leaves it out of the line, never stops the run.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from harness.models.loading import compute_dtype, quiet_libraries
 from harness.models.methods import LORA_FAMILY, check_method
 from harness.plan.architectures import model_config
 from harness.plan.memory import CUDA_CONTEXT_BYTES, plan_run
-from harness.run.distributed import strategy
+from harness.run.distributed import batch_factor, strategy
 from harness.run.measure import command_line
 
 GIB = 2**30
@@ -27,11 +31,11 @@ class Budget:
     kind: str  # recorded: cuda_free | memory_budget
 
 
-def check_memory_plan(cfg, targs) -> dict[str, Any]:
-    """Print the run's planned peak memory; stop with one line when it does not fit. Returns the record
-    for result.json ("memory_plan")."""
+def check_memory_plan(cfg, targs, workload=None) -> dict[str, Any]:
+    """Print the run's planned peak memory (and predicted time); stop with one line when it does not fit. Returns
+    the record for result.json ("memory_plan"). workload: the preflight's Workload (its rows give the run's
+    steps); without it the time is given per 1,000 steps."""
     import torch
-
 
     cuda = torch.cuda.is_available()
     cfg = dataclasses.replace(cfg, train=targs)
@@ -56,9 +60,14 @@ def check_memory_plan(cfg, targs) -> dict[str, Any]:
     }
     note = (" (Unsloth: an estimate, its own kernels save less)" if unsloth
             else " (one whole copy: under FSDP each GPU holds less)" if sharded else "")
+    try:
+        with quiet_libraries():
+            timed, record["time_plan"] = planned_time(cfg, config, compute_dtype(cfg.model.dtype), cuda, workload)
+    except Exception:  # noqa: BLE001 - the time is advice: a run it cannot estimate still trains
+        timed = ""
     print(f"Memory plan: {_summary(plan, context)}{note}"
           + (f"; {budget.where}: {'fits' if needed <= budget.bytes else 'does not fit'}" if budget else "")
-          + f". Breakdown: {_plan_command(cfg)}")
+          + f"{timed}. Breakdown: {_plan_command(cfg)}")
     if budget is None:
         return record
     record.update(checked_against=budget.kind, available_mb=round(budget.bytes / 2**20, 1))
@@ -77,6 +86,46 @@ def check_memory_plan(cfg, targs) -> dict[str, Any]:
 def _plan(cfg, dtype, context: int):
     config = model_config(cfg.model.model, cfg.model.trust_remote_code)
     return config, plan_run(cfg, config, compute_dtype=dtype, context_bytes=context)
+
+
+def planned_time(cfg, config, dtype, cuda: bool, workload=None) -> tuple[str, dict[str, Any]]:
+    """(the plan line's time part, its record) of the run cfg (its train settings the run's) on this machine's
+    GPU (cuda) or CPU: "; predicted 12-19 min on NVIDIA H200 (...)", or "; time: not known (...)" where no speed
+    is known for the device."""
+    import torch
+
+    from harness.plan import run_time as whole_run
+    from harness.plan.timing import step_seconds
+    from harness.plan.work import step_work
+
+    name, kind = (torch.cuda.get_device_name(), "cuda") if cuda else ("cpu", "cpu")
+    try:
+        speed = whole_run.device_speed(name, kind, str(dtype).removeprefix("torch."), whole_run.calibration_folder(),
+                                       torch.get_num_threads() if kind == "cpu" else None)
+    except UserError as exc:
+        short = ("no calibration of this CPU: python -m harness.plan.calibrate" if kind == "cpu"
+                 else f"no speed known for {name}")
+        return f"; time: not known ({short})", {"status": "not_known", "reason": str(exc)[:500]}
+    targs = cfg.train
+    work = step_work(cfg, config, compute_dtype=dtype)
+    step = step_seconds(work, speed, micro_batches=targs.gradient_accumulation_steps)
+    train_rows, eval_rows = (len(workload.train_rows), len(workload.eval_rows)) if workload else (None, 0)
+    length = whole_run.run_length(targs, train_rows, eval_rows, batch_factor(), cfg.data.eval_max_samples,
+                                  "the run's data" if workload else "")
+    run = whole_run.run_time(step, work, length, targs, batch_factor())
+    where = "this machine's CPU" if kind == "cpu" else name
+    record = {"status": "planned", "device": where, **run.to_dict(), "step_seconds": step.to_dict(),
+              "left_out": whole_run.left_out(cfg) or None}
+    if run.seconds is None:
+        thousand = whole_run.PER_STEPS
+        what = (f"{whole_run.duration_range(step.low * thousand, step.high * thousand)} per {thousand:,} "
+                "optimizer steps")
+    else:
+        n = length.eval_passes
+        evaluations = f", {n} evaluation{'s' if n > 1 else ''}" if n else ""
+        what = f"{whole_run.duration_range(run.low, run.high)} ({length.steps:,} steps{evaluations})"
+    notes = "; ".join(filter(None, [whole_run.checked_note(), whole_run.left_out(cfg)]))
+    return f"; predicted {what} on {where} ({notes})", record
 
 
 def _budget(cfg, cuda: bool) -> Budget | None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,10 @@ from harness.errors import UserError
 from harness.locations import RESULTS_DIR
 from harness.plan.gpus import GPU, GPUS, PeakSpeed, gpu_from_device_name, gpu_named, gpu_size
 
-CALIBRATION_DIR = RESULTS_DIR / "gpu"
+CALIBRATION_DIR = RESULTS_DIR / "gpu"  # the committed calibrations
+# Another folder of calibration files, read and written in place of CALIBRATION_DIR: a user's own, or the tests'
+# empty one (tests/conftest.py), so that no test depends on which machine's calibration is committed.
+CALIBRATION_DIR_ENV = "FT_COOKBOOK_CALIBRATION_DIR"
 CALIBRATION_SCHEMA = 1
 CALIBRATE_COMMAND = "python -m harness.plan.calibrate"
 
@@ -67,10 +72,36 @@ class Calibration:
     bandwidth_bytes_per_second: float  # the better of copy and add
     threads: int | None  # CPU threads torch used (None on a GPU)
     path: Path
+    # From the training-step grid of a full calibration (calibrate_steps.py); None where the file has none (an
+    # older file, --no_steps, --small, a CPU, every point failed):
+    context_bytes: int | None = None  # memory outside torch's allocator: CUDA context, cuBLAS and library handles
+    allocator_ratio: float | None = None  # peak reserved / peak allocated, median over the measured points
+    # method_kind -> measured / predicted step seconds at this calibration's own speeds, median per kind
+    time_ratios: dict[str, float] | None = None
+
+    def time_ratio(self, kind: str) -> float | None:
+        """Measured over predicted step time for a method kind (method_kind), where the grid measured it."""
+        return (self.time_ratios or {}).get(kind)
+
+
+ALL_KINDS = "all"  # time_ratios' entry for every measured point: the ratio of a method kind the grid did not run
+
+
+def method_kind(method: str, quantization: str) -> str:
+    """A method as the step grid's time ratios group it: the method ("rslora" and "loftq" train as "lora"), with
+    its base's quantization where it has one ("lora-4bit", "adalora-4bit", "full")."""
+    method = "lora" if method in ("rslora", "loftq") else method
+    return method if quantization in (None, "", "none") else f"{method}-{quantization}"
 
 
 def calibration_path(spec: str, folder: Path | None = None) -> Path:
-    return Path(folder or CALIBRATION_DIR) / f"calibration-{device(spec).slug}.json"
+    return Path(folder or calibration_dir()) / f"calibration-{device(spec).slug}.json"
+
+
+def calibration_dir() -> Path:
+    """Where calibration files are: the folder FT_COOKBOOK_CALIBRATION_DIR names, else results/gpu."""
+    folder = os.environ.get(CALIBRATION_DIR_ENV, "").strip()
+    return Path(folder).expanduser() if folder else CALIBRATION_DIR
 
 
 def load_calibration(spec: str, folder: Path | None = None) -> Calibration | None:
@@ -95,7 +126,31 @@ def load_calibration(spec: str, folder: Path | None = None) -> Calibration | Non
     threads = (record.get("provenance") or {}).get("threads")
     return Calibration(str(measured.get("name", "")), str(record.get("dtype", "")),
                        float(figures["matmul_flops_per_second"]), float(figures["bandwidth_bytes_per_second"]),
-                       threads if measured.get("kind") == "cpu" and isinstance(threads, int) else None, path)
+                       threads if measured.get("kind") == "cpu" and isinstance(threads, int) else None, path,
+                       **_grid_figures(record))
+
+
+def _grid_figures(record: dict) -> dict:
+    """What the planner can take from the step grid in place of its modelled constants: the CUDA context, the
+    allocator's overhead and the time model's error per method kind. Rows that are not measured, or whose
+    figures are not positive numbers, are left out (the grid records failures beside its measurements)."""
+    if record.get("mode") != "full":  # --small: the tiny shapes check the code; their figures calibrate nothing
+        return {}
+    grid = record.get("step_grid") if isinstance(record.get("step_grid"), dict) else {}
+    steps = [row for row in record.get("steps") or [] if isinstance(row, dict) and row.get("status") == "measured"]
+    context = grid.get("context_bytes")
+    reserved = [row["peak_reserved_bytes"] / row["peak_allocated_bytes"] for row in steps
+                if _positive(row.get("peak_reserved_bytes")) and _positive(row.get("peak_allocated_bytes"))]
+    ratios: dict[str, list[float]] = {}
+    for row in steps:
+        ratio = (row.get("measured_over_predicted") or {}).get("calibration")
+        if isinstance(row.get("kind"), str) and _positive(ratio):
+            ratios.setdefault(row["kind"], []).append(float(ratio))
+    return {"context_bytes": int(context) if _positive(context) else None,
+            "allocator_ratio": statistics.median(reserved) if reserved else None,
+            "time_ratios": {**{kind: statistics.median(values) for kind, values in ratios.items()},
+                            ALL_KINDS: statistics.median(v for values in ratios.values() for v in values)}
+            if ratios else None}
 
 
 def _positive(value) -> bool:

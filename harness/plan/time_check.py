@@ -2,7 +2,8 @@
 
     python -m harness.plan.time_check                                   # results/runs.jsonl, results/gpu/
     python -m harness.plan.time_check --runs results/runs.jsonl --calibration results/gpu/calibration-cpu-x.json
-    ... --output FILE (a markdown table; default: stdout)
+    ... --runs FILE (repeatable), --result FILE (a single run's result.json, repeatable: the DPO and GRPO runs),
+    ... --output FILE.md (written whole; --overwrite to replace it; default: stdout)
 
 For each trial record (harness.reporting.runs; written by harness.bench) it rebuilds the run's settings from
 the record's own config (result.config, every setting flat, as harness.run.record writes it), counts the work
@@ -11,12 +12,16 @@ seconds with the device's speed (harness.plan.timing: the --calibration file, el
 results/gpu/, else a listed GPU's data sheet) and multiplies by the steps the trial ran. Measured is the trial's
 train_seconds (the optimizer steps alone: harness.run.training.TrainClock; no evaluation, no saving).
 
-Records it cannot predict are listed below the table with the reason (not a trial that trained, GRPO's
-generation, a device with no speed known, a model whose config is not available offline) and are not counted
-in the share within +-25 %.
+A record of another device than the --calibration's is listed as not comparable (never predicted with another
+device's speed); records it cannot predict are listed with the reason (not a trial that trained, GRPO's
+generation, a device with no speed known, a model whose config is not available offline). Neither is counted in
+the share within +-25 %. predict() is the one prediction of a record; harness.reporting.page calls it for the
+"predicted train (s)" column of the benchmark tables.
 """
 from __future__ import annotations
 
+import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +29,8 @@ from harness.errors import OneLineArgumentParser, UserError, reported_as_one_lin
 from harness.locations import RESULTS_DIR
 
 WITHIN = 0.25  # the issue's target: predicted within +-25 % of measured
+COMMAND = "python -m harness.plan.time_check"
+NOT_COMPARABLE = "not comparable"  # a reason's first words: the record ran on another device than the calibration's
 # The training settings the work of a step depends on (harness.plan.work, harness.plan.memory): only these are
 # taken from a record's training settings, the rest of which (accelerator objects written as text, hub tokens)
 # would not parse back.
@@ -36,27 +43,30 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     with reported_as_one_line("time_check"):
         args = _parse(argv)
-        runs = Path(args.runs)
-        if not runs.is_file():
-            raise UserError(f"--runs {runs}: no such file; give a runs.jsonl that harness.bench wrote "
-                            "(results/runs.jsonl)")
+        runs = [Path(p) for p in args.runs or [RESULTS_DIR / "runs.jsonl"]]
+        for path in runs:
+            if not path.is_file():
+                raise UserError(f"--runs {path}: no such file; give a runs.jsonl that harness.bench wrote "
+                                "(results/runs.jsonl)")
+        results = [Path(p) for p in args.result]
         if args.calibration and not Path(args.calibration).is_file():
             raise UserError(f"--calibration {args.calibration}: no such file; write one with "
-                            "python -m harness.plan.calibrate --output DIR")
+                            f"python -m harness.plan.calibrate --output DIR")
         output = Path(args.output) if args.output else None
         if output is not None and output.is_dir():
             raise UserError(f"--output {output} is a folder; give a file name")
         if output is not None and not output.parent.is_dir():
             raise UserError(f"--output {output}: folder {output.parent} does not exist; make it first or write "
                             "elsewhere")
-        from harness.models.loading import quiet_libraries
+        if output is not None and output.exists() and not args.overwrite:
+            raise UserError(f"--output {output} exists; pass --overwrite to replace it, or write elsewhere")
         from harness.reporting.runs import read_records, trial_record_problem
 
-        records = read_records(runs, check=trial_record_problem)
+        singles = [_result_record(path) for path in results]  # refused before anything is counted
+        records = [r for path in runs for r in read_records(path, check=trial_record_problem)] + singles
         calibration = _calibration(Path(args.calibration)) if args.calibration else None
-        with quiet_libraries():
-            rows = [predict(record, calibration) for record in records]
-        text = markdown(rows, runs, calibration)
+        rows = [predict(record, calibration) for record in records]
+        text = markdown(rows, records, calibration, f"{COMMAND} {shlex.join(argv)}".strip())
         if output is None:
             print(text, end="")
         else:
@@ -68,14 +78,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(argv: list[str]):
-    parser = OneLineArgumentParser(prog="python -m harness.plan.time_check",
+    parser = OneLineArgumentParser(prog=COMMAND,
                                    description="Predicted vs measured train time of every trial in a runs.jsonl.")
-    parser.add_argument("--runs", default=str(RESULTS_DIR / "runs.jsonl"), help="the trial records to predict")
+    parser.add_argument("--runs", action="append", default=None, metavar="FILE",
+                        help="trial records to predict (repeatable; default: results/runs.jsonl)")
+    parser.add_argument("--result", action="append", default=[], metavar="FILE",
+                        help="a single run's result.json to predict too (repeatable), e.g. "
+                             "results/smollm2-135m_dpo/result.json")
     parser.add_argument("--calibration", default=None, metavar="FILE",
                         help="a calibration file to use for the records of its device (default: results/gpu/)")
-    parser.add_argument("--output", default=None, metavar="FILE", help="write the markdown table here "
-                                                                       "(default: stdout)")
+    parser.add_argument("--output", default=None, metavar="FILE", help="write the markdown here (default: stdout)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return parser.parse_args(argv)
+
+
+def _result_record(path: Path) -> dict:
+    """A single run's result.json (harness.run.record) as the trial record time_check reads: the run's folder
+    names it; its CPU threads were not recorded (a recipe run alone uses torch's default)."""
+    import json
+
+    if not path.is_file():
+        raise UserError(f"--result {path}: no such file; give a run's result.json")
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"--result {path}: not readable JSON ({type(exc).__name__}); give a run's "
+                        "result.json") from None
+    if not isinstance(result, dict) or not isinstance(result.get("config"), dict) or "train_seconds" not in result:
+        raise UserError(f"--result {path}: not a run's result.json (no config or train_seconds); give the "
+                        "result.json a recipe wrote")
+    config = result["config"]
+    return {"sweep": path.parent.name, "trial_id": path.name, "status": result.get("status"),
+            "recipe": result.get("recipe"), "method": result.get("method"), "model": config.get("model"),
+            "rank": config.get("r"), "seed": config.get("seed"), "cpu_threads": None, "result": result,
+            "command": result.get("command")}
 
 
 def _calibration(path: Path):
@@ -98,12 +134,20 @@ def _calibration(path: Path):
     return load_calibration(spec, path.parent)
 
 
-def predict(record: dict, calibration=None) -> dict:
-    """One row: the trial, its measured and predicted train seconds, or the reason it cannot be predicted."""
+def predict(record: dict, calibration=None, folder: Path | None = None, calibrated_only: bool = False) -> dict:
+    """One trial record's row: what it is, its measured train seconds, and either its predicted train seconds
+    ("predicted", "low", "high", "estimate": the harness.plan.timing.Estimate of one step, whose compute, memory
+    and overhead parts say what dominates; "notes": what weakens the comparison) or the "reason" it is not
+    predicted. The speed: `calibration` (a harness.plan.speeds.Calibration; a record of another device is not
+    comparable), else the device's calibration file in `folder` (default results/gpu/), else, unless
+    calibrated_only, a listed GPU's data sheet."""
     result = record.get("result") or {}
-    row = {"trial": f"{record.get('sweep')}/{record.get('trial_id')}", "device": result.get("device") or "",
-           "steps": result.get("global_step"), "measured": result.get("train_seconds")}
     config = result.get("config") or {}
+    row = {"trial": f"{record.get('sweep')}/{record.get('trial_id')}", "sweep": record.get("sweep"),
+           "recipe": record.get("recipe") or result.get("recipe"), "method": record.get("method"),
+           "rank": record.get("rank"), "seed": record.get("seed"), "threads": record.get("cpu_threads"),
+           "device": result.get("device") or "", "steps": result.get("global_step"),
+           "measured": result.get("train_seconds")}
     if record.get("status") != "ok":
         return {**row, "reason": f"status {record.get('status')}: no train time"}
     if not row["steps"] or not row["measured"]:
@@ -114,36 +158,66 @@ def predict(record: dict, calibration=None) -> dict:
         return {**row, "reason": "GRPO: the generation of completions is not modelled"}
     if not row["device"]:
         return {**row, "reason": "the record names no device"}
+    if row["device"].strip().lower() == "cpu":  # "cpu" alone would mean the CPU this runs on, not the trial's
+        return {**row, "reason": "the record names no CPU model (device 'cpu'), so no calibration fits it"}
     try:
-        speed = _speed(row["device"], config, record.get("cpu_threads"), calibration)
+        speed, notes = _speed(row["device"], config, row["threads"], calibration, folder, calibrated_only)
         cfg = run_config(config)
+        from harness.models.loading import quiet_libraries
         from harness.plan.architectures import model_config
         from harness.plan.timing import step_seconds
         from harness.plan.work import step_work
 
-        model = model_config(cfg.model.model, cfg.model.trust_remote_code)
-        work = step_work(cfg, model, compute_dtype=_compute_dtype(cfg, row["device"]))
+        with quiet_libraries():  # the libraries' notes while a meta model is built are not the reader's concern
+            model = model_config(cfg.model.model, cfg.model.trust_remote_code)
+            work = step_work(cfg, model, compute_dtype=_compute_dtype(cfg, row["device"]))
     except UserError as exc:
         return {**row, "reason": str(exc)}
     estimate = step_seconds(work, speed, micro_batches=cfg.train.gradient_accumulation_steps)
     predicted = estimate.seconds * row["steps"]
-    return {**row, "predicted": predicted, "error": predicted / row["measured"] - 1, "estimate": estimate}
+    notes += _not_counted(config)
+    return {**row, "predicted": predicted, "low": estimate.low * row["steps"], "high": estimate.high * row["steps"],
+            "error": predicted / row["measured"] - 1, "estimate": estimate, "notes": notes}
 
 
-def _speed(device_name: str, config: dict, threads, calibration):
-    from harness.plan.speeds import device, require_speed
+def _not_counted(config: dict) -> list[str]:
+    """What the record's settings make the run do that harness.plan.work does not count (its docstring)."""
+    notes = []
+    if config.get("method") == "adalora":
+        notes.append("AdaLoRA's periodic rank reallocation is not counted")
+    if config.get("packing"):
+        notes.append("packed sequences' shorter attention is not counted (the whole window is)")
+    return notes
+
+
+def _speed(device_name: str, config: dict, threads, calibration, folder, calibrated_only: bool):
+    """(Speed, notes) for a record's device; a UserError (its reason) where none may be used."""
+    from harness.plan.speeds import calibration_path, device, load_calibration, require_speed
     from harness.plan.timing import speed_from
 
     found = device(device_name)
     dtype = str(_compute_dtype_named(config, found.kind))
+    peak = found.gpu.speed if found.gpu is not None else None
     if calibration is not None:
         measured = device(f"cpu {calibration.device}" if calibration.threads is not None else calibration.device)
         if measured.slug != found.slug:
-            raise UserError(f"no calibration for {device_name} (the one given is of {calibration.device})")
-        peak = found.gpu.speed if found.gpu is not None else None
-        return speed_from(peak, calibration, dtype, found.kind, threads if isinstance(threads, int) else None)
-    peak, own = require_speed(device_name, option="device")
-    return speed_from(peak, own, dtype, found.kind, threads if isinstance(threads, int) else None)
+            raise UserError(f"{NOT_COMPARABLE}: it ran on {device_name}, the calibration is of {calibration.device} "
+                            "(another device's speed would not predict it)")
+    elif calibrated_only:
+        calibration = load_calibration(device_name, folder)
+        if calibration is None:
+            raise UserError(f"no calibration of {found.name} ({calibration_path(device_name, folder).name}); run "
+                            f"python -m harness.plan.calibrate on that device")
+    else:
+        peak, calibration = require_speed(device_name, option="device", folder=folder)
+    threads = threads if isinstance(threads, int) and not isinstance(threads, bool) else None
+    notes = []
+    if calibration is not None and calibration.threads is not None:
+        if threads is None:
+            notes.append(f"the run's CPU threads were not recorded (calibrated with {calibration.threads})")
+        elif threads != calibration.threads:
+            notes.append(f"ran with {threads} CPU threads, calibrated with {calibration.threads} (not scaled)")
+    return speed_from(peak, calibration, dtype, found.kind, threads), notes
 
 
 def _compute_dtype_named(config: dict, kind: str) -> str:
@@ -183,28 +257,132 @@ def run_config(config: dict):
     return parse_args(defaults, [])
 
 
-def markdown(rows: list[dict], runs: Path, calibration) -> str:
+# ---------------------------------------------------------------------------- the markdown
+
+
+def _distinct(values) -> list[str]:
+    return list(dict.fromkeys(str(v) for v in values if v not in (None, "")))
+
+
+def _header(records: list[dict], calibration, command: str) -> list[str]:
+    from harness.models.offline import OFFLINE_MODELS
+
+    results = [r.get("result") or {} for r in records]
+    made = _distinct([r.get("bench_command") or r.get("command") for r in records])
+    models = _distinct(r.get("model") or (r.get("result") or {}).get("model") for r in records)
+    weights = {m: next((res.get("model_weights") for r, res in zip(records, results)
+                        if res.get("model_weights") and r.get("model") == m), None) or OFFLINE_MODELS.get(m)
+               for m in models}
+    commits = _distinct(((res.get("git") or {}).get("commit") or "unknown")
+                        + (" (with uncommitted changes)" if (res.get("git") or {}).get("dirty") else "")
+                        for res in results if res)
+    versions = _distinct(", ".join(f"{k} {v}" for k, v in (res.get("versions") or {}).items()) for res in results)
+    lines = ["# Predicted vs measured train time", "", "Made with (from the repository root):", "", "```", command,
+             "```", "", "The trials were measured with:", "", "```", *made, "```", "",
+             f"- **Device** (of the trials): {'; '.join(_distinct(r.get('device') for r in results)) or 'unknown'}.",
+             "- **Model**: " + "; ".join(f"`{m}` ({weights[m] or 'weights not described'})" for m in models) + ".",
+             f"- **Commit** (of the trials): {'; '.join(commits) or 'unknown'}.",
+             f"- **Versions** (of the trials): {'; '.join(versions) or 'unknown'}."]
+    lines.append(f"- **Speed**: {_calibration_line(calibration)}")
+    lines += ["- **Measured**: the trial's train_seconds (optimizer steps only: no evaluation, no saving). "
+              "**Predicted**: the time planner's model (harness/plan/work.py counts one step's work on the meta "
+              "model, harness/plan/timing.py turns it into seconds) on the trial's own settings, times its steps; "
+              "the range is the planner's own (RANGE_FACTOR). **Error**: predicted / measured - 1.", ""]
+    return lines
+
+
+def _calibration_line(calibration) -> str:
+    if calibration is None:
+        return "each device's calibration in results/gpu/, else a listed GPU's data sheet."
+    import json
+
+    try:
+        record = json.loads(calibration.path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    provenance = record.get("provenance") or {}
+    from harness.plan.timing import _skinny_rate
+
+    skinny = _skinny_rate(calibration.path)
+    threads = f"threads {calibration.threads}" if calibration.threads is not None else "a GPU"
+    return (f"calibration `{calibration.path}` of {calibration.device} ({record.get('mode', '?')} mode, "
+            f"{calibration.dtype}, {threads}): "
+            f"matmul {calibration.matmul_flops_per_second / 1e9:.1f} GFLOP/s (step-weighted)"
+            + (f", skinny (LoRA-rank) matmul {skinny / 1e9:.1f} GFLOP/s" if skinny else "")
+            + f", bandwidth {calibration.bandwidth_bytes_per_second / 1e9:.1f} GB/s; measured "
+            f"{provenance.get('date', '?')} at commit {provenance.get('commit', '?')} with "
+            f"`{provenance.get('command', '?')}`.")
+
+
+def _parts(estimates) -> tuple[float, float, float]:
+    """Shares of compute, memory and overhead in the predicted seconds of these step estimates."""
+    total = sum(e.seconds for e in estimates) or 1.0
+    return (sum(e.compute_seconds for e in estimates) / total, sum(e.memory_seconds for e in estimates) / total,
+            sum(e.overhead_seconds for e in estimates) / total)
+
+
+def markdown(rows: list[dict], records: list[dict], calibration, command: str = COMMAND) -> str:
+    """The whole page: how it was made, the summary, a row per predicted trial, the misses and the rest."""
     predicted = [r for r in rows if "predicted" in r]
     hits = [r for r in predicted if abs(r["error"]) <= WITHIN]
-    lines = [f"# Predicted vs measured train time: {runs}", "",
-             "Measured: the trial's train_seconds (optimizer steps only). Predicted: `python -m harness.plan` time "
-             "model (harness/plan/timing.py) on the trial's own settings, times its steps."
-             + (f" Speed: {calibration.path.name}." if calibration is not None else ""), "",
-             f"Within +-{WITHIN:.0%}: {len(hits)} of {len(predicted)} predicted trials"
-             + (f" ({len(hits) / len(predicted):.0%})" if predicted else "")
-             + f"; {len(rows) - len(predicted)} records not predicted (listed below).", "",
-             "| trial | device | steps | measured s | predicted s | error | compute s/step | memory s/step | "
-             "overhead s/step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    plain = [r for r in predicted if not r["notes"]]
+    ratios = sorted(r["measured"] / r["predicted"] for r in predicted)
+    apart = [r for r in rows if str(r.get("reason", "")).startswith(NOT_COMPARABLE)]
+    skipped = [r for r in rows if "predicted" not in r and r not in apart]
+    lines = _header(records, calibration, command) + ["## Summary", ""]
+    if predicted:
+        compute, memory, overhead = _parts([r["estimate"] for r in predicted])
+        lines += [f"- **Within ±{WITHIN:.0%}**: {len(hits)} of {len(predicted)} predicted trials "
+                  f"({len(hits) / len(predicted):.0%}); of the {len(plain)} with nothing noted against them (same "
+                  f"threads as the calibration, nothing uncounted): "
+                  f"{sum(abs(r['error']) <= WITHIN for r in plain)}.",
+                  f"- **Measured / predicted**: median {statistics.median(ratios):.2f}, min {ratios[0]:.2f}, "
+                  f"max {ratios[-1]:.2f} (above 1: the trial ran slower than predicted).",
+                  f"- **What the prediction is made of** (shares of all predicted seconds): compute {compute:.0%}, "
+                  f"memory traffic {memory:.0%}, fixed and per-op overhead {overhead:.0%}."]
+    else:
+        lines.append("- No trial could be predicted (reasons below).")
+    lines += [f"- **Not comparable** (another device than the calibration's): {len(apart)}; **not predicted**: "
+              f"{len(skipped)} (listed below, not counted in the share).", "",
+              "## Per trial", "",
+              "| sweep | recipe | method | rank | seed | threads | steps | measured (s) | predicted (s) (low-high) | "
+              "error | within ±25%? | compute | memory | overhead |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in predicted:
-        e = r["estimate"]
-        lines.append(f"| {r['trial']} | {r['device']} | {r['steps']} | {r['measured']:.1f} | {r['predicted']:.1f} | "
-                     f"{r['error']:+.0%} | {e.compute_seconds:.3f} | {e.memory_seconds:.3f} | "
-                     f"{e.overhead_seconds:.3f} |")
-    skipped = [r for r in rows if "predicted" not in r]
+        compute, memory, overhead = _parts([r["estimate"]])
+        lines.append(f"| {r['sweep']} | {r['recipe']} | {r['method']} | {_blank(r['rank'])} | {_blank(r['seed'])} | "
+                     f"{_blank(r['threads'])} | {r['steps']} | {r['measured']:.1f} | {r['predicted']:.1f} "
+                     f"({r['low']:.1f}-{r['high']:.1f}) | {r['error']:+.0%} | "
+                     f"{'yes' if abs(r['error']) <= WITHIN else 'no'} | {compute:.0%} | {memory:.0%} | "
+                     f"{overhead:.0%} |")
+    misses = [r for r in predicted if abs(r["error"]) > WITHIN]
+    lines += ["", f"## Misses (outside ±{WITHIN:.0%})", ""]
+    lines += [f"- {r['trial']}: measured / predicted {r['measured'] / r['predicted']:.2f} "
+              f"({'slower' if r['error'] < 0 else 'faster'} than predicted; {_dominant(r['estimate'])}); "
+              + "; ".join(r["notes"] or ["nothing in the record sets it apart from the hits"]) for r in misses] or [
+        "None."]
+    lines += ["", "Not counted by the model for any trial (harness/plan/work.py): the Python of the model's "
+              "modules and the Trainer beyond the fixed per-step and per-micro-batch overheads, GRPO's generation, "
+              "AdaLoRA's periodic rank reallocation, packed sequences' shorter attention; nor what else the machine "
+              "ran beside the trial."]
+    if apart:
+        lines += ["", "## Not comparable", ""] + [f"- {r['trial']} ({r['device']}): {r['reason']}" for r in apart]
     if skipped:
-        lines += ["", "Not predicted:", ""] + [f"- {r['trial']} ({r['device'] or 'no device'}): {r['reason']}"
-                                               for r in skipped]
+        lines += ["", "## Not predicted", ""] + [f"- {r['trial']} ({r['device'] or 'no device'}): {r['reason']}"
+                                                 for r in skipped]
     return "\n".join(lines) + "\n"
+
+
+def _dominant(estimate) -> str:
+    """The part that makes most of a prediction, and whether that part's figures are measured or estimated."""
+    share, name = max(zip(_parts([estimate]), ("compute", "memory traffic", "overhead")))
+    source = {"compute": "at the calibrated matmul rate", "memory traffic": "at the calibrated bandwidth",
+              "overhead": "fixed per-step and per-op costs: estimated, not fitted (harness/plan/timing.py)"}[name]
+    return f"the prediction is {share:.0%} {name}, {source}"
+
+
+def _blank(value) -> str:
+    return "" if value is None else str(value)
 
 
 if __name__ == "__main__":

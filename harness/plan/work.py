@@ -33,9 +33,10 @@ backward on meta tensors: no memory, no arithmetic, the shapes alone. What it do
   table); dropout's random numbers (bernoulli_) apart, as random_bytes. The same mode counts the ops dispatched
   (views and allocations not included), the optimizer's ops per trainable tensor (torch's AdamW and the clipping
   run on a meta stand-in), and the FLOPs of skinny matrix products (a dimension under SKINNY_DIMENSION: LoRA's
-  rank), which a device runs far below its matmul rate. The meta run has no autocast: PEFT's fp32 adapters on a
-  16-bit model run their scaling and adds in fp32 here, in 16 bits under a GPU's autocast, so a 16-bit plan
-  overcounts that part of the element-wise bytes (a float32 CPU run is counted as it runs).
+  rank), which a device runs far below its matmul rate. A 16-bit run trains under autocast, which torch.autocast
+  refuses on the meta device: _Autocast stands in for it (matrix products with an fp32 operand run in 16 bits,
+  so PEFT's fp32 adapters scale and add in 16 bits, as on a GPU); tests/test_plan_speed.py holds the bytes it
+  changes equal to what torch.autocast changes in a real bf16 CPU step (LoRA: fewer; DoRA: more).
 
 Not counted here: the Python of modules and the Trainer, GRPO's generation, AdaLoRA's periodic rank
 reallocation, packed sequences' shorter attention: the time model (harness.plan.timing) adds or leaves them.
@@ -43,7 +44,6 @@ reallocation, packed sequences' shorter attention: the time model (harness.plan.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -52,10 +52,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from harness.plan.memory import meta_model, optimized_tensors, optimizer_state_bytes, quantized_weight_bytes, run_model
+from harness.models.methods import UNPACKABLE_METHODS, flattens
+from harness.plan.architectures import text_config, with_layers
+from harness.plan.memory import (
+    layers_alike,
+    optimized_tensors,
+    optimizer_state_bytes,
+    quantized_weight_bytes,
+    run_model,
+)
+from harness.plan.speeds import method_kind
 
 COUNTED_ATTENTION = "planned_counted_attention"
-_CACHE_SIZE = 32  # counts kept (a table of every method x 4 ranks is ~40 plans; each count is ~50 numbers)
+_CACHE_SIZE = 100  # counts kept, two a plan (a table of every method x 4 ranks is ~40 plans; a count: ~20 numbers)
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,11 @@ class StepWork:
     skinny_flops: int = 0  # of the FLOPs, matrix products with a dimension under SKINNY_DIMENSION (LoRA's rank)
     ops: int = 0  # ops dispatched by the forward, backward and reference (views and allocations not included)
     optimizer_ops: int = 0  # ops of the optimizer step and the clipping, one trainable tensor at a time
+    # Of elementwise_bytes, those of the loss over the vocabulary (SFT: TRL's fused LM head, which a CPU runs as torch
+    # ops, many passes over each tile of logits; on a GPU its Triton kernels take about LOSS_PASSES_FUSED passes)
+    loss_bytes: int = 0
+    logits_bytes: int = 0  # one pass over the step's logits (tokens x vocabulary, in the LM head's dtype)
+    method_kind: str = ""  # harness.plan.speeds.method_kind: which of a calibration grid's ratios applies
 
     @property
     def flops(self) -> int:
@@ -116,6 +130,9 @@ class _MicroBatch:
     skinny_flops: int
     ops: int
     optimizer_ops: int  # of one step, not of a micro-batch
+    attention_forward: int = 0  # of `attention`, the forward's
+    loss_bytes: int = 0
+    logits_bytes: int = 0
 
 
 def step_work(cfg, config, compute_dtype: torch.dtype = torch.bfloat16) -> StepWork:
@@ -134,31 +151,49 @@ def step_work(cfg, config, compute_dtype: torch.dtype = torch.bfloat16) -> StepW
             _COUNTS.pop(next(iter(_COUNTS)))  # the oldest
         _COUNTS[key] = micro
     n = targs.gradient_accumulation_steps
+    # A flattened batch (SFT's padding-free or BFD packing) is one row of every sequence: transformers' sdpa masks
+    # it block-diagonally but computes the whole (sequences x length)^2 of it (profiled on CPU: one [1, 9, 512, 64]
+    # attention per layer for 4 x 128 tokens), `sequences` times a padded batch's attention. FlashAttention-2
+    # takes each example's own length (varlen) and does not.
+    extra = (sequences - 1) if _flattened_attention(cfg) else 0
+    forward_attention, rest_attention = micro.attention_forward, micro.attention - micro.attention_forward
     weights = micro.trainable_bytes
     # Each micro-batch after the first adds its gradients into .grad (two reads, one write); clipping reads them
     # for the norm, then scales them in place (the Trainer clips whenever max_grad_norm > 0).
     gradients = 3 * weights * (n - 1) + (3 * weights if targs.max_grad_norm and targs.max_grad_norm > 0 else 0)
     return StepWork(
         tokens=sequences * n * cfg.data.max_seq_length,
-        forward_flops=micro.forward * n, backward_flops=micro.backward * n, recompute_flops=micro.recompute * n,
-        reference_flops=micro.reference * n, attention_flops=micro.attention * n,
+        forward_flops=(micro.forward + extra * forward_attention) * n,
+        backward_flops=(micro.backward + extra * rest_attention) * n,  # checkpointing's recompute of it included
+        recompute_flops=micro.recompute * n, reference_flops=micro.reference * n,
+        attention_flops=micro.attention * (1 + extra) * n,
         dequant_bytes=micro.dequant_bytes * n, cast_bytes=micro.cast_bytes * n,
         weight_norm_bytes=micro.weight_norm_bytes * n,
         # parameters and states read and written, gradients read
         optimizer_bytes=2 * weights + weights + 2 * micro.state_bytes, gradient_bytes=gradients,
         score_bytes=micro.score_bytes, elementwise_bytes=micro.elementwise_bytes * n,
         random_bytes=micro.random_bytes * n, skinny_flops=micro.skinny_flops * n, ops=micro.ops * n,
-        optimizer_ops=micro.optimizer_ops,
+        optimizer_ops=micro.optimizer_ops, loss_bytes=micro.loss_bytes * n, logits_bytes=micro.logits_bytes * n,
+        method_kind=method_kind(cfg.method.method, cfg.model.quantization),
     )
 
 
+def _flattened_attention(cfg) -> bool:
+    """Whether the run's attention covers a whole flattened batch (see step_work): SFT laying a batch end to end,
+    as harness.objectives.sft_trainer does (prompt methods are never flattened), with an attention that masks
+    rather than splits it."""
+    return (cfg.run.objective == "sft" and flattens(cfg.train) and cfg.method.method not in UNPACKABLE_METHODS
+            and not str(cfg.model.attn_implementation or "").startswith("flash_attention"))
+
+
+# by step_work's key and by what the count depends on (_micro_batch's, starting "same work")
 _COUNTS: dict[tuple, _MicroBatch] = {}
 _MODELS: dict[tuple, tuple] = {}
-_ALIKE: dict[tuple, bool] = {}
+_layers_alike = layers_alike  # a module global, so that a test can count a model whole
 
 
 def _model_key(cfg, config, compute_dtype) -> tuple:
-    return config.to_json_string(use_diff=False), repr(cfg.method), repr(cfg.model), str(compute_dtype)
+    return config.to_json_string(use_diff=False), repr(cfg.method), repr(cfg.model), str(compute_dtype), cfg.run.objective
 
 
 def _micro_batch(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpointing: bool, reference: bool,
@@ -166,48 +201,41 @@ def _micro_batch(cfg, config, compute_dtype, sequences: int, seq_length: int, ch
     """The count, on the whole model or, when its decoder layers are all alike, on the model with one and with
     two of them: everything counted is then the part outside the layers plus the layers' count times one layer's
     (a 7B or 70B model counts as fast as a 2-layer one; tests/test_plan_work.py holds it equal to the whole)."""
-    layers = _text_config(config).num_hidden_layers
-    if layers < 3 or not _layers_alike(config, compute_dtype, cfg.model.trust_remote_code):
-        return _count(cfg, config, compute_dtype, sequences, seq_length, checkpointing, reference, optim)
-    one, two = (_count(cfg, _with_layers(config, n), compute_dtype, sequences, seq_length, checkpointing, reference,
-                       optim) for n in (1, 2))
-    return _MicroBatch(**{field.name: getattr(one, field.name) + (layers - 1) * (
-        getattr(two, field.name) - getattr(one, field.name)) for field in dataclasses.fields(_MicroBatch)})
+    layers = text_config(config).num_hidden_layers
+    alike = layers >= 3 and _layers_alike(config, compute_dtype, cfg.model.trust_remote_code)
+    first = with_layers(config, 1) if alike else config
+    same_work = ("same work", alike, cfg.run.objective, _adapter_key(cfg, _model(cfg, first, compute_dtype)[0]),
+                 config.to_json_string(use_diff=False), repr(cfg.model), str(compute_dtype), sequences, seq_length,
+                 checkpointing, reference, optim)
+    if same_work in _COUNTS:
+        return _COUNTS[same_work]
+    if not alike:
+        micro = _count(cfg, config, compute_dtype, sequences, seq_length, checkpointing, reference, optim)
+    else:
+        one, two = (_count(cfg, with_layers(config, n), compute_dtype, sequences, seq_length, checkpointing, reference,
+                           optim) for n in (1, 2))
+        micro = _MicroBatch(**{field.name: getattr(one, field.name) + (layers - 1) * (
+            getattr(two, field.name) - getattr(one, field.name)) for field in dataclasses.fields(_MicroBatch)})
+    if len(_COUNTS) >= _CACHE_SIZE:
+        _COUNTS.pop(next(iter(_COUNTS)))  # the oldest
+    _COUNTS[same_work] = micro
+    return micro
 
 
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+# A multiplier's value is not work: rsLoRA's scaling and lora_alpha change what LoRA's output is multiplied by.
+_VALUE_ONLY = ("use_rslora", "lora_alpha")
 
 
-def _with_layers(config, layers: int):
-    config = copy.deepcopy(config)
-    text = _text_config(config)
-    text.num_hidden_layers = layers
-    if isinstance(getattr(text, "layer_types", None), list):
-        text.layer_types = text.layer_types[:layers]
-    return config
+def _adapter_key(cfg, model) -> str:
+    """The adapter as PEFT built it, less what changes values but not work: LoRA, rsLoRA and LoftQ (whose start
+    values harness.plan.memory.run_model skips) on the same base and rank count once in a table."""
+    import json
 
-
-def _layers_alike(config, compute_dtype, trust_remote_code: bool) -> bool:
-    """Whether every decoder layer has the same modules and parameter shapes (the model without an adapter,
-    built on meta in milliseconds; the PEFT config picks modules by name, so it adapts every layer alike)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    key = (config.to_json_string(use_diff=False), str(compute_dtype))
-    if key in _ALIKE:
-        return _ALIKE[key]
-    _register_counted_attention()
-    model = meta_model(config, compute_dtype, COUNTED_ATTENTION, trust_remote_code)
-
-    def signature(layer):
-        return ([type(m).__name__ for m in layer.modules()],
-                [(name, tuple(p.shape), p.dtype) for name, p in layer.named_parameters()])
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if len(_ALIKE) >= _CACHE_SIZE:
-        _ALIKE.pop(next(iter(_ALIKE)))
-    _ALIKE[key] = bool(layers) and all(signature(layer) == signature(layers[0]) for layer in layers[1:])
-    return _ALIKE[key]
+    peft = getattr(model, "peft_config", {}).get("default")
+    if peft is None:  # full fine-tuning, or nothing trained
+        return cfg.method.method
+    fields = {name: value for name, value in peft.to_dict().items() if name not in _VALUE_ONLY}
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def _model(cfg, config, compute_dtype):
@@ -251,6 +279,16 @@ def _register_counted_attention() -> None:
 
 SKINNY_DIMENSION = 64  # a matrix product with a dimension under this (a LoRA rank) is bound by its operands' bytes
 _MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+
+
+def _addmm_in_place(*args, **kwargs):
+    return flop_registry[torch.ops.aten.addmm](*args, **kwargs)
+
+
+_addmm_in_place._get_raw = True  # takes the tensors, as flop_registry's own formulas do
+# Products PyTorch's counter has no formula for: the in-place addmm_ with which TRL's fused LM head accumulates
+# its gradient GEMMs in fp32 (trl/kernels/chunked_logprob.py, _addmm_fp32 off CUDA): the same FLOPs as addmm.
+EXTRA_FLOP_FORMULAS = {torch.ops.aten.addmm_: _addmm_in_place}
 _RANDOM = {torch.ops.aten.bernoulli, torch.ops.aten.bernoulli_, torch.ops.aten.native_dropout, torch.ops.aten.rand,
            torch.ops.aten.rand_like, torch.ops.aten.randn, torch.ops.aten.randn_like, torch.ops.aten.uniform_,
            torch.ops.aten.normal_, torch.ops.aten.randint, torch.ops.aten.randint_like}
@@ -278,9 +316,10 @@ class _BytesTouched(TorchDispatchMode):
         if func.is_view or packet in self.MOVE_NOTHING or func.namespace != "aten":
             return out
         self.ops += 1
-        if packet in flop_registry:
-            if packet in _MATMULS:
-                a, b = args[-2:] if packet in (torch.ops.aten.addmm, torch.ops.aten.baddbmm) else args[:2]
+        if packet in flop_registry or packet in EXTRA_FLOP_FORMULAS:
+            if packet in _MATMULS or packet in EXTRA_FLOP_FORMULAS:
+                three = (torch.ops.aten.addmm, torch.ops.aten.baddbmm, torch.ops.aten.addmm_)
+                a, b = args[1:3] if packet in three else args[:2]
                 if min(*a.shape[-2:], b.shape[-1]) < SKINNY_DIMENSION:
                     self.skinny_flops += 2 * a.numel() * b.shape[-1]
             return out
@@ -296,6 +335,37 @@ class _BytesTouched(TorchDispatchMode):
         return out
 
 
+class _Autocast(TorchDispatchMode):
+    """A GPU's 16-bit autocast as far as the count sees it (torch.autocast refuses the meta device): a matrix product
+    with an fp32 operand runs in the compute dtype. Its fp32 activation is cast first, once (an element-wise op the
+    count sees; the backward reuses the copy, as autograd keeps autocast's); its fp32 weight too, uncounted here (its
+    bytes are cast_bytes). What follows the product then runs in 16 bits, as on the GPU: PEFT's fp32 adapters'
+    scaling and the add into the layer's output, and their backward. PEFT's own cast of the input to fp32 and the
+    dropout on it stay fp32, as they are under autocast."""
+
+    def __init__(self, dtype: torch.dtype, model):
+        super().__init__()
+        self.dtype = dtype
+        self.params = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.copies: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # the original held: its address stays its
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in _MATMULS and any(isinstance(a, torch.Tensor) and a.dtype == torch.float32
+                                                    for a in args):
+            args = tuple(self._cast(a) if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a
+                         for a in args)
+        return func(*args, **(kwargs or {}))
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()._cdata
+        if storage in self.params:  # a weight: its cast is counted by the Linear's hook (cast_bytes)
+            return torch.empty_strided(tensor.shape, tensor.stride(), dtype=self.dtype, device=tensor.device)
+        key = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in self.copies:
+            self.copies[key] = (tensor, torch.ops.aten._to_copy(tensor, dtype=self.dtype))  # not .to: a view op
+        return self.copies[key][1]
+
+
 def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpointing: bool, reference: bool,
            optim: str) -> _MicroBatch:
     """One micro-batch, forward and backward, on the meta model with the Trainer's checkpointing when the run
@@ -304,12 +374,13 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
     not rerun)."""
     model, quantized, master_fp32 = _model(cfg, config, compute_dtype)
     quantization, autocast = cfg.model.quantization, compute_dtype != torch.float32
-    counter, touched = FlopCounterMode(display=False), _BytesTouched()
+    counter, touched = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS), _BytesTouched()
     phase = ["forward"]  # then "backward", within which "recompute", then "reference"
     recompute = [0]
     moved = {kind: dict.fromkeys(("forward", "backward", "recompute", "reference"), 0)
              for kind in ("dequant", "cast", "norm")}
     dequant_backward = [0]
+    cast_once: set[tuple[str, int]] = set()
     dora_start = [0]
 
     def attention_flops() -> int:
@@ -334,7 +405,9 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
             # bitsandbytes dequantizes it again in the backward, but only for the gradient of its input
             if phase[0] == "forward" and args[0].requires_grad:
                 dequant_backward[0] += nbytes
-        elif autocast and (weight.dtype == torch.float32 or master_fp32 or quantized):
+        elif autocast and (weight.dtype == torch.float32 or master_fp32 or quantized) and (
+                (phase[0], id(weight)) not in cast_once):  # autocast caches a weight's copy for its region
+            cast_once.add((phase[0], id(weight)))  # (a forward; a layer's recompute): DoRA's second call reuses it
             moved["cast"][phase[0]] += weight.numel() * (4 + compute_dtype.itemsize)  # the backward reuses it
 
     def dora_enter(module, args, kwargs):
@@ -357,13 +430,25 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
         # need gradients; torch.utils.checkpoint runs each recompute under the second context context_fn returns
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={
             "use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(), recomputing())})
+    fused = cfg.run.objective == "sft"  # SFTTrainer scores tokens with TRL's fused LM head, DPO's trainer does not
+    loss_start, loss_bytes = [0], [0]
+    if fused:
+        handles += _fused_head_hooks(model, touched, loss_start, loss_bytes)
+        if autocast and quantized:  # a k-bit base's head is fp32 (prepare_model_for_kbit_training): the fused
+            # head casts it to 16 bits tile by tile in its forward and again in its backward
+            head = model.get_output_embeddings().weight
+            moved["cast"]["forward"] += 2 * head.numel() * (4 + compute_dtype.itemsize)
     ids = torch.zeros(sequences, seq_length, dtype=torch.long, device="meta")
     model.train()
     try:
-        with counter, touched, _unpacked_rows():
-            loss = model(input_ids=ids, labels=ids).loss  # no mask: see harness.plan.memory.saved_for_backward
-            forward = counter.get_total_flops()
+        cast = _Autocast(compute_dtype, model) if autocast else contextlib.nullcontext()
+        with counter, touched, cast, _unpacked_rows(), _meta_autocast_answered(compute_dtype):
+            # no mask: see harness.plan.memory.saved_for_backward
+            loss = model(input_ids=ids, labels=ids, **({"fused_lm_head": True} if fused else {})).loss
+            loss_bytes[0] += touched.bytes - loss_start[0] if fused else 0
+            forward, attention_forward = counter.get_total_flops(), attention_flops()
             phase[0] = "backward"
+            loss_start[0] = touched.bytes  # the backward starts with the loss's: until the backbone's output's hook
             if loss.requires_grad:  # method "none" trains nothing
                 loss.backward()
             backward = counter.get_total_flops() - forward - recompute[0]
@@ -389,7 +474,53 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
         state_bytes=optimizer_state_bytes(optim, trainable)[0],
         elementwise_bytes=touched.bytes - norm, random_bytes=touched.random_bytes, skinny_flops=touched.skinny_flops,
         ops=touched.ops, optimizer_ops=len(trainable) * _optimizer_ops_per_tensor(),
+        attention_forward=attention_forward, loss_bytes=loss_bytes[0],
+        logits_bytes=sequences * seq_length * text_config(config).vocab_size * compute_dtype.itemsize if fused else 0,
     )
+
+
+# What SFTTrainer asks its fused LM head for (trl/trainer/sft_trainer.py: the loss, and the entropy and top-1 metrics)
+FUSED_HEAD_OUTPUTS = ("log_probs", "entropy", "is_top1")
+
+
+def _fused_head_hooks(model, touched, loss_start, loss_bytes) -> list:
+    """TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, as SFTTrainer adds it) on the counted model, once,
+    and hooks that measure its bytes: from the backbone's output to the loss in the forward; in the backward, from
+    its start to the gradient reaching the backbone's output. Returns the hooks' handles."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "_planned_fused_head", False):
+        add_fused_lm_head(base, outputs=FUSED_HEAD_OUTPUTS)
+        base._planned_fused_head = True
+    backbone = getattr(base, base.base_model_prefix)
+
+    def backbone_done(module, args, output):
+        loss_start[0] = touched.bytes
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: loss_bytes.__setitem__(0, loss_bytes[0] + touched.bytes - loss_start[0]))
+
+    return [backbone.register_forward_hook(backbone_done)]
+
+
+@contextlib.contextmanager
+def _meta_autocast_answered(compute_dtype):
+    """TRL's fused LM head asks torch whether autocast is on for its tensors' device; torch has no autocast for
+    "meta" and raises. Answer as the real run would: on, in the compute dtype, for a 16-bit run (_Autocast)."""
+    is_enabled, get_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+
+    def enabled(*args):
+        return compute_dtype != torch.float32 if args and str(args[0]) == "meta" else is_enabled(*args)
+
+    def dtype(device_type):
+        return compute_dtype if str(device_type) == "meta" else get_dtype(device_type)
+
+    torch.is_autocast_enabled, torch.get_autocast_dtype = enabled, dtype
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled, torch.get_autocast_dtype = is_enabled, get_dtype
 
 
 @contextlib.contextmanager

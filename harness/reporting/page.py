@@ -2,12 +2,15 @@
 
   python -m harness.report                       # every sweep recorded in results/runs.jsonl
   python -m harness.report --sweep stories260k   # one sweep
+  python -m harness.report --calibrations DIR    # the devices' calibrations for "predicted train" (results/gpu)
 
 For each sweep, results/<sweep>.md holds: the exact commands and the machine, the settings every
 trial shared, one comparison table (a row per recipe x rank x --set values, mean +- std over the
-seeds), a rank pivot per headline metric, the plots, and the trials that did not finish ok with
+seeds; beside the measured train time, the time planner's prediction where the trials' device has a
+calibration), a rank pivot per headline metric, the plots, and the trials that did not finish ok with
 their reason. Plots go next to it as results/<sweep>_*.png. Everything comes from the records
-(nothing from "now"), so rebuilding from the same runs.jsonl gives the same tables byte for byte.
+and the calibration files (nothing from "now"), so rebuilding from the same runs.jsonl and results/gpu/ gives the
+same tables byte for byte.
 When a trial was run several times (--force, or a failure then a success), its latest record counts.
 """
 from __future__ import annotations
@@ -18,10 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
+from harness.errors import OneLineArgumentParser, UserError, first_line, reported_as_one_line
 from harness.files import write_text_atomic
 from harness.locations import RESULTS_DIR
 from harness.models.offline import OFFLINE_MODELS
+from harness.plan.time_check import predict
 from harness.reporting.plots import write_plots
 from harness.reporting.runs import RUNS_FILE, read_records, trial_record_problem
 from harness.reporting.tables import (
@@ -29,6 +33,7 @@ from harness.reporting.tables import (
     PIVOT_METRICS,
     PLANNED,
     PLANNED_RATIO,
+    PREDICTED_TRAIN,
     RANK_HEADER,
     SHARED_SETTINGS,
     comparison_table,
@@ -140,7 +145,8 @@ COLUMN_NOTES = (
     "plan (harness.plan) predicted before loading, "
     "without the CUDA context (for a CPU run, for its fp32 compute), and *measured / planned* checks it against "
     "GPU memory only; *trial process peak RSS* is the same process measured from outside (`wait4`), from "
-    "start to exit; *train* is optimizer steps only (no evaluation, no saving), *total* the recipe's whole run "
+    "start to exit; *train* is optimizer steps only (no evaluation, no saving), *predicted train* the time "
+    "planner's prediction of it (see the note above), *total* the recipe's whole run "
     "(load, train, evaluate, save), *trial wall* the process from start to exit (imports included); "
     "*tokens/s* counts non-padding tokens trained on; *MFU* uses 4N FLOPs per token for adapters (6N with "
     "activation checkpointing; full fine-tuning 6N / 8N) against the GPU's dense 16-bit peak; *adapter* is the "
@@ -156,15 +162,58 @@ COLUMN_NOTES = (
 
 # ---------------------------------------------------------------------------- the report
 
-def render(sweep: str, records: list[dict[str, Any]], plots: list[Path]) -> str:
+def predicted_train(rows: list[dict[str, Any]], ok_trials: list[dict[str, Any]],
+                    calibrations: Path | None = None) -> list[str]:
+    """Fill each trained row's PREDICTED_TRAIN with the time planner's prediction of its train time
+    (harness.plan.time_check.predict, from the calibration of the trial's device in `calibrations`, default
+    results/gpu/; never a data sheet: a table of measurements gets a prediction only from a measured speed), and
+    return the note that goes below the table: where the speeds came from and why any trial has none.
+    ok_trials are the records of `rows`, in order (tables.ok_rows keeps one row per ok record)."""
+    if len(rows) != len(ok_trials):
+        raise ValueError(f"{len(rows)} rows for {len(ok_trials)} records")
+    sources: dict[str, None] = {}
+    missing: dict[str, list[str]] = {}
+    done: dict[str, dict[str, Any]] = {}  # trials of one experiment, device and steps share one prediction
+    for row, record in zip(rows, ok_trials):
+        if row["method"] == BASELINE:
+            continue  # trains nothing: nothing to predict
+        result = record.get("result") or {}
+        key = json.dumps([row["_experiment"], result.get("device"), result.get("global_step")], default=str)
+        if key not in done:
+            try:
+                done[key] = predict(record, folder=calibrations, calibrated_only=True)
+            except Exception as exc:  # a prediction the planner cannot make must not cost the sweep its table
+                done[key] = {"reason": f"the time planner failed on it ({type(exc).__name__}: {first_line(exc)})"}
+        found = done[key]
+        if "predicted" in found:
+            row[PREDICTED_TRAIN] = found["predicted"]
+            sources[found["estimate"].speed.source] = None
+        else:
+            missing.setdefault(found["reason"], []).append(record.get("trial_id") or "?")
+    notes = []
+    if sources:
+        notes.append(f"*{PREDICTED_TRAIN}*: the time planner's prediction of *train (s)* from the trial's own "
+                     "settings (harness/plan/work.py counts a step's work, harness/plan/timing.py its seconds), "
+                     f"times its steps; speed from {'; '.join(sources)} (in {calibrations or 'results/gpu'}). "
+                     "`python -m harness.plan.time_check` compares the two trial by trial.")
+    for reason, trials in missing.items():
+        shown = ", ".join(trials[:3]) + (f" and {len(trials) - 3} more" if len(trials) > 3 else "")
+        where = "left empty" if sources else "not shown"  # a column nobody predicted is dropped, as any other
+        notes.append(f"*{PREDICTED_TRAIN}* {where} for {shown}: {reason.rstrip('.')}.")
+    return [line for note in notes for line in (note, "")]
+
+
+def render(sweep: str, records: list[dict[str, Any]], plots: list[Path], calibrations: Path | None = None) -> str:
     trials = latest_per_trial(records)
     rows = ok_rows(trials)
+    notes = predicted_train(rows, [t for t in trials if t["status"] == "ok"], calibrations)
     rows.sort(key=lambda row: (row["method"] != BASELINE, _first_seen(trials, row["recipe"]), row["settings"],
                                row["_rank"], row["seed"]))
     lines = header(sweep, trials)
     lines += ["## Comparison", ""]
     if rows:
-        lines += [comparison_table(rows).to_markdown(index=False, disable_numparse=True), "", COLUMN_NOTES, ""]
+        lines += [comparison_table(rows).to_markdown(index=False, disable_numparse=True), "", *notes, COLUMN_NOTES,
+                  ""]
         pivots = [m for m in (*PIVOT_METRICS, score_column(rows)) if m]
         lines += ["## By rank", ""]
         for metric in dict.fromkeys(pivots):
@@ -190,8 +239,10 @@ def _first_seen(trials: list[dict[str, Any]], label: str) -> int:
     return next((i for i, r in enumerate(trials) if recipe_label(r) == label), len(trials))
 
 
-def write_report(results_dir: Path, sweep: str, records: list[dict[str, Any]] | None = None) -> list[Path]:
-    """Write <results_dir>/<sweep>.md and its plots; returns the files written."""
+def write_report(results_dir: Path, sweep: str, records: list[dict[str, Any]] | None = None,
+                 calibrations: Path | None = None) -> list[Path]:
+    """Write <results_dir>/<sweep>.md and its plots; returns the files written. calibrations: the folder of the
+    devices' calibration files for the predicted train time (default results/gpu/)."""
     results_dir = Path(results_dir)
     if records is None:
         records = read_records(results_dir / RUNS_FILE, check=trial_record_problem)
@@ -203,7 +254,7 @@ def write_report(results_dir: Path, sweep: str, records: list[dict[str, Any]] | 
     rows = ok_rows(trials)
     plots = write_plots(rows, results_dir, sweep, score_column(rows)) if rows else []
     path = results_dir / f"{sweep}.md"
-    write_text_atomic(path, render(sweep, records, plots))
+    write_text_atomic(path, render(sweep, records, plots, calibrations))
     return [path, *plots]
 
 
@@ -230,12 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="append", default=None, help="Only this sweep (repeatable). Unset: all.")
     parser.add_argument("--sample", metavar="SWEEP", help="Print the headline columns of this sweep's table instead "
                         "(docs/benchmarks.md's sample) and write nothing.")
+    parser.add_argument("--calibrations", metavar="DIR", default=None, help="Folder of the devices' calibration "
+                        "files (python -m harness.plan.calibrate) for the predicted train time; default results/gpu.")
     with reported_as_one_line("report"):
         args = parser.parse_args(argv)
         results_dir = Path(args.results_dir).expanduser()
         runs = results_dir / RUNS_FILE
         if not runs.is_file():
             raise UserError(f"no {RUNS_FILE} in {results_dir}; run python -m harness.bench first or pass --results-dir")
+        calibrations = Path(args.calibrations).expanduser() if args.calibrations else None
+        if calibrations is not None and not calibrations.is_dir():
+            raise UserError(f"--calibrations {calibrations}: no such folder; give the folder that holds the "
+                            "calibration-<device>.json files (results/gpu)")
         damaged: list[str] = []
         records = read_records(runs, warn=damaged.append, check=trial_record_problem)
         if not records:
@@ -258,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for sweep in args.sweep or known:
             try:
-                written = write_report(results_dir, sweep, records)
+                written = write_report(results_dir, sweep, records, calibrations)
             except OSError as exc:
                 raise UserError(f"cannot write the tables to {results_dir} ({exc.strerror}); "
                                 "pass a --results-dir you can write to") from None

@@ -17,6 +17,7 @@ RANK_HEADER = "rank (r / target_r ← init_r)"
 NO_RANK = "no rank"
 PLANNED = "planned peak (MiB)"
 PLANNED_RATIO = "measured / planned"
+PREDICTED_TRAIN = "predicted train (s)"  # the time planner's, beside the measured "train (s)" (reporting.page)
 
 # Comparison-table columns after the identifying ones, with their number format.
 METRIC_FORMATS: dict[str, str] = {
@@ -28,6 +29,7 @@ METRIC_FORMATS: dict[str, str] = {
     "NVML peak (MiB)": "{:.1f}",
     "trial process peak RSS (MiB)": "{:.1f}",
     "train (s)": "{:.2f}",
+    PREDICTED_TRAIN: "{:.2f}",
     "total (s)": "{:.2f}",
     "trial wall (s)": "{:.1f}",
     "tokens/s": "{:.1f}",
@@ -137,6 +139,7 @@ def trial_row(record: dict[str, Any]) -> dict[str, Any]:
         "NVML of": result.get("nvml_used_source") or ("device" if result.get("nvml_used_mb") is not None else None),
         "trial process peak RSS (MiB)": record.get("process_peak_rss_mb"),
         "train (s)": result.get("train_seconds") if trained else None,
+        PREDICTED_TRAIN: None,  # filled in by harness.reporting.page where the device has a calibration
         "total (s)": result.get("total_seconds"),
         "trial wall (s)": record.get("wall_seconds"),
         "tokens/s": result.get("tokens_per_second"),

@@ -69,7 +69,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     progress.configure(disable=bool(work.targs.disable_tqdm) or not is_main())  # the Trainer's own rule
     for line in work.left_out_lines():
         print(f"Data: {line}")
-    memory_plan = check_memory_plan(cfg, work.targs)  # before anything is downloaded or loaded
+    memory_plan = check_memory_plan(cfg, work.targs, work)  # before anything is downloaded or loaded
     tokenizer = load_tokenizer(cfg.model)
     check_targets(cfg.method, cfg.model, cfg.run.init_adapter)  # layer names, before any weights load
     prepared = objective.prepare(cfg, work, tokenizer)
