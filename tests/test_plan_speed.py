@@ -11,7 +11,7 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-from harness.plan import memory
+from harness.plan import memory, meta_ops
 from harness.plan.architectures import model_config, with_layers
 from harness.plan.method_table import TABLE_TRAINING
 from harness.run.command_line import parse_args
@@ -156,14 +156,13 @@ def _real_bf16_step_bytes(cfg, autocast: bool) -> int:
 
     from harness.models.methods import peft_config
     from harness.models.offline import resolve_offline_model
-    from harness.plan import work
 
     model = AutoModelForCausalLM.from_pretrained(resolve_offline_model("tiny-qwen2"), dtype=torch.bfloat16,
                                                  attn_implementation="eager")
     model = get_peft_model(model, peft_config(cfg.method, model))
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (cfg.train.per_device_train_batch_size, cfg.data.max_seq_length))
-    touched = work._BytesTouched()
+    touched = meta_ops.BytesTouched()
     with touched:
         with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
             loss = model(input_ids=ids, labels=ids).loss
@@ -174,7 +173,7 @@ def _real_bf16_step_bytes(cfg, autocast: bool) -> int:
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_a_16_bit_count_moves_the_bytes_autocast_moves(method, monkeypatch):
-    """torch.autocast refuses meta tensors; harness.plan.work._Autocast stands in. What it changes in a bf16 count
+    """torch.autocast refuses meta tensors; harness.plan.meta_ops.Autocast stands in. What it changes in a bf16 count
     (LoRA: PEFT's fp32 adapters scale and add in 16 bits, fewer bytes; DoRA: more) equals what torch.autocast changes
     in a real bf16 CPU step, but for the adapters' weight casts, which the count holds in cast_bytes. FLOPs are
     unchanged. (Attention differs between the two, the count's flash kernel and the CPU's eager one, but not with
@@ -190,7 +189,7 @@ def test_a_16_bit_count_moves_the_bytes_autocast_moves(method, monkeypatch):
     work._COUNTS.clear()
     emulated = work.step_work(cfg, config, torch.bfloat16)
     work._COUNTS.clear()
-    monkeypatch.setattr(work, "_Autocast", lambda *args: contextlib.nullcontext())
+    monkeypatch.setattr(work, "Autocast", lambda *args: contextlib.nullcontext())
     plain = work.step_work(cfg, config, torch.bfloat16)
     work._COUNTS.clear()
     assert emulated.flops == plain.flops > 0 and emulated.cast_bytes == plain.cast_bytes > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness.locations import REPO_ROOT
-from harness.plan import work
+from harness.plan import meta_ops, work
 from harness.plan.architectures import model_config
 from harness.plan.memory import quantized_linears, quantized_weight_bytes
 from harness.plan.work import step_work
@@ -40,7 +40,7 @@ def _real_flops(cfg) -> tuple[int, int]:
 
     from harness.models.methods import adalora_schedule, peft_config
     from harness.models.offline import resolve_offline_model
-    from harness.plan.work import EXTRA_FLOP_FORMULAS, FUSED_HEAD_OUTPUTS
+    from harness.plan.meta_ops import EXTRA_FLOP_FORMULAS, FUSED_HEAD_OUTPUTS
 
     aten = torch.ops.aten
 
@@ -291,14 +291,14 @@ def test_dropout_draws_random_numbers_for_each_adapter_input():
 def test_elementwise_bytes_of_the_activation_match_a_hand_count(monkeypatch):
     by_op: dict[str, int] = {}
 
-    class PerOp(work._BytesTouched):
+    class PerOp(meta_ops.BytesTouched):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             before = self.bytes
             out = super().__torch_dispatch__(func, types, args, kwargs)
             by_op[str(func.overloadpacket)] = by_op.get(str(func.overloadpacket), 0) + self.bytes - before
             return out
 
-    monkeypatch.setattr(work, "_BytesTouched", PerOp)
+    monkeypatch.setattr(work, "BytesTouched", PerOp)
     monkeypatch.setattr(work, "_layers_alike", lambda *args: False)  # one count of the whole model
     work._COUNTS.clear()
     counted = _work("stories260k", "--method", "full")

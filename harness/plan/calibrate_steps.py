@@ -365,7 +365,7 @@ def _trainer(torch, cfg, model, rows: str, vocab: int, mode: str, clock):
     # As SFTTrainer trains (harness.plan.work counts the same): the loss by TRL's fused LM head, asked per batch
     from trl.trainer.utils import add_fused_lm_head
 
-    from harness.plan.work import FUSED_HEAD_OUTPUTS
+    from harness.plan.meta_ops import FUSED_HEAD_OUTPUTS
 
     add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model, outputs=FUSED_HEAD_OUTPUTS)
     batches = collator

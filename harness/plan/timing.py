@@ -13,7 +13,7 @@ accumulation and clipping, each 4/8-bit weight's dequantization before its produ
 scores, and every element-wise op of the activations (norms, activations, residual adds, the loss, dropout's
 random numbers). Each waits for the previous kernel (one stream, eager PyTorch), so their times add up.
 
-Skinny matrix products (a dimension under harness.plan.work.SKINNY_DIMENSION: LoRA's A and B at its rank) reach
+Skinny matrix products (a dimension under harness.plan.meta_ops.SKINNY_DIMENSION: LoRA's A and B at its rank) reach
 far less than the square ones: they are bound by their operands' bytes. Their rate is the calibration's own
 "skinny" shape (a LoRA-rank matmul it times) where the calibration file has it; otherwise (a data sheet) they
 are counted at the matmul rate, an underestimate of their time.

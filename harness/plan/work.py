@@ -1,8 +1,9 @@
 """The work one optimizer step does, counted on the meta-device model the memory plan builds.
 
 Why this module is long: it is one count over one meta run, whose hooks (FLOPs, dequantization, casts, the
-element-wise dispatch mode, checkpointing's recompute) share its state, plus the layer extrapolation that keeps
-it fast; split apart, each piece would reach into the others' internals.
+element-wise dispatch mode, checkpointing's recompute, the loss's bytes) share its state, plus the layer
+extrapolation that keeps it fast; split apart, each piece would reach into the others' internals. What the meta
+run stands in for (counted attention, the dispatch modes, TRL's fused head) is harness.plan.meta_ops.
 
 The model is the memory plan's (harness.plan.memory.run_model: built from its config on the meta device, with
 the run's real PEFT config; attention here is the flash-attention op, so that it is counted), run forward and
@@ -32,9 +33,9 @@ backward on meta tensors: no memory, no arithmetic, the shapes alone. What it do
   dispatch mode from the shapes and dtypes of the meta run (an embedding reads the rows it looks up, not its
   table); dropout's random numbers (bernoulli_) apart, as random_bytes. The same mode counts the ops dispatched
   (views and allocations not included), the optimizer's ops per trainable tensor (torch's AdamW and the clipping
-  run on a meta stand-in), and the FLOPs of skinny matrix products (a dimension under SKINNY_DIMENSION: LoRA's
+  run on a meta stand-in), and the FLOPs of skinny matrix products (a dimension under meta_ops.SKINNY_DIMENSION: LoRA's
   rank), which a device runs far below its matmul rate. A 16-bit run trains under autocast, which torch.autocast
-  refuses on the meta device: _Autocast stands in for it (matrix products with an fp32 operand run in 16 bits,
+  refuses on the meta device: Autocast stands in for it (matrix products with an fp32 operand run in 16 bits,
   so PEFT's fp32 adapters scale and add in 16 bits, as on a GPU); tests/test_plan_speed.py holds the bytes it
   changes equal to what torch.autocast changes in a real bf16 CPU step (LoRA: fewer; DoRA: more).
 
@@ -48,9 +49,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import FlopCounterMode
 
 from harness.models.methods import UNPACKABLE_METHODS, flattens
 from harness.plan.architectures import text_config, with_layers
@@ -61,9 +60,19 @@ from harness.plan.memory import (
     quantized_weight_bytes,
     run_model,
 )
+from harness.plan.meta_ops import (
+    ATTENTION_OPS,
+    COUNTED_ATTENTION,
+    EXTRA_FLOP_FORMULAS,
+    Autocast,
+    BytesTouched,
+    fused_head_hooks,
+    meta_autocast_answered,
+    register_counted_attention,
+    unpacked_rows,
+)
 from harness.plan.speeds import method_kind
 
-COUNTED_ATTENTION = "planned_counted_attention"
 _CACHE_SIZE = 100  # counts kept, two a plan (a table of every method x 4 ranks is ~40 plans; a count: ~20 numbers)
 
 
@@ -87,7 +96,7 @@ class StepWork:
     # of its input and output tensors (norms, activations, residual adds, the loss, RoPE, dropout's scaling).
     elementwise_bytes: int = 0
     random_bytes: int = 0  # of those ops, the random-number ones (dropout's bernoulli_): their bytes apart
-    skinny_flops: int = 0  # of the FLOPs, matrix products with a dimension under SKINNY_DIMENSION (LoRA's rank)
+    skinny_flops: int = 0  # of the FLOPs, matrix products with a dimension under meta_ops.SKINNY_DIMENSION (LoRA's rank)
     ops: int = 0  # ops dispatched by the forward, backward and reference (views and allocations not included)
     optimizer_ops: int = 0  # ops of the optimizer step and the clipping, one trainable tensor at a time
     # Of elementwise_bytes, those of the loss over the vocabulary (SFT: TRL's fused LM head, which a CPU runs as torch
@@ -242,129 +251,14 @@ def _model(cfg, config, compute_dtype):
     """The run's meta model with attention as a counted fused kernel, built once per model, method and dtype."""
     key = _model_key(cfg, config, compute_dtype)
     if key not in _MODELS:
-        _register_counted_attention()
+        register_counted_attention()
         if len(_MODELS) >= 8:  # a meta model holds no memory, but its modules do
             _MODELS.pop(next(iter(_MODELS)))
         _MODELS[key] = run_model(cfg, config, compute_dtype, COUNTED_ATTENTION)
     return _MODELS[key]
 
 
-# ---------------------------------------------------------------------------- attention as one counted kernel
-
-_ATTENTION_OPS = {torch.ops.aten._scaled_dot_product_flash_attention,
-                  torch.ops.aten._scaled_dot_product_flash_attention_backward}
-
-
-def _counted_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The flash-attention op on meta tensors, so that the FLOP counter counts attention as the fused kernel a
-    GPU runs (the same choice the memory plan makes for what attention keeps)."""
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, scale=scaling)[0]
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register_counted_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(COUNTED_ATTENTION, _counted_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(COUNTED_ATTENTION, sdpa_mask)
-
-
 # ---------------------------------------------------------------------------- the count
-
-SKINNY_DIMENSION = 64  # a matrix product with a dimension under this (a LoRA rank) is bound by its operands' bytes
-_MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
-
-
-def _addmm_in_place(*args, **kwargs):
-    return flop_registry[torch.ops.aten.addmm](*args, **kwargs)
-
-
-_addmm_in_place._get_raw = True  # takes the tensors, as flop_registry's own formulas do
-# Products PyTorch's counter has no formula for: the in-place addmm_ with which TRL's fused LM head accumulates
-# its gradient GEMMs in fp32 (trl/kernels/chunked_logprob.py, _addmm_fp32 off CUDA): the same FLOPs as addmm.
-EXTRA_FLOP_FORMULAS = {torch.ops.aten.addmm_: _addmm_in_place}
-_RANDOM = {torch.ops.aten.bernoulli, torch.ops.aten.bernoulli_, torch.ops.aten.native_dropout, torch.ops.aten.rand,
-           torch.ops.aten.rand_like, torch.ops.aten.randn, torch.ops.aten.randn_like, torch.ops.aten.uniform_,
-           torch.ops.aten.normal_, torch.ops.aten.randint, torch.ops.aten.randint_like}
-
-
-class _BytesTouched(TorchDispatchMode):
-    """What the ops run under it do, from their tensors' shapes and dtypes (on meta: no arithmetic): the bytes
-    every op but the matrix products (the FLOP counter's) reads and writes (its input and output tensors), the
-    random-number ops' bytes apart, the FLOPs of skinny matrix products, and the ops dispatched. Views and
-    allocations move no data and are not ops counted (a view costs a CPU a fraction of a microsecond)."""
-
-    MOVE_NOTHING = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
-                    torch.ops.aten._unsafe_view, torch.ops.aten.lift_fresh}
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-        self.random_bytes = 0
-        self.skinny_flops = 0
-        self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        packet = func.overloadpacket
-        if func.is_view or packet in self.MOVE_NOTHING or func.namespace != "aten":
-            return out
-        self.ops += 1
-        if packet in flop_registry or packet in EXTRA_FLOP_FORMULAS:
-            if packet in _MATMULS or packet in EXTRA_FLOP_FORMULAS:
-                three = (torch.ops.aten.addmm, torch.ops.aten.baddbmm, torch.ops.aten.addmm_)
-                a, b = args[1:3] if packet in three else args[:2]
-                if min(*a.shape[-2:], b.shape[-1]) < SKINNY_DIMENSION:
-                    self.skinny_flops += 2 * a.numel() * b.shape[-1]
-            return out
-        if packet is torch.ops.aten.embedding:  # a lookup reads the rows it writes, not the whole table
-            tensors = (args[1], out, out)
-        else:
-            tensors = tree_leaves((args, kwargs, out))
-        moved = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-        if packet in _RANDOM:
-            self.random_bytes += moved
-        else:
-            self.bytes += moved
-        return out
-
-
-class _Autocast(TorchDispatchMode):
-    """A GPU's 16-bit autocast as far as the count sees it (torch.autocast refuses the meta device): a matrix product
-    with an fp32 operand runs in the compute dtype. Its fp32 activation is cast first, once (an element-wise op the
-    count sees; the backward reuses the copy, as autograd keeps autocast's); its fp32 weight too, uncounted here (its
-    bytes are cast_bytes). What follows the product then runs in 16 bits, as on the GPU: PEFT's fp32 adapters'
-    scaling and the add into the layer's output, and their backward. PEFT's own cast of the input to fp32 and the
-    dropout on it stay fp32, as they are under autocast."""
-
-    def __init__(self, dtype: torch.dtype, model):
-        super().__init__()
-        self.dtype = dtype
-        self.params = {p.untyped_storage()._cdata for p in model.parameters()}
-        self.copies: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # the original held: its address stays its
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in _MATMULS and any(isinstance(a, torch.Tensor) and a.dtype == torch.float32
-                                                    for a in args):
-            args = tuple(self._cast(a) if isinstance(a, torch.Tensor) and a.dtype == torch.float32 else a
-                         for a in args)
-        return func(*args, **(kwargs or {}))
-
-    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()._cdata
-        if storage in self.params:  # a weight: its cast is counted by the Linear's hook (cast_bytes)
-            return torch.empty_strided(tensor.shape, tensor.stride(), dtype=self.dtype, device=tensor.device)
-        key = (storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
-        if key not in self.copies:
-            self.copies[key] = (tensor, torch.ops.aten._to_copy(tensor, dtype=self.dtype))  # not .to: a view op
-        return self.copies[key][1]
-
 
 def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpointing: bool, reference: bool,
            optim: str) -> _MicroBatch:
@@ -374,7 +268,7 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
     not rerun)."""
     model, quantized, master_fp32 = _model(cfg, config, compute_dtype)
     quantization, autocast = cfg.model.quantization, compute_dtype != torch.float32
-    counter, touched = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS), _BytesTouched()
+    counter, touched = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS), BytesTouched()
     phase = ["forward"]  # then "backward", within which "recompute", then "reference"
     recompute = [0]
     moved = {kind: dict.fromkeys(("forward", "backward", "recompute", "reference"), 0)
@@ -385,7 +279,7 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
 
     def attention_flops() -> int:
         counts = counter.flop_counts["Global"]
-        return sum(counts.get(op, 0) for op in _ATTENTION_OPS)
+        return sum(counts.get(op, 0) for op in ATTENTION_OPS)
 
     @contextlib.contextmanager
     def recomputing():
@@ -433,7 +327,7 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
     fused = cfg.run.objective == "sft"  # SFTTrainer scores tokens with TRL's fused LM head, DPO's trainer does not
     loss_start, loss_bytes = [0], [0]
     if fused:
-        handles += _fused_head_hooks(model, touched, loss_start, loss_bytes)
+        handles += fused_head_hooks(model, touched, loss_start, loss_bytes)
         if autocast and quantized:  # a k-bit base's head is fp32 (prepare_model_for_kbit_training): the fused
             # head casts it to 16 bits tile by tile in its forward and again in its backward
             head = model.get_output_embeddings().weight
@@ -441,8 +335,8 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
     ids = torch.zeros(sequences, seq_length, dtype=torch.long, device="meta")
     model.train()
     try:
-        cast = _Autocast(compute_dtype, model) if autocast else contextlib.nullcontext()
-        with counter, touched, cast, _unpacked_rows(), _meta_autocast_answered(compute_dtype):
+        cast = Autocast(compute_dtype, model) if autocast else contextlib.nullcontext()
+        with counter, touched, cast, unpacked_rows(), meta_autocast_answered(compute_dtype):
             # no mask: see harness.plan.memory.saved_for_backward
             loss = model(input_ids=ids, labels=ids, **({"fused_lm_head": True} if fused else {})).loss
             loss_bytes[0] += touched.bytes - loss_start[0] if fused else 0
@@ -479,64 +373,6 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
     )
 
 
-# What SFTTrainer asks its fused LM head for (trl/trainer/sft_trainer.py: the loss, and the entropy and top-1 metrics)
-FUSED_HEAD_OUTPUTS = ("log_probs", "entropy", "is_top1")
-
-
-def _fused_head_hooks(model, touched, loss_start, loss_bytes) -> list:
-    """TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, as SFTTrainer adds it) on the counted model, once,
-    and hooks that measure its bytes: from the backbone's output to the loss in the forward; in the backward, from
-    its start to the gradient reaching the backbone's output. Returns the hooks' handles."""
-    from trl.trainer.utils import add_fused_lm_head
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not getattr(base, "_planned_fused_head", False):
-        add_fused_lm_head(base, outputs=FUSED_HEAD_OUTPUTS)
-        base._planned_fused_head = True
-    backbone = getattr(base, base.base_model_prefix)
-
-    def backbone_done(module, args, output):
-        loss_start[0] = touched.bytes
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        if hidden.requires_grad:
-            hidden.register_hook(lambda grad: loss_bytes.__setitem__(0, loss_bytes[0] + touched.bytes - loss_start[0]))
-
-    return [backbone.register_forward_hook(backbone_done)]
-
-
-@contextlib.contextmanager
-def _meta_autocast_answered(compute_dtype):
-    """TRL's fused LM head asks torch whether autocast is on for its tensors' device; torch has no autocast for
-    "meta" and raises. Answer as the real run would: on, in the compute dtype, for a 16-bit run (_Autocast)."""
-    is_enabled, get_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
-
-    def enabled(*args):
-        return compute_dtype != torch.float32 if args and str(args[0]) == "meta" else is_enabled(*args)
-
-    def dtype(device_type):
-        return compute_dtype if str(device_type) == "meta" else get_dtype(device_type)
-
-    torch.is_autocast_enabled, torch.get_autocast_dtype = enabled, dtype
-    try:
-        yield
-    finally:
-        torch.is_autocast_enabled, torch.get_autocast_dtype = is_enabled, get_dtype
-
-
-@contextlib.contextmanager
-def _unpacked_rows():
-    """Each row of the counted batch is one sequence. Without a cache (checkpointing turns it off) transformers
-    checks that from the position ids' values, which meta tensors do not have: answer it for them."""
-    from transformers import masking_utils
-
-    find = masking_utils.find_packed_sequence_indices
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking_utils.find_packed_sequence_indices = find
-
-
 def _reference_forward(model, ids, counter: FlopCounterMode) -> int:
     """DPO's reference forward of the same sequences: the base with the adapter off, or full fine-tuning's
     frozen copy (the same model); no gradient."""
@@ -557,7 +393,7 @@ def _score_bytes(model) -> int:
         {allocator.adapter_name: torch.nn.Parameter(torch.empty(64, 64, dtype=adapter[0].dtype, device="meta"))})
     stand_in.lora_E[allocator.adapter_name].grad = torch.empty(64, 64, dtype=adapter[0].dtype, device="meta")
     saved = allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc
-    touched = _BytesTouched()
+    touched = BytesTouched()
     try:
         allocator.reset_ipt()
         allocator.update_ipt(stand_in)  # the first update only allocates the scores
@@ -580,7 +416,7 @@ def _optimizer_ops_per_tensor() -> int:
         weight.grad = torch.empty(8, 8, device="meta")
         optimizer = torch.optim.AdamW([weight], foreach=False)
         optimizer.step()  # the first step makes the states
-        touched = _BytesTouched()
+        touched = BytesTouched()
         with touched:
             optimizer.step()
             torch.nn.utils.clip_grad_norm_([weight], 1.0, foreach=False)
