@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from harness.errors import UserError
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
@@ -26,6 +28,30 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def output_file(text: str | None, overwrite: bool, example: str = "") -> Path | None:
+    """A tool's --output FILE, checked before any work: None (print to stdout) when not given; refused in one
+    line when it is a folder, its folder is missing, or it exists and --overwrite was not passed."""
+    if not text:
+        return None
+    output = Path(text)
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give a file name" + (f", e.g. {example}" if example else ""))
+    if not output.parent.is_dir():
+        raise UserError(f"--output {output}: folder {output.parent} does not exist; make it first or write elsewhere")
+    if output.exists() and not overwrite:
+        raise UserError(f"--output {output} exists; pass --overwrite to replace it, or write elsewhere")
+    return output
+
+
+def write_or_print(text: str, output: Path | None) -> None:
+    """The page on stdout, or written whole to `output` (output_file's) and said so."""
+    if output is None:
+        print(text, end="")
+    else:
+        write_text_atomic(output, text)
+        print(f"wrote {output}")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
+from harness.files import output_file, write_or_print
 from harness.locations import RESULTS_DIR
 
 WITHIN = 0.25  # the target: predicted within +-25 % of measured
@@ -52,14 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.calibration and not Path(args.calibration).is_file():
             raise UserError(f"--calibration {args.calibration}: no such file; write one with "
                             f"python -m harness.plan.calibrate --output DIR")
-        output = Path(args.output) if args.output else None
-        if output is not None and output.is_dir():
-            raise UserError(f"--output {output} is a folder; give a file name")
-        if output is not None and not output.parent.is_dir():
-            raise UserError(f"--output {output}: folder {output.parent} does not exist; make it first or write "
-                            "elsewhere")
-        if output is not None and output.exists() and not args.overwrite:
-            raise UserError(f"--output {output} exists; pass --overwrite to replace it, or write elsewhere")
+        output = output_file(args.output, args.overwrite)
         from harness.reporting.runs import read_records, trial_record_problem
 
         singles = [_result_record(path) for path in results]  # refused before anything is counted
@@ -67,13 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration = _calibration(Path(args.calibration)) if args.calibration else None
         rows = [predict(record, calibration) for record in records]
         text = markdown(rows, records, calibration, f"{COMMAND} {shlex.join(argv)}".strip())
-        if output is None:
-            print(text, end="")
-        else:
-            from harness.files import write_text_atomic
-
-            write_text_atomic(output, text)
-            print(f"wrote {output}")
+        write_or_print(text, output)
     return 0
 
 

@@ -23,9 +23,9 @@ import math
 import statistics
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from harness.errors import OneLineArgumentParser, UserError, reported_as_one_line
+from harness.errors import OneLineArgumentParser, reported_as_one_line
+from harness.files import output_file, write_or_print
 
 WITHIN = 0.25  # the target: predicted within +-25 % of published, for the transformers + PEFT rows
 COMMAND = "python -m harness.plan.time_vs_published --output results/time_vs_published.md --overwrite"
@@ -353,22 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                             help="write the markdown here (default: stdout), e.g. results/time_vs_published.md")
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
         args = parser.parse_args(argv)
-        output = Path(args.output) if args.output else None
-        if output is not None and output.is_dir():
-            raise UserError(f"--output {output} is a folder; give a file name, e.g. results/time_vs_published.md")
-        if output is not None and not output.parent.is_dir():
-            raise UserError(f"--output {output}: folder {output.parent} does not exist; make it first or write "
-                            "elsewhere")
-        if output is not None and output.exists() and not args.overwrite:
-            raise UserError(f"--output {output} exists; pass --overwrite to replace it, or write elsewhere")
-        text = markdown(predictions())
-        if output is None:
-            print(text, end="")
-        else:
-            from harness.files import write_text_atomic
-
-            write_text_atomic(output, text)
-            print(f"wrote {output}")
+        output = output_file(args.output, args.overwrite, "results/time_vs_published.md")
+        write_or_print(markdown(predictions()), output)
     return 0
 
 
