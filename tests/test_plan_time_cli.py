@@ -192,10 +192,11 @@ def test_the_recipe_plan_line_carries_the_time_with_a_cpu_calibration_and_not_wi
     record = check_memory_plan(cfg, workload.targs, workload)
     line = capsys.readouterr().out
     # 23 rows, no validation: ceil(23 / 2) = 12 batches, 12 / 2 = 6 steps, 1 epoch
-    assert "(6 steps) on this machine's CPU (estimate; how close: results/time_check.md, results/time_vs_published.md). Breakdown:" in line
+    assert (f"(6 steps, every row at {cfg.data.max_seq_length:,} tokens) on this machine's CPU (estimate; how close: results/time_check.md, "
+            "results/time_vs_published.md). Breakdown:") in line
     timed = record["time_plan"]
     assert timed["steps"] == 6 and timed["eval_passes"] == 0
-    low, high = (float(x) for x in line.split("predicted ")[1].split(" ")[0].split("-"))
+    low, high = (float(x) for x in line.split("predicted at most ")[1].split(" ")[0].split("-"))
     assert 0 < low < high and math.isclose(high / low, RANGE_FACTOR**2, rel_tol=0.15)  # the printed figures round
 
 

@@ -300,7 +300,8 @@ def _run_text(times: PlanTimes, usd_per_hour: float | None) -> str:
         evaluation = (f" + {passes} of {length.eval_rows:,} rows, forward only ({each} each)"
                       if length.eval_passes else " (no evaluation)")
         text += (f"The run: {length.steps:,} optimizer steps ({length.rows_from or 'max_steps'}{epochs})"
-                 f"{evaluation} = {duration_range(run.low, run.high)}")
+                 f"{evaluation} = {duration_range(run.low, run.high)}, at most: every row counted at the full "
+                 "--max_seq_length (shorter rows train faster)")
     if price:
         low, high, what = times.cost(0, usd_per_hour)
         text += f"; at {price}: {usd_range(low, high)} for {what}"

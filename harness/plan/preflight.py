@@ -123,7 +123,10 @@ def planned_time(cfg, config, dtype, cuda: bool, workload=None) -> tuple[str, di
     else:
         n = length.eval_passes
         evaluations = f", {n} evaluation{'s' if n > 1 else ''}" if n else ""
-        what = f"{whole_run.duration_range(run.low, run.high)} ({length.steps:,} steps{evaluations})"
+        # Planned at max_seq_length, as the memory plan is: a data set of shorter rows trains faster (padding-free
+        # rows cost their real tokens; padded ones the batch's longest), so this is the most the run should take.
+        what = (f"at most {whole_run.duration_range(run.low, run.high)} ({length.steps:,} steps{evaluations}, "
+                f"every row at {cfg.data.max_seq_length:,} tokens)")
     notes = "; ".join(filter(None, [whole_run.checked_note(), whole_run.left_out(cfg)]))
     return f"; predicted {what} on {where} ({notes})", record
 
