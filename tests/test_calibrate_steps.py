@@ -142,3 +142,30 @@ def test_what_the_planner_reads_of_a_grid_and_an_older_file_without_one(tmp_path
     ("adalora", "4bit", "adalora-4bit"), ("full", "none", "full"), ("lora", "8bit", "lora-8bit")])
 def test_method_kinds_group_methods_that_train_alike(method, quantization, kind):
     assert method_kind(method, quantization) == kind
+
+
+def test_the_planner_takes_a_gpu_calibrations_context_and_step_ratios(tmp_path, monkeypatch, capsys):
+    from harness.plan import speeds
+    from harness.plan.cli import main as plan_main
+
+    base = {"schema": 1, "mode": "full", "device": {"kind": "cuda", "name": "NVIDIA H200"},
+            "achievable": {"matmul_flops_per_second": 6e14, "bandwidth_bytes_per_second": 4e12}}
+    steps = [{"status": "measured", "kind": kind, "measured_over_predicted": {"calibration": ratio},
+              "peak_allocated_bytes": 1e9, "peak_reserved_bytes": 1.1e9} for kind, ratio in (("lora", 1.5),
+                                                                                             ("lora-4bit", 3.0))]
+
+    def plans(calibration: dict) -> dict:
+        (tmp_path / "calibration-h200.json").write_text(json.dumps(calibration))
+        monkeypatch.setenv(speeds.CALIBRATION_DIR_ENV, str(tmp_path))
+        assert plan_main(["--model", "smollm2-135m", "--gpu", "H200", "--ranks", "8", "--json"]) == 0
+        return {(p["method"], p["quantization"]): p for p in json.loads(capsys.readouterr().out)["plans"]}
+
+    without = plans(base)  # a calibration without its step grid: its rates, the modelled context, no ratio
+    grid = plans({**base, "steps": steps, "step_grid": {"context_bytes": 700 * 2**20}})
+    lora = ("lora", "none")
+    for plan, ratio in ((lora, 1.5), (("lora", "4bit"), 3.0), (("full", "none"), 2.25)):  # 2.25: every point's
+        assert grid[plan]["step_seconds"] == pytest.approx(ratio * without[plan]["step_seconds"])
+    context = {part["name"]: part for part in grid[lora]["parts"]}["CUDA context"]
+    modelled = {part["name"]: part for part in without[lora]["parts"]}["CUDA context"]
+    assert context["bytes"] == 700 * 2**20 != modelled["bytes"] and context["how"] == "measured (calibration-h200.json)"
+    assert grid[lora]["planned_peak_bytes"] - without[lora]["planned_peak_bytes"] == 700 * 2**20 - modelled["bytes"]

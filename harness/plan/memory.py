@@ -322,7 +322,7 @@ def optimized_tensors(model, master_fp32: bool) -> list[torch.Tensor]:
 
 
 def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention: str = PLANNED_ATTENTION,
-             context_bytes: int = CUDA_CONTEXT_BYTES, label: str = "") -> Plan:
+             context_bytes: int = CUDA_CONTEXT_BYTES, label: str = "", context_how: str = "modelled") -> Plan:
     """Plan the peak memory of the run `cfg` (a RunConfig) on a model with this transformers config.
 
     A model whose decoder layers are all alike is counted on two and three of its layers and extrapolated (a 70B
@@ -341,7 +341,7 @@ def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention
             "generation KV cache beyond the activations (transient)",
             _generation_cache_beyond(config, targs, seq_length, compute_dtype, parts), "modelled",
             scales_with_batch=True))
-    parts.append(Part("CUDA context", context_bytes, "modelled"))
+    parts.append(Part("CUDA context", context_bytes, context_how))  # context_how: "measured (...)" from a calibration
     rank = cfg.method.init_r if method == "adalora" else (cfg.method.r if method in LORA_FAMILY else None)
     return Plan(
         model=cfg.model.model, method=method, rank=rank, quantization=quantization,

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.errors import UserError
+from harness.plan.speeds import calibrated_context
 
 TABLE_TRAINING = dict(
     output_dir="outputs/plan",  # never written: parsing a run's settings needs one
@@ -53,11 +54,12 @@ def build_plans(options, settings: list[str]):
         # The recipe's own refusals, less those about this machine: planning needs no GPU and no scipy.
         check_method(cfg.method, cfg.model.quantization, cfg.train.activation_checkpointing, this_machine=False)
         config = model_config(cfg.model.model, cfg.model.trust_remote_code)
-        return [plan_run(cfg, config, compute_dtype=compute_dtype(cfg))], False, config, [cfg]
+        return [plan_run(cfg, config, compute_dtype=compute_dtype(cfg), **_context(options))], False, config, [cfg]
     ranks = parse_int_list(options.ranks, "--ranks", 1)
     if not any(s == "--model" or s.startswith("--model=") for s in settings):
         raise UserError("name a model (--model Qwen/Qwen2-7B-Instruct, a local folder, an offline name) or a recipe file")
     base = parse_args(TABLE_TRAINING, settings)
+    context = _context(options)
     config = model_config(base.model.model, base.model.trust_remote_code)
     plans, cfgs = [], []
     for label, method, quantization, ranked in TABLE_METHODS:
@@ -69,7 +71,7 @@ def build_plans(options, settings: list[str]):
             if method == "prefix_tuning":
                 extra += ["--activation_checkpointing", "false"]
             cfg = parse_args(TABLE_TRAINING, [*settings, *extra])
-            plans.append(plan_run(cfg, config, compute_dtype=compute_dtype(cfg), label=label))
+            plans.append(plan_run(cfg, config, compute_dtype=compute_dtype(cfg), label=label, **context))
             cfgs.append(cfg)
     return plans, True, config, cfgs
 
@@ -82,6 +84,18 @@ def compute_dtype(cfg):
     from harness.models.loading import DTYPES
 
     return DTYPES.get(cfg.model.dtype, torch.bfloat16)
+
+
+def _context(options) -> dict:
+    """plan_run's CUDA context: the one a calibration of the named GPU (or this machine's) measured, where there
+    is one; else the plan's modelled constant."""
+    spec = options.gpu
+    if spec is None:
+        import torch
+
+        spec = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    found = calibrated_context(spec)
+    return {"context_bytes": found[0], "context_how": found[1]} if found else {}
 
 
 def step_works(cfgs, config) -> list:

@@ -177,3 +177,16 @@ def require_speed(spec: str, option: str = "--gpu", folder: Path | None = None) 
         raise UserError(f"{option} {spec}: no speed known (no data sheet figures and no calibration file "
                         f"{calibration_path(spec, folder).name}); run {CALIBRATE_COMMAND} on that device")
     return peak, calibration
+
+
+def calibrated_context(spec: str | None, folder: Path | None = None) -> tuple[int, str] | None:
+    """(bytes, how) of the CUDA context and library handles a calibration of this GPU measured (its step grid),
+    for the memory plan in place of its modelled constant; None without such a calibration (a size, a CPU, no
+    file, a file without a grid)."""
+    if not spec or gpu_size(spec):
+        return None
+    calibration = load_calibration(spec, folder)
+    if calibration is None or not calibration.context_bytes:
+        return None
+    return calibration.context_bytes, f"measured ({calibration.path.name})"
+
