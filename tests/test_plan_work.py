@@ -335,3 +335,25 @@ def test_lora_rank_products_are_the_skinny_flops_on_qwen2_7b():
     # (the first layer's input needs no gradient: about 1 % less); q, k, v, o, gate, up, down of 28 layers
     features = (3584 + 3584) + 2 * (3584 + 512) + (3584 + 3584) + 3 * (3584 + 18944)
     assert lora.skinny_flops == pytest.approx(3 * 2 * 16 * features * 28 * lora.tokens, rel=0.02)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.01])
+def test_torch_adamw_moves_its_passes_and_a_fused_optimizer_one(decay):
+    # torch's AdamW (not fused) goes over the parameters, gradients and states op by op: what a real CPU step of it
+    # moves, counted by the same dispatch mode, is what the plan counts per byte of trainable parameters
+    weight = torch.nn.Parameter(torch.randn(32, 48))
+    weight.grad = torch.randn(32, 48)
+    optimizer = torch.optim.AdamW([weight], foreach=False, weight_decay=decay)
+    optimizer.step()
+    touched = meta_ops.BytesTouched()
+    with touched:
+        optimizer.step()
+    real_per_byte = touched.bytes / (weight.numel() * 4)
+    flags = ("--method", "full", "--weight_decay", str(decay))
+    unfused, fused, paged = (_work("stories260k", *flags, "--optim", optim)
+                             for optim in ("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"))
+    # a fused kernel's one pass: weights read and written, gradients read, two fp32 states read and written
+    trainable = 4 * 260_032  # stories260k's 260,032 parameters (its embedding tied to the head), fp32
+    assert fused.optimizer_bytes == 3 * trainable + 2 * 2 * trainable
+    assert unfused.optimizer_bytes == pytest.approx(real_per_byte * trainable, rel=1e-3)
+    assert unfused.optimizer_bytes > 2.5 * fused.optimizer_bytes and paged.optimizer_bytes < fused.optimizer_bytes

@@ -23,10 +23,11 @@ backward on meta tensors: no memory, no arithmetic, the shapes alone. What it do
   input needs a gradient (bitsandbytes skips it otherwise), and in checkpointing's recompute; fp32 weights
   under 16-bit autocast are cast before each product (full fine-tuning's masters, a k-bit base's fp32 head,
   PEFT's fp32 adapters); DoRA's weight norm and AdaLoRA's importance scores are element-wise passes over
-  whole weights, counted by a dispatch mode from the tensors the PEFT code touches; the optimizer step reads
-  and writes every trainable parameter and its states once (a fused kernel's traffic; the formats are the
-  memory plan's: 32-bit, 8-bit blockwise), reads its gradient, and the gradients are accumulated over the
-  micro-batches and clipped.
+  whole weights, counted by a dispatch mode from the tensors the PEFT code touches; a fused optimizer step
+  (bitsandbytes' 8-bit and paged ones, torch's fused AdamW) reads and writes every trainable parameter and its
+  states once (the formats are the memory plan's: 32-bit, 8-bit blockwise) and reads its gradient; torch's
+  AdamW otherwise goes over them op by op, its bytes per parameter byte counted by running it on meta (~2.7x a
+  fused pass); the gradients are accumulated over the micro-batches and clipped.
 
 - Element-wise work: every other op of the forward, backward, recompute and DPO's reference (norms, activations,
   residual adds, RoPE, the loss, dropout's scaling) moves its input and output tensors' bytes, counted by a
@@ -178,13 +179,48 @@ def step_work(cfg, config, compute_dtype: torch.dtype = torch.bfloat16) -> StepW
         attention_flops=micro.attention * (1 + extra) * n,
         dequant_bytes=micro.dequant_bytes * n, cast_bytes=micro.cast_bytes * n,
         weight_norm_bytes=micro.weight_norm_bytes * n,
-        # parameters and states read and written, gradients read
-        optimizer_bytes=2 * weights + weights + 2 * micro.state_bytes, gradient_bytes=gradients,
+        optimizer_bytes=_optimizer_bytes(optim, weights, micro.state_bytes, targs.weight_decay),
+        gradient_bytes=gradients,
         score_bytes=micro.score_bytes, elementwise_bytes=micro.elementwise_bytes * n,
         random_bytes=micro.random_bytes * n, skinny_flops=micro.skinny_flops * n, ops=micro.ops * n,
         optimizer_ops=micro.optimizer_ops, loss_bytes=micro.loss_bytes * n, logits_bytes=micro.logits_bytes * n,
         method_kind=method_kind(cfg.method.method, cfg.model.quantization),
     )
+
+
+# Optimizers whose step is one fused kernel: each parameter and state read and written once, its gradient read
+# (bitsandbytes' 8-bit and paged optimizers, torch's fused AdamW). Every other AdamW is torch's, one element-wise
+# op after another (foreach on a GPU, one tensor at a time on a CPU): its passes are counted on meta.
+_FUSED_OPTIMIZERS = ("8bit", "fused", "bnb")
+
+
+def _optimizer_bytes(optim: str, weights: int, states: int, weight_decay: float) -> int:
+    """The bytes the optimizer's step moves: a fused kernel's one pass (parameters and states read and written,
+    gradients read), or torch's unfused AdamW's passes as a meta run of it counts them, per byte of its
+    parameters (the same at any size: every op goes over whole tensors)."""
+    fused = 2 * weights + weights + 2 * states
+    name = optim.lower()
+    if "adam" not in name or any(word in name for word in _FUSED_OPTIMIZERS):
+        return fused
+    return int(weights * _adamw_bytes_per_parameter_byte(weight_decay > 0))
+
+
+_ADAMW_BYTES: dict[bool, float] = {}
+
+
+def _adamw_bytes_per_parameter_byte(decay: bool) -> float:
+    """Bytes torch's AdamW (not fused) moves in a step per byte of its fp32 parameters, with or without weight
+    decay, counted on a meta stand-in (its states are as large as the parameter: 2 of them)."""
+    if decay not in _ADAMW_BYTES:
+        weight = torch.nn.Parameter(torch.empty(64, 64, device="meta"))
+        weight.grad = torch.empty(64, 64, device="meta")
+        optimizer = torch.optim.AdamW([weight], foreach=False, weight_decay=0.01 if decay else 0.0)
+        optimizer.step()  # the first step makes the states
+        touched = BytesTouched()
+        with touched:
+            optimizer.step()
+        _ADAMW_BYTES[decay] = touched.bytes / (weight.numel() * weight.element_size())
+    return _ADAMW_BYTES[decay]
 
 
 def _flattened_attention(cfg) -> bool:
