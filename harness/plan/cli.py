@@ -138,7 +138,7 @@ def plan_times(options, gpu, cfgs, config, need_work: bool) -> PlanTimes:
 
     from harness.errors import UserError
     from harness.plan.method_table import compute_dtype
-    from harness.plan.run_time import calibration_folder, device_speed, left_out, rows_of, run_length, run_time
+    from harness.plan.run_time import device_speed, left_out, rows_of, run_length, run_time
     from harness.plan.timing import step_seconds
     from harness.plan.work import step_work
 
@@ -150,8 +150,8 @@ def plan_times(options, gpu, cfgs, config, need_work: bool) -> PlanTimes:
     # This machine's CPU trains in float32 under --dtype auto (harness.models.loading); a GPU in the plan's dtype.
     dtypes = [torch.float32 if kind == "cpu" and cfg.model.dtype == "auto" else compute_dtype(cfg) for cfg in cfgs]
     try:
-        speeds = [device_speed(spec, kind, str(d).removeprefix("torch."), calibration_folder(),
-                               torch.get_num_threads() if kind == "cpu" else None) for d in dtypes]
+        speeds = [device_speed(spec, kind, str(d).removeprefix("torch."),
+                               threads=torch.get_num_threads() if kind == "cpu" else None) for d in dtypes]
     except UserError as exc:
         reason = (f"no GPU named and none on this machine, and {exc}" if kind == "cpu" else str(exc))
         return PlanTimes(None, reason, step_works(cfgs, config) if need_work else None)

@@ -1,6 +1,6 @@
 """The plans behind harness.plan's answers: one recipe's run, or the table of every method the recipes offer
-at several ranks, each with the work of one optimizer step (harness.plan.work) and its time on a device
-(harness.plan.timing). harness.plan.cli only parses and prints; what is computed, and how fast, lives here.
+at several ranks, and the work of one optimizer step of each (harness.plan.work). harness.plan.cli times them
+(harness.plan.run_time) and prints them.
 """
 from __future__ import annotations
 
@@ -104,22 +104,3 @@ def step_works(cfgs, config) -> list:
     from harness.plan.work import step_work
 
     return [step_work(cfg, config, compute_dtype=compute_dtype(cfg)) for cfg in cfgs]
-
-
-def step_time(work, cfg, spec: str | None) -> dict:
-    """step_seconds and tokens_per_second on the named GPU (harness.plan.timing); None, with the reason, where
-    it has no speed (a size in GiB, no GPU named): the memory plan still stands."""
-    # imported here, not at the top: --help and one-line refusals answer without importing torch
-    from harness.plan.speeds import require_speed
-    from harness.plan.timing import speed_from, step_seconds
-
-    if spec is None:
-        return {"step_seconds": None, "tokens_per_second": None,
-                "time_reason": "no GPU named and none on this machine; name one with --gpu to plan the time"}
-    try:
-        peak, calibration = require_speed(spec)
-    except UserError as exc:
-        return {"step_seconds": None, "tokens_per_second": None, "time_reason": str(exc)}
-    dtype = str(compute_dtype(cfg)).removeprefix("torch.")
-    speed = speed_from(peak, calibration, dtype, "cuda")
-    return step_seconds(work, speed, micro_batches=cfg.train.gradient_accumulation_steps).to_dict()

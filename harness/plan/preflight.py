@@ -100,8 +100,8 @@ def planned_time(cfg, config, dtype, cuda: bool, workload=None) -> tuple[str, di
 
     name, kind = (torch.cuda.get_device_name(), "cuda") if cuda else ("cpu", "cpu")
     try:
-        speed = whole_run.device_speed(name, kind, str(dtype).removeprefix("torch."), whole_run.calibration_folder(),
-                                       torch.get_num_threads() if kind == "cpu" else None)
+        speed = whole_run.device_speed(name, kind, str(dtype).removeprefix("torch."),
+                                       threads=torch.get_num_threads() if kind == "cpu" else None)
     except UserError as exc:
         short = ("no calibration of this CPU: python -m harness.plan.calibrate" if kind == "cpu"
                  else f"no speed known for {name}")

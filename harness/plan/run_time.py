@@ -28,15 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import UserError
-from harness.plan.speeds import calibration_dir
 
 PER_STEPS = 1000  # "time per 1,000 steps" where the run's steps are not known
-
-
-def calibration_folder() -> Path:
-    """The folder of calibration files (harness.plan.speeds.calibration_dir: FT_COOKBOOK_CALIBRATION_DIR or
-    results/gpu)."""
-    return calibration_dir()
 
 
 def checked_note() -> str:
@@ -200,7 +193,8 @@ def check_price(text: str) -> float:
 
 def device_speed(spec: str, kind: str, dtype: str, folder: Path | None = None, threads: int | None = None):
     """The harness.plan.timing.Speed of a device: spec a GPU's name (kind "cuda") or "cpu" (this machine's CPU,
-    from its calibration file alone). Raises UserError saying why where none is known."""
+    from its calibration file alone), its calibration read from `folder` (default: harness.plan.speeds.
+    calibration_dir). Raises UserError saying why where none is known."""
     # imported here, not at the top: --help and one-line refusals answer without importing torch
     from harness.plan.speeds import CALIBRATE_COMMAND, calibration_path, load_calibration, require_speed
     from harness.plan.timing import speed_from
