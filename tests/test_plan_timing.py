@@ -12,7 +12,7 @@ import pytest
 
 from harness.locations import REPO_ROOT
 from harness.plan.gpus import GPUS
-from harness.plan.speeds import Calibration
+from harness.plan.speeds import Calibration, load_calibration
 from harness.plan.timing import (
     BANDWIDTH_FRACTION,
     LOSS_PASSES_FUSED,
@@ -81,14 +81,19 @@ def test_skinny_products_run_at_the_calibrations_skinny_rate(tmp_path):
     path = tmp_path / "calibration-cpu-fake-cpu.json"
     rows = [{"role": "training", "flops_per_second": {"median": 200e9}},
             {"role": "skinny", "flops_per_second": {"median": 50e9}}]
-    path.write_text(json.dumps({"matmul": rows}), encoding="utf-8")
-    calibration = Calibration("Fake CPU", "float32", 200e9, 10e9, 1, path)
-    speed = speed_from(None, calibration, "float32", "cpu")
+
+    def calibration(matmul: list) -> Calibration:  # read as the planner reads a calibration file
+        path.write_text(json.dumps({
+            "schema": 1, "mode": "full", "dtype": "float32", "device": {"kind": "cpu", "name": "Fake CPU"},
+            "provenance": {"threads": 1}, "matmul": matmul,
+            "achievable": {"matmul_flops_per_second": 200e9, "bandwidth_bytes_per_second": 10e9}}), encoding="utf-8")
+        return load_calibration("cpu Fake CPU", tmp_path)
+
+    speed = speed_from(None, calibration(rows), "float32", "cpu")
     assert speed.skinny_flops_per_second == 50e9 and speed.op_seconds == PER_OP_S["cpu"]
     work = dataclasses.replace(NOTHING, forward_flops=10**12, skinny_flops=2 * 10**11)
     assert step_seconds(work, speed).compute_seconds == pytest.approx(8e11 / 200e9 + 2e11 / 50e9)
-    path.write_text(json.dumps({"matmul": rows[:1]}), encoding="utf-8")  # an older file: no skinny row
-    plain = speed_from(None, calibration, "float32", "cpu")
+    plain = speed_from(None, calibration(rows[:1]), "float32", "cpu")  # an older file: no skinny row
     assert plain.skinny_flops_per_second is None
     assert step_seconds(work, plain).compute_seconds == pytest.approx(1e12 / 200e9)
 

@@ -438,22 +438,19 @@ def grid_speeds(torch, record: dict, dev, where) -> dict:
     """The speeds each point's time is predicted at: the data sheet's (times the time model's fractions; None
     where the device has none) and this calibration's own matmul and bandwidth figures, as the planner would
     read them from the file being written (its skinny LoRA-rank rate included)."""
-    import json
     from pathlib import Path
 
-    from harness.plan.speeds import Calibration
+    from harness.plan.speeds import Calibration, skinny_rate
     from harness.plan.timing import speed_from
 
     kind = where.type
     dtype = _dtype_name(torch, kind)
     achieved = record["achievable"]
-    with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
-        path = Path(tmp) / "calibration.json"
-        path.write_text(json.dumps({"matmul": record["matmul"]}), encoding="utf-8")
-        own = Calibration(dev.name, record["dtype"], achieved["matmul_flops_per_second"],
-                          achieved["bandwidth_bytes_per_second"], record["provenance"]["threads"] if kind == "cpu"
-                          else None, path)
-        own_speed = speed_from(None, own, dtype, kind)  # reads the skinny rate now, while the file is there
+    own = Calibration(dev.name, record["dtype"], achieved["matmul_flops_per_second"],
+                      achieved["bandwidth_bytes_per_second"], record["provenance"]["threads"] if kind == "cpu"
+                      else None, Path(f"calibration-{dev.slug}.json"),  # the file being written: its name only
+                      skinny_flops_per_second=skinny_rate(record["matmul"]))
+    own_speed = speed_from(None, own, dtype, kind)
     peak = dev.gpu.speed if dev.gpu is not None else None
     return {"data sheet": speed_from(peak, None, dtype, kind) if peak is not None else None,
             "calibration": own_speed}

@@ -78,6 +78,9 @@ class Calibration:
     allocator_ratio: float | None = None  # peak reserved / peak allocated, median over the measured points
     # method_kind -> measured / predicted step seconds at this calibration's own speeds, median per kind
     time_ratios: dict[str, float] | None = None
+    # LoRA-rank products' rate (calibrate records them beside the training shapes, left out of the achievable
+    # figure); None where the file has none
+    skinny_flops_per_second: float | None = None
 
     def time_ratio(self, kind: str) -> float | None:
         """Measured over predicted step time for a method kind (method_kind), where the grid measured it."""
@@ -127,7 +130,17 @@ def load_calibration(spec: str, folder: Path | None = None) -> Calibration | Non
     return Calibration(str(measured.get("name", "")), str(record.get("dtype", "")),
                        float(figures["matmul_flops_per_second"]), float(figures["bandwidth_bytes_per_second"]),
                        threads if measured.get("kind") == "cpu" and isinstance(threads, int) else None, path,
-                       **_grid_figures(record))
+                       **_grid_figures(record), skinny_flops_per_second=skinny_rate(record.get("matmul")))
+
+
+def skinny_rate(matmul_rows) -> float | None:
+    """The median FLOP/s of a calibration's skinny (LoRA-rank) matmul rows (its record's "matmul"); None when
+    there are none (an older file, a hand-made one)."""
+    rows = matmul_rows if isinstance(matmul_rows, list) else []
+    rates = [(row.get("flops_per_second") or {}).get("median") for row in rows
+             if isinstance(row, dict) and row.get("role") == "skinny" and isinstance(row.get("flops_per_second"), dict)]
+    rates = [r for r in rates if _positive(r)]
+    return statistics.median(rates) if rates else None
 
 
 def _grid_figures(record: dict) -> dict:

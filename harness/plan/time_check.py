@@ -289,9 +289,7 @@ def _calibration_line(calibration) -> str:
     except (OSError, ValueError):
         record = {}
     provenance = record.get("provenance") or {}
-    from harness.plan.timing import _skinny_rate
-
-    skinny = _skinny_rate(calibration.path)
+    skinny = calibration.skinny_flops_per_second
     threads = f"threads {calibration.threads}" if calibration.threads is not None else "a GPU"
     return (f"calibration `{calibration.path}` of {calibration.device} ({record.get('mode', '?')} mode, "
             f"{calibration.dtype}, {threads}): "

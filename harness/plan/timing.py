@@ -191,7 +191,7 @@ def speed_from(peak, calibration, dtype: str, kind: str, threads: int | None = N
               "optimizer_op_seconds": PER_OP_S[kind] if OPTIMIZER_OPS_PAID[kind] else 0.0,
               "random_bytes_per_second": RANDOM_BYTES_PER_SECOND[kind]}
     if calibration is not None:
-        flops, skinny = calibration.matmul_flops_per_second, _skinny_rate(calibration.path)
+        flops, skinny = calibration.matmul_flops_per_second, calibration.skinny_flops_per_second
         note = ""
         if calibration.dtype != dtype and peak is not None and peak.matmul(dtype) and peak.matmul(calibration.dtype):
             ratio = peak.matmul(dtype) / peak.matmul(calibration.dtype)  # the data sheet's ratio of the dtypes
@@ -213,19 +213,3 @@ def speed_from(peak, calibration, dtype: str, kind: str, threads: int | None = N
     return Speed(matmul * MATMUL_FRACTION, peak.bandwidth * BANDWIDTH_FRACTION, *overheads,
                  f"data sheet ({peak.source}) x {MATMUL_FRACTION} matmul, x {BANDWIDTH_FRACTION} bandwidth",
                  **per_op)
-
-
-def _skinny_rate(path) -> float | None:
-    """The median FLOP/s of the calibration's skinny (LoRA-rank) matmuls, where its file has them (calibrate
-    records them beside the training shapes and leaves them out of the achievable figure); None otherwise."""
-    import json
-    import statistics
-
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        rates = [row["flops_per_second"]["median"] for row in record.get("matmul") or []
-                 if row.get("role") == "skinny"]
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None  # the achievable figures were read already (load_calibration); this one is optional
-    rates = [r for r in rates if isinstance(r, (int, float)) and r > 0]
-    return statistics.median(rates) if rates else None
