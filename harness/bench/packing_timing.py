@@ -66,7 +66,8 @@ def run_once(run_args: list[str], extra: list[str], folder: Path) -> dict:
     run_whole([*run_args, *extra, "--output_dir", str(folder), "--disable_tqdm", "true"],
               f"`{shlex.join(['python', *run_args, *extra])}`")
     record = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-    return {name: record.get(name) for name in (*FIGURES, "model", "device", "versions", "git", "data")}
+    return {name: record.get(name) for name in (*FIGURES, "model", "device", "versions", "git", "data", "config",
+                                                 "cpu_threads")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         data = {"command": shlex.join(["python", "-m", "harness.bench.packing_timing", *argv]),
                 "run": shlex.join(["python", *run_args]), "window": window, "device": first["device"],
                 "model": first["model"], "git": first["git"], "versions": first["versions"], "data": first["data"],
-                "runs": {way: [{k: r.get(k) for k in FIGURES} for r in rs] for way, rs in runs.items()}}
+                "cpu_threads": first["cpu_threads"],
+                # each run's settings as its result.json has them: harness.plan.time_check predicts the runs from them
+                "runs": {way: [{k: r.get(k) for k in (*FIGURES, "config")} for r in rs] for way, rs in runs.items()}}
         out = Path(args.out)
         write_json_atomic(out.with_suffix(".json"), data)
         write_text_atomic(out, render(data))
@@ -116,7 +119,8 @@ def render(data: dict) -> str:
         "",
         f"- **The run**: `{data['run']}`, window {data['window']} tokens, each way a whole recipe process into a "
         "folder of its own (nothing resumed); the ways took turns, repeat after repeat.",
-        f"- **Device**: {data['device']}.",
+        f"- **Device**: {data['device']}"
+        + (f", {data['cpu_threads']} CPU thread(s) per run" if data.get("cpu_threads") else "") + ".",
         f"- **Model**: {model_note(data['model'])}.",
         f"- **Data**: `{(data['data'] or {}).get('data_file')}`, {(data['data'] or {}).get('train_examples')} "
         "training examples.",

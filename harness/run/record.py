@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from harness.data.reading import data_source
 from harness.errors import RunFailed, UserError, is_disk_full, is_out_of_memory, signals_deferred
 from harness.models.offline import OFFLINE_MODELS
@@ -168,6 +170,9 @@ def _provenance(cfg: RunConfig, start: RunStart, folder: RunFolder, memory=None,
         **({"model_weights": OFFLINE_MODELS[cfg.model.model]} if cfg.model.model in OFFLINE_MODELS else {}),
         "quantization": cfg.model.quantization,
         "device": device_name(),
+        # The threads torch computed with: a CPU run's speed depends on them (harness.plan.time_check compares
+        # a run with a calibration made at a known number)
+        **({"cpu_threads": torch.get_num_threads()} if not torch.cuda.is_available() else {}),
         **describe(measured, device_name(), every_process),
         "total_seconds": round(start.clock.seconds(), 3),
         "seed": cfg.train.seed,
