@@ -210,6 +210,9 @@ CASES = [
     ("time-check-output-exists", ["-m", "harness.plan.time_check", "--output", "{tmp}/wrong_type.json"], "time_check", "--output {tmp}/wrong_type.json exists", "pass --overwrite to replace it"),
     ("report-calibrations-missing", ["-m", "harness.report", "--results-dir", "{tmp}/foreign-results", "--calibrations", "{tmp}/nowhere"], "report", "--calibrations {tmp}/nowhere: no such folder", "calibration-<device>.json files"),
     # round 4 (bench predicted): cases added here
+    ("time-check-packing-not-packing", ["-m", "harness.plan.time_check", "--packing", "{tmp}/wrong_type.json"], "time_check", "--packing {tmp}/wrong_type.json: not a packing_timing JSON", "give the .json that harness.bench.packing_timing wrote"),
+    ("time-check-packing-missing", ["-m", "harness.plan.time_check", "--packing", "{tmp}/no-such-packing.json"], "time_check", "--packing {tmp}/no-such-packing.json: no such file", "give the .json that harness.bench.packing_timing wrote"),
+    # round 5 (real lengths): cases added here
 ]
 
 

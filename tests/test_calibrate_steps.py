@@ -168,4 +168,27 @@ def test_the_planner_takes_a_gpu_calibrations_context_and_step_ratios(tmp_path, 
     context = {part["name"]: part for part in grid[lora]["parts"]}["CUDA context"]
     modelled = {part["name"]: part for part in without[lora]["parts"]}["CUDA context"]
     assert context["bytes"] == 700 * 2**20 != modelled["bytes"] and context["how"] == "measured (calibration-h200.json)"
-    assert grid[lora]["planned_peak_bytes"] - without[lora]["planned_peak_bytes"] == 700 * 2**20 - modelled["bytes"]
+    # the grid's allocator: reserved / allocated 1.1 on every point, so a tenth more than the tensors, in two parts
+    tensors = sum(part["bytes"] for part in without[lora]["parts"] if part["name"] != "CUDA context")
+    reserve = {part["name"]: part for part in grid[lora]["parts"] if part["name"].startswith("allocator reserve")}
+    assert len(reserve) == 2 and {part["how"] for part in reserve.values()} == {"measured (calibration-h200.json)"}
+    assert sum(part["bytes"] for part in reserve.values()) == pytest.approx(0.1 * tensors, abs=2)
+    assert grid[lora]["planned_peak_bytes"] - without[lora]["planned_peak_bytes"] == pytest.approx(
+        700 * 2**20 - modelled["bytes"] + 0.1 * tensors, abs=2)
+    assert not any(part["name"].startswith("allocator") for part in without[lora]["parts"])
+
+
+def test_a_calibrated_allocator_reserve_grows_with_the_batch_and_shrinks_the_largest_batch():
+    from harness.plan.architectures import model_config
+    from harness.plan.memory import plan_run
+    from harness.run.command_line import parse_args
+
+    cfg = parse_args({}, ["--model", "smollm2-135m", "--output_dir", "unused", "--per_device_train_batch_size", "4"])
+    config = model_config("smollm2-135m")
+    plain, reserved = plan_run(cfg, config), plan_run(cfg, config, allocator_ratio=1.25, allocator_how="measured")
+    plain_batch, reserved_batch = (sum(p.bytes for p in plan.parts if p.scales_with_batch)
+                                   for plan in (plain, reserved))
+    assert reserved_batch == pytest.approx(1.25 * plain_batch, abs=1)  # the batch's share grows with it
+    room = plain.total_bytes * 3
+    assert reserved.max_batch_size(room) < plain.max_batch_size(room)
+    assert plan_run(cfg, config, allocator_ratio=1.0).total_bytes == plain.total_bytes  # no reserve, no part

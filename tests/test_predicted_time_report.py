@@ -46,13 +46,16 @@ def _expected(record: dict, folder: Path):
     import torch
 
     from harness.plan.architectures import model_config
+    from harness.plan.batches import data_lengths, run_batch
     from harness.plan.speeds import load_calibration
     from harness.plan.time_check import run_config
     from harness.plan.timing import speed_from, step_seconds
     from harness.plan.work import step_work
 
     cfg = run_config(record["result"]["config"])
-    work = step_work(cfg, model_config(cfg.model.model), torch.float32)  # a CPU run's matmuls: float32
+    # at the trial's rows' real lengths (its data file and tokenizer are here), a CPU run's matmuls in float32
+    batch = run_batch(cfg, data_lengths(cfg)[0])
+    work = step_work(cfg, model_config(cfg.model.model), torch.float32, batch=batch)
     speed = speed_from(None, load_calibration(DEVICE, folder), "float32", "cpu", record["cpu_threads"])
     estimate = step_seconds(work, speed, micro_batches=cfg.train.gradient_accumulation_steps)
     steps = record["result"]["global_step"]

@@ -99,6 +99,8 @@ class PlanTimes:
         self.left_out = left_out  # what the time does not count (harness.plan.run_time.left_out)
         # The work the time was computed from, where it is not the plan's (this CPU's float32 run of a 16-bit plan).
         self.time_works = time_works or works
+        # A recipe's run at its rows' real lengths: (RunTime, harness.plan.batches.MeanBatch), or why not (str)
+        self.from_data = None
 
     def fields(self, i: int, usd_per_hour: float | None) -> dict:
         out = dict(self.works[i].to_dict()) if self.works else {}
@@ -112,6 +114,11 @@ class PlanTimes:
             out.update(self.runs[i].to_dict())
         if self.left_out:
             out["time_left_out"] = self.left_out
+        if isinstance(self.from_data, tuple):
+            run, batch = self.from_data
+            out["from_data"] = {**run.to_dict(), "batch": batch.to_dict()}
+        elif self.from_data:
+            out["from_data"] = {"reason": self.from_data}
         if usd_per_hour is not None:
             cost = self.cost(i, usd_per_hour)
             out["usd"] = cost and {"low": cost[0], "high": cost[1], "for": cost[2]}
@@ -172,8 +179,29 @@ def plan_times(options, gpu, cfgs, config, need_work: bool) -> PlanTimes:
         train_rows, eval_rows, rows_from = None, 0, f"its data could not be read: {exc}"
     length = run_length(cfg.train, train_rows, eval_rows, eval_max_samples=cfg.data.eval_max_samples,
                         rows_from=rows_from)
-    return PlanTimes(device, None, plan_works, estimates, [run_time(estimate, work, length, cfg.train)], left_out(cfg),
-                     works)
+    times = PlanTimes(device, None, plan_works, estimates, [run_time(estimate, work, length, cfg.train)], left_out(cfg),
+                      works)
+    if cfg.run.objective == "sft" and train_rows:
+        times.from_data = _time_of_data(cfg, config, dtypes[0], speeds[0])
+    return times
+
+
+def _time_of_data(cfg, config, dtype, speed):
+    """(RunTime, MeanBatch) of an SFT recipe at its rows' real lengths, where its data and tokenizer are here
+    (harness.plan.batches), else the reason (str) they are not."""
+    from harness.errors import UserError
+    from harness.models.loading import quiet_libraries
+    from harness.plan.batches import data_lengths, run_batch
+    from harness.plan.run_time import estimate_run
+
+    try:
+        with quiet_libraries():
+            lengths, eval_rows = data_lengths(cfg)
+    except UserError as exc:
+        return str(exc)
+    batch = run_batch(cfg, lengths)
+    rows_from = f"{len(lengths):,} examples of {sum(lengths) / len(lengths):,.0f} tokens on average, {batch.note}"
+    return estimate_run(cfg, config, dtype, speed, batch.train_rows, eval_rows, rows_from, batch)[1], batch
 
 
 def _step_range(estimate) -> str:
@@ -302,6 +330,13 @@ def _run_text(times: PlanTimes, usd_per_hour: float | None) -> str:
         text += (f"The run: {length.steps:,} optimizer steps ({length.rows_from or 'max_steps'}{epochs})"
                  f"{evaluation} = {duration_range(run.low, run.high)}, at most: every row counted at the full "
                  "--max_seq_length (shorter rows train faster)")
+        if isinstance(times.from_data, tuple):
+            real, batch = times.from_data
+            text += (f". At its rows' real lengths ({real.length.rows_from}: {batch.positions / batch.rows:,.0f} "
+                     f"positions a row): {real.length.steps:,} optimizer steps = "
+                     f"{duration_range(real.low, real.high)}")
+        elif times.from_data:
+            text += f" (its rows' real lengths are not known: {times.from_data})"
     if price:
         low, high, what = times.cost(0, usd_per_hour)
         text += f"; at {price}: {usd_range(low, high)} for {what}"

@@ -322,7 +322,8 @@ def optimized_tensors(model, master_fp32: bool) -> list[torch.Tensor]:
 
 
 def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention: str = PLANNED_ATTENTION,
-             context_bytes: int = CUDA_CONTEXT_BYTES, label: str = "", context_how: str = "modelled") -> Plan:
+             context_bytes: int = CUDA_CONTEXT_BYTES, label: str = "", context_how: str = "modelled",
+             allocator_ratio: float | None = None, allocator_how: str = "") -> Plan:
     """Plan the peak memory of the run `cfg` (a RunConfig) on a model with this transformers config.
 
     A model whose decoder layers are all alike is counted on two and three of its layers and extrapolated (a 70B
@@ -341,6 +342,16 @@ def plan_run(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, attention
             "generation KV cache beyond the activations (transient)",
             _generation_cache_beyond(config, targs, seq_length, compute_dtype, parts), "modelled",
             scales_with_batch=True))
+    if allocator_ratio and allocator_ratio > 1:
+        # A GPU calibration's peak reserved / peak allocated (harness.plan.speeds.calibrated_memory): the caching
+        # allocator holds whole blocks beyond what the tensors take, and the GPU runs out by what it reserves. In
+        # two parts, so that a batch search scales the reserve of what scales with the batch, and only that.
+        scaling = sum(part.bytes for part in parts if part.scales_with_batch)
+        fixed = sum(part.bytes for part in parts) - scaling
+        parts += [Part("allocator reserve beyond the batch's tensors", round((allocator_ratio - 1) * scaling),
+                       allocator_how, scales_with_batch=True),
+                  Part("allocator reserve beyond the other tensors", round((allocator_ratio - 1) * fixed),
+                       allocator_how)]
     parts.append(Part("CUDA context", context_bytes, context_how))  # context_how: "measured (...)" from a calibration
     rank = cfg.method.init_r if method == "adalora" else (cfg.method.r if method in LORA_FAMILY else None)
     return Plan(

@@ -191,3 +191,46 @@ def unpacked_rows():
         yield
     finally:
         masking_utils.find_packed_sequence_indices = find
+
+
+# ---------------------------------------------------------------------------- meta stand-ins of per-step work
+
+def adalora_score_bytes(model) -> int:
+    """AdaLoRA's importance-score update of one step: PEFT's own RankAllocator.update_ipt, its bytes counted on
+    one stand-in adapter parameter (it is element-wise, so every parameter moves as many bytes per element)."""
+    allocator = model.base_model.rankallocator
+    adapter = [p for name, p in model.named_parameters() if "lora_" in name and allocator.adapter_name in name]
+    stand_in = torch.nn.Module()
+    stand_in.lora_E = torch.nn.ParameterDict(
+        {allocator.adapter_name: torch.nn.Parameter(torch.empty(64, 64, dtype=adapter[0].dtype, device="meta"))})
+    stand_in.lora_E[allocator.adapter_name].grad = torch.empty(64, 64, dtype=adapter[0].dtype, device="meta")
+    saved = allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc
+    touched = BytesTouched()
+    try:
+        allocator.reset_ipt()
+        allocator.update_ipt(stand_in)  # the first update only allocates the scores
+        with touched:
+            allocator.update_ipt(stand_in)
+    finally:
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = saved
+    return touched.bytes * sum(p.numel() for p in adapter) // (64 * 64)
+
+
+_OPTIMIZER_OPS: list[int] = []
+
+
+def optimizer_ops_per_tensor() -> int:
+    """Ops of torch's AdamW step and the Trainer's clipping for one trainable tensor, counted by running them on
+    a meta stand-in. Off a GPU torch's AdamW takes one tensor at a time (its default foreach is for CUDA), so a
+    step dispatches this many ops per trainable tensor; on a GPU foreach groups them (harness.plan.timing)."""
+    if not _OPTIMIZER_OPS:
+        weight = torch.nn.Parameter(torch.empty(8, 8, device="meta"))
+        weight.grad = torch.empty(8, 8, device="meta")
+        optimizer = torch.optim.AdamW([weight], foreach=False)
+        optimizer.step()  # the first step makes the states
+        touched = BytesTouched()
+        with touched:
+            optimizer.step()
+            torch.nn.utils.clip_grad_norm_([weight], 1.0, foreach=False)
+        _OPTIMIZER_OPS.append(touched.ops)
+    return _OPTIMIZER_OPS[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.errors import UserError
-from harness.plan.speeds import calibrated_context
+from harness.plan.speeds import calibrated_memory
 
 TABLE_TRAINING = dict(
     output_dir="outputs/plan",  # never written: parsing a run's settings needs one
@@ -87,15 +87,14 @@ def compute_dtype(cfg):
 
 
 def _context(options) -> dict:
-    """plan_run's CUDA context: the one a calibration of the named GPU (or this machine's) measured, where there
-    is one; else the plan's modelled constant."""
+    """plan_run's CUDA context and allocator reserve: what a calibration of the named GPU (or this machine's)
+    measured, where there is one; else the plan's modelled context and no reserve."""
     spec = options.gpu
     if spec is None:
         import torch
 
         spec = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    found = calibrated_context(spec)
-    return {"context_bytes": found[0], "context_how": found[1]} if found else {}
+    return calibrated_memory(spec)
 
 
 def step_works(cfgs, config) -> list:

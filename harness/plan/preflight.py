@@ -5,8 +5,10 @@ Checked against the GPU's free memory (and --memory_budget_gb when smaller) on a
 --memory_check false prints the plan and runs anyway: the plan is an estimate (docs/will-it-fit.md).
 
 The same line carries the run's predicted time (harness.plan.run_time) where a speed is known for the device it
-runs on: the GPU's data sheet or calibration, or this machine's CPU's calibration. The time is advice: any
-failure to estimate it leaves it out of the line, never stops the run.
+runs on: the GPU's data sheet or calibration, or this machine's CPU's calibration, every row counted at the
+window ("at most"); an SFT run says its time again once its data are tokenized, at the rows' real lengths
+(time_from_data, harness.plan.batches). The time is advice: any failure to estimate it leaves it out of the
+line, never stops the run.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from harness.models.loading import compute_dtype, quiet_libraries
 from harness.models.methods import LORA_FAMILY, check_method
 from harness.plan.architectures import model_config
 from harness.plan.memory import CUDA_CONTEXT_BYTES, plan_run
+from harness.plan.speeds import calibrated_memory
 from harness.run.distributed import batch_factor, strategy
 from harness.run.measure import command_line
 
@@ -39,10 +42,12 @@ def check_memory_plan(cfg, targs, workload=None) -> dict[str, Any]:
 
     cuda = torch.cuda.is_available()
     cfg = dataclasses.replace(cfg, train=targs)
-    context = CUDA_CONTEXT_BYTES if cuda else 0
+    # this GPU's calibration's context and allocator reserve where there is one (harness.plan.speeds)
+    measured = calibrated_memory(torch.cuda.get_device_name()) if cuda else {}
+    context = measured.get("context_bytes", CUDA_CONTEXT_BYTES) if cuda else 0
     try:
         with quiet_libraries():
-            config, plan = _plan(cfg, compute_dtype(cfg.model.dtype), context)
+            config, plan = _plan(cfg, compute_dtype(cfg.model.dtype), {**measured, "context_bytes": context})
     except Exception as exc:  # noqa: BLE001 - a plan is advice: a model it cannot plan still trains
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         print(f"Memory plan: not made ({reason.splitlines()[0][:300]}); the run goes on unchecked.")
@@ -74,7 +79,7 @@ def check_memory_plan(cfg, targs, workload=None) -> dict[str, Any]:
     if needed <= budget.bytes or unsloth or sharded or not cfg.run.memory_check:
         return record
     with quiet_libraries():
-        fixes = what_would_fit(cfg, config, plan, budget.bytes + context, context)
+        fixes = what_would_fit(cfg, config, plan, budget.bytes + context, context, measured)
     raise UserError(
         f"the memory plan says this run needs {_size(needed)} but {budget.where}: {_size(needed - budget.bytes)} short. "
         + (f"Would fit: {'; or '.join(fixes)}. " if fixes else
@@ -83,37 +88,26 @@ def check_memory_plan(cfg, targs, workload=None) -> dict[str, Any]:
     )
 
 
-def _plan(cfg, dtype, context: int):
+def _plan(cfg, dtype, memory: dict):
     config = model_config(cfg.model.model, cfg.model.trust_remote_code)
-    return config, plan_run(cfg, config, compute_dtype=dtype, context_bytes=context)
+    return config, plan_run(cfg, config, compute_dtype=dtype, **memory)
 
 
 def planned_time(cfg, config, dtype, cuda: bool, workload=None) -> tuple[str, dict[str, Any]]:
     """(the plan line's time part, its record) of the run cfg (its train settings the run's) on this machine's
     GPU (cuda) or CPU: "; predicted 12-19 min on NVIDIA H200 (...)", or "; time: not known (...)" where no speed
     is known for the device."""
-    import torch
-
     from harness.plan import run_time as whole_run
-    from harness.plan.timing import step_seconds
-    from harness.plan.work import step_work
 
-    name, kind = (torch.cuda.get_device_name(), "cuda") if cuda else ("cpu", "cpu")
     try:
-        speed = whole_run.device_speed(name, kind, str(dtype).removeprefix("torch."),
-                                       threads=torch.get_num_threads() if kind == "cpu" else None)
+        speed, where = _speed(dtype, cuda)
     except UserError as exc:
-        short = ("no calibration of this CPU: python -m harness.plan.calibrate" if kind == "cpu"
-                 else f"no speed known for {name}")
+        short = (f"no speed known for {_device_name(cuda)}" if cuda
+                 else "no calibration of this CPU: python -m harness.plan.calibrate")
         return f"; time: not known ({short})", {"status": "not_known", "reason": str(exc)[:500]}
-    targs = cfg.train
-    work = step_work(cfg, config, compute_dtype=dtype)
-    step = step_seconds(work, speed, micro_batches=targs.gradient_accumulation_steps)
     train_rows, eval_rows = (len(workload.train_rows), len(workload.eval_rows)) if workload else (None, 0)
-    length = whole_run.run_length(targs, train_rows, eval_rows, batch_factor(), cfg.data.eval_max_samples,
-                                  "the run's data" if workload else "")
-    run = whole_run.run_time(step, work, length, targs, batch_factor())
-    where = "this machine's CPU" if kind == "cpu" else name
+    step, run = whole_run.estimate_run(cfg, config, dtype, speed, train_rows, eval_rows,
+                                       "the run's data" if workload else "", processes=batch_factor())
     record = {"status": "planned", "device": where, **run.to_dict(), "step_seconds": step.to_dict(),
               "left_out": whole_run.left_out(cfg) or None}
     if run.seconds is None:
@@ -121,14 +115,81 @@ def planned_time(cfg, config, dtype, cuda: bool, workload=None) -> tuple[str, di
         what = (f"{whole_run.duration_range(step.low * thousand, step.high * thousand)} per {thousand:,} "
                 "optimizer steps")
     else:
-        n = length.eval_passes
-        evaluations = f", {n} evaluation{'s' if n > 1 else ''}" if n else ""
         # Planned at max_seq_length, as the memory plan is: a data set of shorter rows trains faster (padding-free
-        # rows cost their real tokens; padded ones the batch's longest), so this is the most the run should take.
-        what = (f"at most {whole_run.duration_range(run.low, run.high)} ({length.steps:,} steps{evaluations}, "
+        # rows cost their real tokens; padded ones the batch's longest), so this is the most the run should take;
+        # an SFT run says how long its real rows take once they are tokenized (time_from_data).
+        what = (f"at most {whole_run.duration_range(run.low, run.high)} ({_steps(run)}, "
                 f"every row at {cfg.data.max_seq_length:,} tokens)")
-    notes = "; ".join(filter(None, [whole_run.checked_note(), whole_run.left_out(cfg)]))
-    return f"; predicted {what} on {where} ({notes})", record
+    return f"; predicted {what} on {where} ({_notes(cfg)})", record
+
+
+def time_from_data(cfg, targs, prepared, plan_record: dict) -> None:
+    """Once an SFT run's data are tokenized (`prepared`: harness.data.encoding.PreparedData), its time from the rows'
+    real lengths, batched as the run batches them (harness.plan.batches: padded to each batch's longest,
+    padding-free or packed): one line, and the record's time_plan["from_data"]. Advice, as the plan line's time:
+    any failure to estimate it leaves it out."""
+    time_plan = plan_record.get("time_plan") or {}
+    if cfg.run.objective != "sft" or time_plan.get("status") != "planned":
+        return
+    try:
+        with quiet_libraries():
+            line, record = _time_of_lengths(dataclasses.replace(cfg, train=targs),
+                                            [len(r) for r in prepared.train["input_ids"]],
+                                            len(prepared.eval) if prepared.eval is not None else 0)
+    except Exception:  # noqa: BLE001 - the time is advice: a run it cannot estimate still trains
+        return
+    print(line)
+    time_plan["from_data"] = record
+
+
+def _time_of_lengths(cfg, lengths: list[int], eval_rows: int) -> tuple[str, dict[str, Any]]:
+    import torch
+
+    from harness.plan import run_time as whole_run
+    from harness.plan.batches import run_batch
+
+    dtype = compute_dtype(cfg.model.dtype)
+    speed, where = _speed(dtype, torch.cuda.is_available())
+    batch = run_batch(cfg, lengths)
+    config = model_config(cfg.model.model, cfg.model.trust_remote_code)
+    step, run = whole_run.estimate_run(cfg, config, dtype, speed, batch.train_rows, eval_rows,
+                                       "the run's tokenized data", batch, processes=batch_factor())
+    record = {"status": "planned", "device": where, **run.to_dict(), "step_seconds": step.to_dict(),
+              "batch": batch.to_dict(), "mean_example_tokens": sum(lengths) / len(lengths)}
+    rows = (f"{len(lengths):,} examples of {sum(lengths) / len(lengths):,.0f} tokens on average, "
+            f"{batch.note}: {batch.positions / batch.rows:,.0f} positions a row")
+    return (f"Time from the data's tokens: predicted {whole_run.duration_range(run.low, run.high)} ({_steps(run)}; "
+            f"{rows}) on {where} ({_notes(cfg)})"), record
+
+
+def _speed(dtype, cuda: bool):
+    """(harness.plan.timing.Speed, the device in words) of this machine's GPU (cuda) or CPU; UserError where no
+    speed is known."""
+    import torch
+
+    from harness.plan import run_time as whole_run
+
+    name, kind = (_device_name(cuda), "cuda") if cuda else ("cpu", "cpu")
+    speed = whole_run.device_speed(name, kind, str(dtype).removeprefix("torch."),
+                                   threads=torch.get_num_threads() if kind == "cpu" else None)
+    return speed, ("this machine's CPU" if kind == "cpu" else name)
+
+
+def _device_name(cuda: bool) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if cuda else "cpu"
+
+
+def _steps(run) -> str:
+    n = run.length.eval_passes
+    return f"{run.length.steps:,} steps" + (f", {n} evaluation{'s' if n > 1 else ''}" if n else "")
+
+
+def _notes(cfg) -> str:
+    from harness.plan import run_time as whole_run
+
+    return "; ".join(filter(None, [whole_run.checked_note(), whole_run.left_out(cfg)]))
 
 
 def _budget(cfg, cuda: bool) -> Budget | None:
@@ -150,6 +211,8 @@ def _summary(plan, context: int) -> str:
     pieces = [f"weights {_size(plan.bytes_of('weights'))}", f"trainable + gradients + optimizer {_size(training)}",
               f"activations {_size(plan.bytes_of('activations saved for backward'))}",
               f"transient {_size(transient)}"] + ([f"CUDA context {_size(context)}"] if context else [])
+    reserve = sum(part.bytes for part in plan.parts if part.name.startswith("allocator reserve"))
+    pieces += [f"allocator reserve {_size(reserve)} (measured)"] if reserve else []
     return (f"planned peak {_size(plan.total_bytes)} ({', '.join(pieces)}; {plan.compute_dtype}, "
             f"batch {plan.batch_size} x {plan.seq_length} tokens)")
 
@@ -166,9 +229,10 @@ def _size(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 2 else f"{n / 2**20:.1f} MiB"
 
 
-def what_would_fit(cfg, config, plan, capacity: float, context: int) -> list[str]:
+def what_would_fit(cfg, config, plan, capacity: float, context: int, memory: dict | None = None) -> list[str]:
     """The changes, each alone, after which the plan fits in capacity bytes (context included): a smaller
-    batch (the same effective batch through accumulation), checkpointing, a 4-bit base, a lower rank."""
+    batch (the same effective batch through accumulation), checkpointing, a 4-bit base, a lower rank. memory:
+    plan_run's calibrated allocator reserve, where the plan has one."""
     targs, method = cfg.train, cfg.method
     fixes = []
     largest, batch_now = plan.max_batch_size(capacity), targs.per_device_train_batch_size
@@ -187,7 +251,8 @@ def what_would_fit(cfg, config, plan, capacity: float, context: int) -> list[str
         try:
             check_method(changed.method, changed.model.quantization, changed.train.activation_checkpointing,
                          this_machine=False)
-            return plan_run(changed, config, compute_dtype=_dtype(plan), context_bytes=context).fits(capacity)
+            return plan_run(changed, config, compute_dtype=_dtype(plan),
+                            **{**(memory or {}), "context_bytes": context}).fits(capacity)
         except UserError:  # a combination the recipe would refuse fits nothing
             return False
 

@@ -156,6 +156,21 @@ def run_time(step, work, length: RunLength, targs, processes: int = 1) -> RunTim
                    seconds * step.high / step.seconds)
 
 
+def estimate_run(cfg, config, dtype, speed, train_rows: int | None, eval_rows: int, rows_from: str, batch=None,
+                 processes: int = 1):
+    """(the step's harness.plan.timing.Estimate, the whole run's RunTime) of the run cfg at `speed`: its step's
+    work counted at its window, or at its data's average micro-batch (batch: harness.plan.batches.MeanBatch)."""
+    # imported here, not at the top: --help and one-line refusals answer without importing torch
+    from harness.plan.timing import step_seconds
+    from harness.plan.work import step_work
+
+    targs = cfg.train
+    work = step_work(cfg, config, compute_dtype=dtype, batch=batch)
+    step = step_seconds(work, speed, micro_batches=targs.gradient_accumulation_steps)
+    length = run_length(targs, train_rows, eval_rows, processes, cfg.data.eval_max_samples, rows_from)
+    return step, run_time(step, work, length, targs, processes)
+
+
 def usd(low_seconds: float, high_seconds: float, usd_per_hour: float) -> tuple[float, float]:
     return low_seconds / 3600 * usd_per_hour, high_seconds / 3600 * usd_per_hour
 

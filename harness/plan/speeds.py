@@ -192,14 +192,20 @@ def require_speed(spec: str, option: str = "--gpu", folder: Path | None = None) 
     return peak, calibration
 
 
-def calibrated_context(spec: str | None, folder: Path | None = None) -> tuple[int, str] | None:
-    """(bytes, how) of the CUDA context and library handles a calibration of this GPU measured (its step grid),
-    for the memory plan in place of its modelled constant; None without such a calibration (a size, a CPU, no
-    file, a file without a grid)."""
+def calibrated_memory(spec: str | None, folder: Path | None = None) -> dict:
+    """What a calibration of this GPU measured for the memory plan (its step grid), as harness.plan.memory.plan_run
+    takes it: the CUDA context and library handles (context_bytes, context_how) in place of the modelled constant,
+    and the allocator's peak reserved / peak allocated (allocator_ratio, allocator_how); {} without such a
+    calibration (a size, a CPU, no file, a file without a grid)."""
     if not spec or gpu_size(spec):
-        return None
+        return {}
     calibration = load_calibration(spec, folder)
-    if calibration is None or not calibration.context_bytes:
-        return None
-    return calibration.context_bytes, f"measured ({calibration.path.name})"
-
+    if calibration is None:
+        return {}
+    how = f"measured ({calibration.path.name})"
+    found = {}
+    if calibration.context_bytes:
+        found.update(context_bytes=calibration.context_bytes, context_how=how)
+    if calibration.allocator_ratio:
+        found.update(allocator_ratio=calibration.allocator_ratio, allocator_how=how)
+    return found

@@ -37,7 +37,7 @@ NOT_COMPARABLE = "not comparable"  # a reason's first words: the record ran on a
 # would not parse back.
 _TRAINING_SETTINGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "optim", "max_grad_norm",
                       "activation_checkpointing", "max_steps", "bf16", "fp16", "packing", "padding_free",
-                      "precompute_ref_log_probs", "max_length")
+                      "precompute_ref_log_probs", "max_length", "packing_strategy", "pad_to_multiple_of", "seed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         from harness.reporting.runs import read_records, trial_record_problem
 
         singles = [_result_record(path) for path in results]  # refused before anything is counted
+        singles += [record for path in args.packing for record in _packing_records(Path(path))]
         records = [r for path in runs for r in read_records(path, check=trial_record_problem)] + singles
         calibration = _calibration(Path(args.calibration)) if args.calibration else None
         rows = [predict(record, calibration) for record in records]
@@ -73,6 +74,9 @@ def _parse(argv: list[str]):
     parser.add_argument("--result", action="append", default=[], metavar="FILE",
                         help="a single run's result.json to predict too (repeatable), e.g. "
                              "results/smollm2-135m_dpo/result.json")
+    parser.add_argument("--packing", action="append", default=[], metavar="FILE",
+                        help="the runs of a harness.bench.packing_timing JSON to predict too (repeatable), e.g. "
+                             "results/time_check/packing.json")
     parser.add_argument("--calibration", default=None, metavar="FILE",
                         help="a calibration file to use for the records of its device (default: results/gpu/)")
     parser.add_argument("--output", default=None, metavar="FILE", help="write the markdown here (default: stdout)")
@@ -82,7 +86,7 @@ def _parse(argv: list[str]):
 
 def _result_record(path: Path) -> dict:
     """A single run's result.json (harness.run.record) as the trial record time_check reads: the run's folder
-    names it; its CPU threads were not recorded (a recipe run alone uses torch's default)."""
+    names it (its CPU threads: what it recorded, none before they were recorded)."""
     import json
 
     if not path.is_file():
@@ -98,8 +102,37 @@ def _result_record(path: Path) -> dict:
     config = result["config"]
     return {"sweep": path.parent.name, "trial_id": path.name, "status": result.get("status"),
             "recipe": result.get("recipe"), "method": result.get("method"), "model": config.get("model"),
-            "rank": config.get("r"), "seed": config.get("seed"), "cpu_threads": None, "result": result,
+            "rank": config.get("r"), "seed": config.get("seed"), "cpu_threads": result.get("cpu_threads"),
+            "result": result,
             "command": result.get("command")}
+
+
+def _packing_records(path: Path) -> list[dict]:
+    """Each run of a harness.bench.packing_timing JSON as a trial record: the way it batched names it. Runs written
+    before packing_timing kept their settings (no config) are listed as not predicted."""
+    import json
+
+    if not path.is_file():
+        raise UserError(f"--packing {path}: no such file; give the .json that harness.bench.packing_timing wrote")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        runs = data["runs"]
+        if not isinstance(runs, dict):
+            raise TypeError("runs")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--packing {path}: not a packing_timing JSON ({type(exc).__name__}); give the .json that "
+                        "harness.bench.packing_timing wrote") from None
+    records = []
+    for way, trials in runs.items():
+        for number, trial in enumerate(trials or [], start=1):
+            config = trial.get("config") or {}
+            result = {**trial, "device": data.get("device"), "git": data.get("git"), "versions": data.get("versions"),
+                      "model": data.get("model"), "config": config}
+            records.append({"sweep": path.stem, "trial_id": f"{way} #{number}", "status": "ok",
+                            "recipe": config.get("recipe"), "method": way, "model": data.get("model"),
+                            "rank": config.get("r"), "seed": config.get("seed"), "cpu_threads": data.get("cpu_threads"),
+                            "result": result, "command": data.get("command")})
+    return records
 
 
 def _calibration(path: Path):
@@ -158,24 +191,43 @@ def predict(record: dict, calibration=None, folder: Path | None = None, calibrat
 
         with quiet_libraries():  # the libraries' notes while a meta model is built are not the reader's concern
             model = model_config(cfg.model.model, cfg.model.trust_remote_code)
-            work = step_work(cfg, model, compute_dtype=_compute_dtype(cfg, row["device"]))
+            batch, why_not = _data_batch(cfg)
+            work = step_work(cfg, model, compute_dtype=_compute_dtype(cfg, row["device"]), batch=batch)
     except UserError as exc:
         return {**row, "reason": str(exc)}
     estimate = step_seconds(work, speed, micro_batches=cfg.train.gradient_accumulation_steps)
     predicted = estimate.seconds * row["steps"]
-    notes += _not_counted(config)
+    notes += _not_counted(config) + ([f"rows counted at the window: {why_not}"] if why_not else [])
     return {**row, "predicted": predicted, "low": estimate.low * row["steps"], "high": estimate.high * row["steps"],
             "error": predicted / row["measured"] - 1, "estimate": estimate, "notes": notes}
 
 
 def _not_counted(config: dict) -> list[str]:
     """What the record's settings make the run do that harness.plan.work does not count (its docstring)."""
-    notes = []
-    if config.get("method") == "adalora":
-        notes.append("AdaLoRA's periodic rank reallocation is not counted")
-    if config.get("packing"):
-        notes.append("packed sequences' shorter attention is not counted (the whole window is)")
-    return notes
+    return ["AdaLoRA's periodic rank reallocation is not counted"] if config.get("method") == "adalora" else []
+
+
+_BATCHES: dict[str, tuple] = {}  # by the settings the batches depend on: trials of one sweep share their data
+
+
+def _data_batch(cfg):
+    """(harness.plan.batches.MeanBatch of an SFT record's data, None) where its data file and tokenizer are here:
+    the step is then counted at its rows' real lengths, batched as the run batched them; else (None, why not):
+    every row at the window, as the planner counts a run before its data are tokenized."""
+    if cfg.run.objective != "sft":
+        return None, f"{cfg.run.objective}'s rows are not measured by the planner"
+    from harness.plan.batches import data_lengths, run_batch
+
+    targs = cfg.train
+    key = repr((cfg.data, cfg.model.model, cfg.method.method, cfg.model.attn_implementation, targs.packing,
+                targs.packing_strategy, targs.padding_free, targs.pad_to_multiple_of, targs.seed,
+                targs.per_device_train_batch_size))
+    if key not in _BATCHES:
+        try:
+            _BATCHES[key] = run_batch(cfg, data_lengths(cfg)[0]), None
+        except UserError as exc:
+            _BATCHES[key] = None, str(exc)
+    return _BATCHES[key]
 
 
 def _speed(device_name: str, config: dict, threads, calibration, folder, calibrated_only: bool):
@@ -274,7 +326,9 @@ def _header(records: list[dict], calibration, command: str) -> list[str]:
     lines.append(f"- **Speed**: {_calibration_line(calibration)}")
     lines += ["- **Measured**: the trial's train_seconds (optimizer steps only: no evaluation, no saving). "
               "**Predicted**: the time planner's model (harness/plan/work.py counts one step's work on the meta "
-              "model, harness/plan/timing.py turns it into seconds) on the trial's own settings, times its steps; "
+              "model, harness/plan/timing.py turns it into seconds) on the trial's own settings, at its rows' real "
+              "lengths where its data and tokenizer are here (tokenized as its run tokenized them, batched as it "
+              "batched them: harness/plan/batches.py), times its steps; "
               "the range is the planner's own (RANGE_FACTOR). **Error**: predicted / measured - 1.", ""]
     return lines
 
@@ -349,7 +403,7 @@ def markdown(rows: list[dict], records: list[dict], calibration, command: str = 
         "None."]
     lines += ["", "Not counted by the model for any trial (harness/plan/work.py): the Python of the model's "
               "modules and the Trainer beyond the fixed per-step and per-micro-batch overheads, GRPO's generation, "
-              "AdaLoRA's periodic rank reallocation, packed sequences' shorter attention; nor what else the machine "
+              "AdaLoRA's periodic rank reallocation; nor what else the machine "
               "ran beside the trial."]
     if apart:
         lines += ["", "## Not comparable", ""] + [f"- {r['trial']} ({r['device']}): {r['reason']}" for r in apart]

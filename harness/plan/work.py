@@ -41,7 +41,9 @@ backward on meta tensors: no memory, no arithmetic, the shapes alone. What it do
   changes equal to what torch.autocast changes in a real bf16 CPU step (LoRA: fewer; DoRA: more).
 
 Not counted here: the Python of modules and the Trainer, GRPO's generation, AdaLoRA's periodic rank
-reallocation, packed sequences' shorter attention: the time model (harness.plan.timing) adds or leaves them.
+reallocation: the time model (harness.plan.timing) adds or leaves them. Rows shorter than the window: a step is
+counted at the window, or, given the data's real lengths (harness.plan.batches), at the average micro-batch they
+make, padded, padding-free or packed (step_work's batch).
 """
 from __future__ import annotations
 
@@ -65,10 +67,13 @@ from harness.plan.meta_ops import (
     ATTENTION_OPS,
     COUNTED_ATTENTION,
     EXTRA_FLOP_FORMULAS,
+    SKINNY_DIMENSION,
     Autocast,
     BytesTouched,
+    adalora_score_bytes,
     fused_head_hooks,
     meta_autocast_answered,
+    optimizer_ops_per_tensor,
     register_counted_attention,
     unpacked_rows,
 )
@@ -145,14 +150,30 @@ class _MicroBatch:
     logits_bytes: int = 0
 
 
-def step_work(cfg, config, compute_dtype: torch.dtype = torch.bfloat16) -> StepWork:
-    """The work of one optimizer step of the run `cfg` (a RunConfig) on a model with this transformers config,
-    at its max_seq_length (dynamic padding makes that the most a batch holds)."""
+def step_work(cfg, config, compute_dtype: torch.dtype = torch.bfloat16, batch=None) -> StepWork:
+    """The work of one optimizer step of the run `cfg` (a RunConfig) on a model with this transformers config:
+    every row at its max_seq_length (dynamic padding makes that the most a batch holds), or, given `batch` (an SFT
+    run's harness.plan.batches.MeanBatch: its data's real lengths, batched as the run batches them), its average
+    micro-batch."""
     targs = cfg.train
     sequences = targs.per_device_train_batch_size * (2 if cfg.run.objective == "dpo" else 1)  # DPO: both answers
     reference = cfg.run.objective == "dpo" and not getattr(targs, "precompute_ref_log_probs", False)
     optim = str(getattr(targs.optim, "value", targs.optim))
     shape = (sequences, cfg.data.max_seq_length, bool(targs.activation_checkpointing), reference, optim)
+    n = targs.gradient_accumulation_steps
+    if batch is not None:
+        micro = _micro_batch_of(cfg, config, compute_dtype, shape, batch)
+        return _step(cfg, micro, n, optim, round(batch.tokens * n), extra_attention=0)
+    # A flattened batch (SFT's padding-free or BFD packing) is one row of every sequence: transformers' sdpa masks
+    # it block-diagonally but computes the whole (sequences x length)^2 of it (profiled on CPU: one [1, 9, 512, 64]
+    # attention per layer for 4 x 128 tokens), `sequences` times a padded batch's attention. FlashAttention-2
+    # takes each example's own length (varlen) and does not.
+    extra = (sequences - 1) if _flattened_attention(cfg) else 0
+    return _step(cfg, _cached_micro_batch(cfg, config, compute_dtype, shape), n, optim,
+                 sequences * n * cfg.data.max_seq_length, extra)
+
+
+def _cached_micro_batch(cfg, config, compute_dtype, shape: tuple) -> _MicroBatch:
     key = (_model_key(cfg, config, compute_dtype), *shape)
     micro = _COUNTS.get(key)
     if micro is None:
@@ -160,19 +181,62 @@ def step_work(cfg, config, compute_dtype: torch.dtype = torch.bfloat16) -> StepW
         if len(_COUNTS) >= _CACHE_SIZE:
             _COUNTS.pop(next(iter(_COUNTS)))  # the oldest
         _COUNTS[key] = micro
-    n = targs.gradient_accumulation_steps
-    # A flattened batch (SFT's padding-free or BFD packing) is one row of every sequence: transformers' sdpa masks
-    # it block-diagonally but computes the whole (sequences x length)^2 of it (profiled on CPU: one [1, 9, 512, 64]
-    # attention per layer for 4 x 128 tokens), `sequences` times a padded batch's attention. FlashAttention-2
-    # takes each example's own length (varlen) and does not.
-    extra = (sequences - 1) if _flattened_attention(cfg) else 0
+    return micro
+
+
+def fit_lengths(window: int) -> tuple[int, int, int]:
+    """Three distinct row lengths a micro-batch is counted at to fit its work to any length (_micro_batch_of): the
+    window and two shorter ones, none under SKINNY_DIMENSION + 1, where products over the tokens stop counting as
+    skinny (meta_ops: below it the skinny FLOPs jump; over it they are linear); a shorter window is counted just
+    above itself."""
+    shortest = max((window + 3) // 4, SKINNY_DIMENSION + 1)
+    if window - shortest >= 2:
+        return window, (window + shortest) // 2, shortest
+    return window, window + 1, window + 2
+
+
+def _micro_batch_of(cfg, config, compute_dtype, shape: tuple, batch) -> _MicroBatch:
+    """The average micro-batch `batch` (harness.plan.batches.MeanBatch), from counts of padded micro-batches of
+    the run's rows at three lengths. Every counted quantity of a micro-batch of b rows of length L is a polynomial
+    of degree 2 in L (attention's products and whatever it touches per pair of positions grow with L^2, all else
+    with L or not at all: tests/test_plan_batches.py holds a fourth length's count equal to the fit), so three
+    counts give it exactly: q(L) = c + p L + a L^2. Written per micro-batch as c + (p / b) positions + (a / b) area,
+    with positions = b L and area = b L^2, it prices any micro-batch from its positions and attention area (a
+    flattened row of S positions under sdpa: S and S^2)."""
+    from fractions import Fraction
+
+    sequences, window = shape[0], shape[1]
+    lengths = fit_lengths(window)
+    counts = [_cached_micro_batch(cfg, config, compute_dtype, (sequences, length, *shape[2:])) for length in lengths]
+    values = {}
+    for field in dataclasses.fields(_MicroBatch):
+        c, p, a = _quadratic(lengths, [getattr(count, field.name) for count in counts])
+        value = c + p / sequences * Fraction(batch.positions) + a / sequences * Fraction(batch.area)
+        values[field.name] = max(0, round(value))
+    return _MicroBatch(**values)
+
+
+def _quadratic(xs, ys):
+    """(c, p, a) of the polynomial c + p x + a x^2 through three points, exactly (fractions)."""
+    from fractions import Fraction
+
+    (x0, x1, x2), (y0, y1, y2) = [Fraction(x) for x in xs], [Fraction(y) for y in ys]
+    a = ((y2 - y0) / (x2 - x0) - (y1 - y0) / (x1 - x0)) / (x2 - x1)
+    p = (y1 - y0) / (x1 - x0) - a * (x0 + x1)
+    return y0 - p * x0 - a * x0 * x0, p, a
+
+
+def _step(cfg, micro: _MicroBatch, n: int, optim: str, tokens: int, extra_attention: int) -> StepWork:
+    """The step of n micro-batches like `micro`, a flattened one's attention extra_attention times more."""
+    targs = cfg.train
+    extra = extra_attention
     forward_attention, rest_attention = micro.attention_forward, micro.attention - micro.attention_forward
     weights = micro.trainable_bytes
     # Each micro-batch after the first adds its gradients into .grad (two reads, one write); clipping reads them
     # for the norm, then scales them in place (the Trainer clips whenever max_grad_norm > 0).
     gradients = 3 * weights * (n - 1) + (3 * weights if targs.max_grad_norm and targs.max_grad_norm > 0 else 0)
     return StepWork(
-        tokens=sequences * n * cfg.data.max_seq_length,
+        tokens=tokens,
         forward_flops=(micro.forward + extra * forward_attention) * n,
         backward_flops=(micro.backward + extra * rest_attention) * n,  # checkpointing's recompute of it included
         recompute_flops=micro.recompute * n, reference_flops=micro.reference * n,
@@ -385,7 +449,7 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
             phase[0] = "reference"
             reference_flops = _reference_forward(model, ids, counter) if reference else 0
             attention = attention_flops()
-        scores = _score_bytes(model) if cfg.method.method == "adalora" else 0
+        scores = adalora_score_bytes(model) if cfg.method.method == "adalora" else 0
     finally:
         for handle in handles:
             handle.remove()
@@ -403,7 +467,7 @@ def _count(cfg, config, compute_dtype, sequences: int, seq_length: int, checkpoi
         trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
         state_bytes=optimizer_state_bytes(optim, trainable)[0],
         elementwise_bytes=touched.bytes - norm, random_bytes=touched.random_bytes, skinny_flops=touched.skinny_flops,
-        ops=touched.ops, optimizer_ops=len(trainable) * _optimizer_ops_per_tensor(),
+        ops=touched.ops, optimizer_ops=len(trainable) * optimizer_ops_per_tensor(),
         attention_forward=attention_forward, loss_bytes=loss_bytes[0],
         logits_bytes=sequences * seq_length * text_config(config).vocab_size * compute_dtype.itemsize if fused else 0,
     )
@@ -417,44 +481,3 @@ def _reference_forward(model, ids, counter: FlopCounterMode) -> int:
     with off, torch.no_grad():
         model(input_ids=ids)
     return counter.get_total_flops() - before
-
-
-def _score_bytes(model) -> int:
-    """AdaLoRA's importance-score update of one step: PEFT's own RankAllocator.update_ipt, its bytes counted on
-    one stand-in adapter parameter (it is element-wise, so every parameter moves as many bytes per element)."""
-    allocator = model.base_model.rankallocator
-    adapter = [p for name, p in model.named_parameters() if "lora_" in name and allocator.adapter_name in name]
-    stand_in = torch.nn.Module()
-    stand_in.lora_E = torch.nn.ParameterDict(
-        {allocator.adapter_name: torch.nn.Parameter(torch.empty(64, 64, dtype=adapter[0].dtype, device="meta"))})
-    stand_in.lora_E[allocator.adapter_name].grad = torch.empty(64, 64, dtype=adapter[0].dtype, device="meta")
-    saved = allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc
-    touched = BytesTouched()
-    try:
-        allocator.reset_ipt()
-        allocator.update_ipt(stand_in)  # the first update only allocates the scores
-        with touched:
-            allocator.update_ipt(stand_in)
-    finally:
-        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = saved
-    return touched.bytes * sum(p.numel() for p in adapter) // (64 * 64)
-
-
-_OPTIMIZER_OPS: list[int] = []
-
-
-def _optimizer_ops_per_tensor() -> int:
-    """Ops of torch's AdamW step and the Trainer's clipping for one trainable tensor, counted by running them on
-    a meta stand-in. Off a GPU torch's AdamW takes one tensor at a time (its default foreach is for CUDA), so a
-    step dispatches this many ops per trainable tensor; on a GPU foreach groups them (harness.plan.timing)."""
-    if not _OPTIMIZER_OPS:
-        weight = torch.nn.Parameter(torch.empty(8, 8, device="meta"))
-        weight.grad = torch.empty(8, 8, device="meta")
-        optimizer = torch.optim.AdamW([weight], foreach=False)
-        optimizer.step()  # the first step makes the states
-        touched = BytesTouched()
-        with touched:
-            optimizer.step()
-            torch.nn.utils.clip_grad_norm_([weight], 1.0, foreach=False)
-        _OPTIMIZER_OPS.append(touched.ops)
-    return _OPTIMIZER_OPS[0]

@@ -23,7 +23,7 @@ from harness.models.loading import load_tokenizer
 from harness.models.methods import check_targets
 from harness.objectives.protocol import Workload
 from harness.objectives.registry import objective_of
-from harness.plan.preflight import check_memory_plan
+from harness.plan.preflight import check_memory_plan, time_from_data
 from harness.run.command_line import parse_args
 from harness.run.config import RunConfig
 from harness.run.distributed import is_main, main_speaks
@@ -74,6 +74,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     check_targets(cfg.method, cfg.model, cfg.run.init_adapter)  # layer names, before any weights load
     prepared = objective.prepare(cfg, work, tokenizer)
     print(f"Data: {json.dumps(prepared.stats)}")
+    time_from_data(cfg, work.targs, prepared, memory_plan)  # SFT: the time again, from the rows' real lengths
 
     with claimed(cfg) as folder:  # from here on output_dir is this run's (see harness.run.folder)
         if folder.finished is not None:
