@@ -76,7 +76,7 @@ def read_parquet(path: str) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _datasets_quiet():
+def datasets_quiet():
     """datasets draws progress bars and logs while it loads; a failure is reported as one line instead."""
     import datasets
     from huggingface_hub.utils import logging as hub_logging
@@ -100,7 +100,7 @@ def load_hub_rows(name: str, config: str | None, split: str) -> list[dict[str, A
     if not str(name or "").strip():
         raise UserError("the dataset name is empty; pass a Hub dataset id or a local folder of data files")
     try:
-        with _datasets_quiet():
+        with datasets_quiet():
             from datasets import load_dataset
 
             rows = load_dataset(name, config, split=split).to_list()

@@ -62,11 +62,14 @@ def packed_rows(lengths: list[int], window: int, strategy: str = "bfd") -> list[
     from datasets import Dataset
     from trl import pack_dataset
 
+    from harness.data.formats import datasets_quiet
+
     kept = [n for n in lengths if n > 0]  # TRL drops empty rows
     if not kept:
         return []
     stand_in = Dataset.from_dict({"input_ids": [[0] * n for n in kept]})
-    return [list(row) for row in pack_dataset(stand_in, window, strategy)["seq_lengths"]]
+    with datasets_quiet():  # its map's progress bar is not the planner's to draw
+        return [list(row) for row in pack_dataset(stand_in, window, strategy)["seq_lengths"]]
 
 
 def mean_batch(rows: list[list[int]], batch: int, batching: str, varlen: bool = False,
@@ -139,6 +142,7 @@ def data_lengths(cfg) -> tuple[list[int], int]:
 
     from harness.data import reading
     from harness.data.encoding import prepare
+    from harness.data.formats import datasets_quiet
     from harness.errors import UserError
     from harness.models.loading import load_tokenizer
     from harness.models.offline import resolve_offline_model
@@ -148,7 +152,8 @@ def data_lengths(cfg) -> tuple[list[int], int]:
         raise UserError(f"Hub dataset {data.dataset_name}: its rows are not here")
     if resolve_offline_model(model) is None and not Path(model).is_dir():
         raise UserError(f"the tokenizer of {model} is not here (a Hub model)")
-    with contextlib.redirect_stdout(io.StringIO()):  # the reader's own notes are for a run
+    # The reader's notes and datasets' progress bars are for a run; a plan prints only its own lines.
+    with contextlib.redirect_stdout(io.StringIO()), datasets_quiet():
         loaded, held_out = reading.load_records(data), reading.load_eval_records(data)
         train, evaluation = reading.split_records(loaded.rows, data, held_out)
         prepared = prepare(train, evaluation, data, load_tokenizer(cfg.model))
