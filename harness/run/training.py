@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from harness.errors import RunFailed
+from harness.errors import RunFailed, raise_if_terminated
 from harness.models.loading import compute_dtype
 from harness.run.config import RunConfig
 from harness.run.distributed import barrier, gather, launched_processes
@@ -188,6 +188,7 @@ class TrainClock(TrainerCallback):
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        raise_if_terminated()  # a SIGTERM whose exception Python swallowed still stops the run here
         wait_for_gpu()
         if self._step_start is not None:
             self.seconds += time.perf_counter() - self._step_start
