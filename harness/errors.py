@@ -115,7 +115,8 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _TERMINATED.clear()  # handled (or the handler's scope is over): a later run of this process starts clean
+        if previous is not _raise_terminated:  # the outermost scope: a SIGTERM lost in an inner one still counts
+            _TERMINATED.clear()  # handled, or the scope is over: a later run of this process starts clean
 
 
 @contextlib.contextmanager

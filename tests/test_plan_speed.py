@@ -106,9 +106,10 @@ def test_the_70b_table_with_its_times_plans_within_a_bound(tmp_path):
     <this config> --gpu H200 --ranks 16`: 8.8-9.0 s, imports included; 27 s before the extrapolation). In-process
     here, imports done, it measured 3.6-4.5 s on the 2-core machine with one other job and 11 s with four; the
     bound leaves room for a busier one (before the extrapolation the same call took over 60 s busy). Those figures
-    are of an Intel Xeon 2-core machine (202 GFLOP/s one-thread matmul); on a 2-core AMD EPYC (65 GFLOP/s; `import
-    peft` alone 6.5 s) the command took 13.3-14.5 s on 2026-12-04, 6 s of it imports, and the code of
-    b185282 (before the real-lengths count) 14.7-15.4 s: the machine, not the change."""
+    are of an Intel Xeon 2-core machine (its calibration: 202 GFLOP/s one-thread matmul, step-weighted); on a
+    2-core AMD EPYC (a one-thread 1024 x 1024 matmul: 65 GFLOP/s; `import peft` alone 6.5 s) the command took
+    13.3-14.5 s on 2026-12-04, 6 s of it imports, and the code of b185282 (before the real-lengths count)
+    14.7-15.4 s: the machine, not the change."""
     from harness.plan.cli import main
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_70B))

@@ -280,8 +280,9 @@ def test_a_sigterm_whose_exception_python_swallowed_still_stops_the_run_at_the_n
 
     clock, state = TrainClock(), type("State", (), {"num_input_tokens_seen": 0})()
     with sigterm_as_interrupt():
-        SignalledWhileCollected()  # collected at once; its SIGTERM's exception is swallowed
-        gc.collect()
-        with pytest.raises(Terminated):
+        with sigterm_as_interrupt():  # a scope within (a recipe run by ft-cookbook or the alpaca100 pipeline)
+            SignalledWhileCollected()  # collected at once; its SIGTERM's exception is swallowed
+            gc.collect()
+        with pytest.raises(Terminated):  # the inner scope's end does not forget it
             clock.on_step_end(None, state, None)
     raise_if_terminated()  # handled: a later run in this process starts clean
